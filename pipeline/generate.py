@@ -1,0 +1,239 @@
+"""Batched generation over a stock Hugging Face causal LM with kvpipe's compressed cache.
+
+One call handles one batch: left-pad the prompts, prefill (one shot, or in chunks with
+compression between chunks), optionally prefill an uncompressed suffix (the question in
+context-only mode), then decode greedily or by seeded sampling until every row stops.
+Finished rows leave the batch, so their cache stops costing memory and compute.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline import attention
+from pipeline.kv_cache import EMPTY, CompressedCache, StepContext
+from policies.base import Budget, Policy, row_budgets
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    prefill_chunk_tokens: int | None = None  # None: one-shot prefill, compress once at the end
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError("temperature must be > 0 when sampling")
+        if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 1:
+            raise ValueError("prefill_chunk_tokens must be >= 1")
+
+
+@dataclass
+class RowResult:
+    output_ids: list[int]
+    prompt_tokens: int
+    kv_tokens_full: int  # prompt tokens x layers x kv heads a full cache holds after prefill
+    kv_tokens_kept: int  # filled (layer, head, token) slots this row holds after prefill
+    kv_bytes_full: int
+    kv_bytes_kept: int
+    prefill_s: float  # the batch's prefill wall time
+    ttft_s: float  # batch start to this row's first token
+    decode_s: float  # first token to this row's last token
+    finish_reason: str = "length"
+
+
+@dataclass
+class BatchStats:
+    """Batch-level figures the job aggregates."""
+
+    rows: int = 0
+    cache_stored_bytes_after_prefill: int = 0
+    peak_device_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` in 5.2x; use whichever this version takes."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class Generator:
+    """Runs batches through `model` (a HF causal LM, possibly wrapped by DeepSpeed) with `policy`."""
+
+    def __init__(self, model, tokenizer, policy: Policy, budget: Budget | None) -> None:
+        attention.register()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.policy = policy
+        self.budget = budget if policy.compresses else None
+        config = model.config
+        self.num_layers = config.num_hidden_layers
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        model.set_attn_implementation(attention.ATTN_NAME)
+        self._cache_kw = _cache_kwarg(model)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        filled = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            if s:
+                ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+                filled[i, width - len(s) :] = True
+        return ids.to(self.device), filled.to(self.device)
+
+    def _forward(self, cache, ids, positions, compress, budgets) -> torch.Tensor:
+        """One forward over `ids` ([b, q]) at `positions` (EMPTY for padding); last logits [b, vocab]."""
+        step = StepContext(cache=cache, positions=positions, compress=compress, row_budgets=budgets)
+        cache.step = step
+        b, q = ids.shape
+        rope_positions = positions.clamp(min=0)  # padding's rotary angle is irrelevant
+        ready_mask = torch.ones((b, 1, q, 1), dtype=torch.bool, device=ids.device)  # never read
+        out = self.model(
+            input_ids=ids,
+            position_ids=rope_positions,
+            attention_mask=ready_mask,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: cache, attention.CTX_KWARG: step},
+        )
+        return out.logits[:, -1, :].float()
+
+    def _choose(self, logits: torch.Tensor, cfg: GenerationConfig, rng: torch.Generator | None):
+        if not cfg.do_sample:
+            return logits.argmax(dim=-1)
+        logits = logits / cfg.temperature
+        if cfg.top_k > 0:
+            kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if cfg.top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            drop = probs.cumsum(-1) - probs > cfg.top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        probs = logits.softmax(-1)
+        return torch.multinomial(probs.cpu(), 1, generator=rng).squeeze(-1).to(logits.device)
+
+    # -- the batch --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        cfg: GenerationConfig,
+        suffixes: list[list[int]] | None = None,
+    ) -> tuple[list[RowResult], BatchStats]:
+        """Generate for a batch. `suffixes` (optional) are appended after compression, uncompressed."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        batch = len(prompts)
+        cache = CompressedCache(self.num_layers, self.policy)
+        ids, filled = self._left_pad(prompts)
+        positions = torch.where(filled, filled.long().cumsum(-1) - 1, torch.full_like(ids, EMPTY))
+        lengths = [len(p) for p in prompts]
+        budgets = row_budgets(self.budget, lengths, self.device)
+
+        # Prefill: one shot, or chunks with compression after each (bounded peak memory).
+        width = ids.shape[1]
+        chunk = cfg.prefill_chunk_tokens or width
+        compressing = self.budget is not None
+        for lo in range(0, width, chunk):
+            hi = min(width, lo + chunk)
+            last = hi == width
+            compress = compressing and (last or cfg.prefill_chunk_tokens is not None)
+            logits = self._forward(cache, ids[:, lo:hi], positions[:, lo:hi], compress, budgets)
+
+        kept_bytes = cache.kept_bytes_per_row().tolist()
+        kept_slots = cache.filled_slots_per_row().tolist()
+        stats = BatchStats(rows=batch, cache_stored_bytes_after_prefill=cache.stored_bytes())
+        next_pos = torch.tensor(lengths, device=self.device)
+
+        if suffixes is not None and any(suffixes):
+            if len(suffixes) != batch:
+                raise ValueError("one suffix per prompt")
+            s_ids, s_filled = self._left_pad([s or [self.pad_id] for s in suffixes])
+            for i, s in enumerate(suffixes):  # an empty suffix adds nothing
+                if not s:
+                    s_filled[i] = False
+            s_pos = next_pos[:, None] + s_filled.long().cumsum(-1) - 1
+            s_pos = torch.where(s_filled, s_pos, torch.full_like(s_pos, EMPTY))
+            logits = self._forward(cache, s_ids, s_pos, False, budgets)
+            next_pos = next_pos + s_filled.sum(-1)
+        prefill_s = time.perf_counter() - start
+
+        rng = torch.Generator().manual_seed(cfg.seed) if cfg.do_sample else None
+        stop_ids = torch.tensor(sorted(set(cfg.stop_token_ids)), dtype=torch.long, device=self.device)
+        outputs: list[list[int]] = [[] for _ in range(batch)]
+        ttft = [0.0] * batch
+        finished_at = [0.0] * batch
+        reasons = ["length"] * batch
+        active = torch.arange(batch, device=self.device)  # original row of each batch slot
+
+        for step_idx in range(cfg.max_new_tokens):
+            tokens = self._choose(logits, cfg, rng)
+            now = time.perf_counter() - start
+            done = (
+                torch.isin(tokens, stop_ids)
+                if stop_ids.numel()
+                else torch.zeros_like(tokens, dtype=torch.bool)
+            )
+            for row, tok, stop in zip(active.tolist(), tokens.tolist(), done.tolist()):
+                if step_idx == 0:
+                    ttft[row] = now
+                if stop:
+                    reasons[row] = "stop"
+                else:
+                    outputs[row].append(tok)
+                finished_at[row] = now
+            if step_idx == cfg.max_new_tokens - 1:
+                break
+            if done.any():
+                keep = (~done).nonzero().squeeze(-1)
+                if keep.numel() == 0:
+                    break
+                active, tokens, next_pos = active[keep], tokens[keep], next_pos[keep]
+                cache.select_rows(keep)
+                budgets = budgets[keep]
+            logits = self._forward(cache, tokens[:, None], next_pos[:, None], False, budgets)
+            next_pos = next_pos + 1
+
+        if self.device.type == "cuda":
+            stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.device)
+        bytes_per_slot = 2 * self.head_dim * self.dtype.itemsize
+        full_slots = [n * self.num_layers * self.kv_heads for n in lengths]
+        results = [
+            RowResult(
+                output_ids=outputs[i],
+                prompt_tokens=lengths[i],
+                kv_tokens_full=full_slots[i],
+                kv_tokens_kept=int(kept_slots[i]),
+                kv_bytes_full=full_slots[i] * bytes_per_slot,
+                kv_bytes_kept=int(kept_bytes[i]),
+                prefill_s=prefill_s,
+                ttft_s=ttft[i],
+                decode_s=finished_at[i] - ttft[i],
+                finish_reason=reasons[i],
+            )
+            for i in range(batch)
+        ]
+        return results, stats

@@ -214,7 +214,8 @@ class Generator:
                 active, tokens, next_pos = active[keep], tokens[keep], next_pos[keep]
                 cache.select_rows(keep)
                 budgets = budgets[keep]
-            logits = self._forward(cache, tokens[:, None], next_pos[:, None], False, budgets)
+            compress = compressing and self.policy.compress_during_decode
+            logits = self._forward(cache, tokens[:, None], next_pos[:, None], compress, budgets)
             next_pos = next_pos + 1
 
         if self.device.type == "cuda":

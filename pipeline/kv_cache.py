@@ -38,6 +38,9 @@ class KVLayer(CacheLayerMixin):
     def __init__(self) -> None:
         super().__init__()
         self.positions: torch.Tensor | None = None
+        # Per-slot running statistics a policy keeps (e.g. H2O's accumulated attention),
+        # each [b, h, slots]: new tokens start at 0, and they follow the slots through keep().
+        self.slot_stats: dict[str, torch.Tensor] = {}
 
     # -- transformers' layer protocol -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -70,6 +73,8 @@ class KVLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, keys], dim=-2)
         self.values = torch.cat([self.values, values], dim=-2)
         self.positions = torch.cat([self.positions, new_pos], dim=-1)
+        for name, stat in self.slot_stats.items():
+            self.slot_stats[name] = torch.cat([stat, stat.new_zeros((b, h, q))], dim=-1)
         return self.keys, self.values
 
     def attention_mask(self, query_positions: torch.Tensor) -> torch.Tensor:
@@ -99,6 +104,8 @@ class KVLayer(CacheLayerMixin):
         self.values = torch.gather(self.values, 2, gather).contiguous()
         pos = torch.gather(self.positions, 2, index)
         self.positions = torch.where(filled, pos, torch.full_like(pos, EMPTY)).contiguous()
+        for name, stat in self.slot_stats.items():
+            self.slot_stats[name] = torch.gather(stat, 2, index).masked_fill(~filled, 0).contiguous()
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only batch rows `rows` (finished rows leave the batch)."""
@@ -106,6 +113,8 @@ class KVLayer(CacheLayerMixin):
             self.keys = self.keys[rows]
             self.values = self.values[rows]
             self.positions = self.positions[rows]
+            for name, stat in self.slot_stats.items():
+                self.slot_stats[name] = stat[rows]
 
     def filled_slots_per_row(self) -> torch.Tensor:
         """[b] number of filled (head, slot) pairs."""

@@ -46,6 +46,9 @@ class Policy:
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     compresses: ClassVar[bool] = True
+    # Also compress after each decode step (keeps the cache capped at the budget during long
+    # generations: H2O, TOVA). Otherwise only the prompt is compressed and new tokens append.
+    compress_during_decode: ClassVar[bool] = False
 
     @dataclass
     class Params:

@@ -43,8 +43,8 @@ class GenerationConfig:
 class RowResult:
     output_ids: list[int]
     prompt_tokens: int
-    kv_tokens_full: int  # prompt tokens x layers x kv heads a full cache holds after prefill
-    kv_tokens_kept: int  # filled (layer, head, token) slots this row holds after prefill
+    kv_tokens_full: int  # prompt tokens a full cache holds per (layer, kv head) after prefill
+    kv_tokens_kept: int  # tokens this row keeps per (layer, kv head) after prefill, averaged
     kv_bytes_full: int
     kv_bytes_kept: int
     prefill_s: float  # the batch's prefill wall time
@@ -226,8 +226,8 @@ class Generator:
             RowResult(
                 output_ids=outputs[i],
                 prompt_tokens=lengths[i],
-                kv_tokens_full=full_slots[i],
-                kv_tokens_kept=int(kept_slots[i]),
+                kv_tokens_full=lengths[i],
+                kv_tokens_kept=round(kept_slots[i] / (self.num_layers * self.kv_heads)),
                 kv_bytes_full=full_slots[i] * bytes_per_slot,
                 kv_bytes_kept=int(kept_bytes[i]),
                 prefill_s=prefill_s,

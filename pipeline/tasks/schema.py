@@ -19,7 +19,7 @@ ROW_SCHEMA = pa.schema(
         ("separator", pa.string()),  # between context and question in the user turn
         ("max_new_tokens", pa.int64()),
         ("haystack", pa.string()),
-        ("needle_depths", pa.list_(pa.float64())),  # every needle's depth, in text order of insertion
+        ("needle_depths", pa.list_(pa.float64())),  # every needle's depth; the first is the queried one
         ("prompt_tokens", pa.int64()),  # measured tokens of the full templated prompt
     ]
 )

@@ -1,6 +1,6 @@
 """KV-cache compression policies, one per module; importing the package registers them all."""
 
-from policies import full, streaming_llm  # noqa: F401  (registration side effects)
+from policies import adakv, full, h2o, knorm, pyramidkv, snapkv, streaming_llm, tova  # noqa: F401  (registration side effects)
 from policies.base import Budget, Policy, ScorePolicy
 from policies.registry import describe, make_policy, policy_names, register
 

@@ -1,0 +1,75 @@
+"""`h2o` (Zhang et al. 2023, arXiv 2306.14048): heavy hitters by accumulated attention + recent tokens.
+
+Every slot accumulates the attention it receives from every query that sees it (softmax over
+the slots the query sees, averaged over the query heads of its GQA group), in the layer's
+`slot_stats["h2o"]`: at prefill from all prompt queries (as the reference H2O and
+KVCache-Factory do), then from each decoded token. Each (row, kv head) keeps its
+`budget - recent` heaviest hitters plus the `recent` newest tokens, with
+recent = budget * recent_fraction (the paper splits the budget evenly: recent_fraction 0.5).
+The policy compresses during decoding too, so the cache stays capped at the budget and the
+lowest-accumulated token is evicted at each step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.kv_cache import EMPTY
+from policies.base import ScorePolicy, keep_topk
+from policies.registry import register
+from policies.signals import KEEP_BASE, group_mean, summed_attention
+
+STAT = "h2o"
+
+
+def recent_slots(positions: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
+    """[b, h, s] True for each row's `recent[b]` newest positions."""
+    newest = positions.to(torch.int64).amax(dim=(1, 2))  # [b]
+    pos = positions.to(torch.int64)
+    return (pos != EMPTY) & (pos > (newest - recent)[:, None, None])
+
+
+@register
+class H2O(ScorePolicy):
+    name = "h2o"
+    paper = "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs (Zhang et al. 2023)"
+    compress_during_decode = True
+
+    @dataclass
+    class Params:
+        recent_fraction: float = 0.5
+        query_block: int = 256  # prefill queries per attention block (memory bound, not a result)
+
+        def __post_init__(self) -> None:
+            if not 0.0 <= self.recent_fraction <= 1.0:
+                raise ValueError("recent_fraction must be in [0, 1]")
+            if self.query_block < 1:
+                raise ValueError("query_block must be >= 1")
+
+    def accumulate(self, layer, queries, step, scaling) -> torch.Tensor:
+        received = summed_attention(layer, queries, step.positions, scaling, self.params.query_block)
+        received = group_mean(received, layer.keys.shape[1])  # [b, h, s]
+        acc = layer.slot_stats.get(STAT)
+        acc = received if acc is None else acc + received
+        layer.slot_stats[STAT] = acc
+        return acc
+
+    def recent_counts(self, budgets: torch.Tensor) -> torch.Tensor:
+        heavy = [math.floor(int(b) * (1.0 - self.params.recent_fraction)) for b in budgets.tolist()]
+        return budgets - torch.tensor(heavy, dtype=budgets.dtype, device=budgets.device)
+
+    def score(self, layer, queries, step, layer_idx, num_layers, scaling) -> torch.Tensor:
+        acc = layer.slot_stats[STAT]
+        recent = recent_slots(layer.positions, self.recent_counts(step.row_budgets))
+        return torch.where(recent, KEEP_BASE + layer.positions.float(), acc)
+
+    def compress_layer(self, layer, queries, step, layer_idx, num_layers, scaling) -> None:
+        self.accumulate(layer, queries, step, scaling)  # every step, over budget or not
+        budgets = step.row_budgets
+        filled = layer.positions != EMPTY
+        if bool((filled.sum(-1) <= budgets[:, None]).all()):
+            return
+        keep_topk(layer, self.score(layer, queries, step, layer_idx, num_layers, scaling), budgets)

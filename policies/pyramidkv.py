@@ -1,0 +1,83 @@
+"""`pyramidkv` (Cai et al. 2024, arXiv 2406.02069): SnapKV scores, budgets shrinking with depth.
+
+Scoring is SnapKV's (observation window, pooling, GQA-group mean; the window is always kept).
+The prefix capacity per layer follows the paper's arithmetic sequence: with the uniform
+capacity c = budget - window, the last layer gets c / beta, the first 2c - c/beta, linearly in
+between, so the mean over layers is c; if the first layer would exceed the prompt's prefix
+(n - window), it is capped there and the last layer raised to keep the mean (as in the
+reference). The reference rounds steps down, which loses a few tokens; here the real-valued
+sequence is floored and the remainder handed one token each to the shallowest layers that
+are below the cap, so budgets are non-increasing with depth and sum to exactly the uniform
+total (layers x budget), per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.kv_cache import EMPTY
+from policies.base import keep_topk
+from policies.registry import register
+from policies.signals import window_size
+from policies.snapkv import SnapKV
+
+
+def pyramid_capacities(capacity: int, available: int, num_layers: int, beta: float) -> list[int]:
+    """Prefix tokens per layer (window excluded): non-increasing, summing to num_layers * capacity."""
+    if num_layers == 1 or capacity <= 0:
+        return [max(capacity, 0)] * num_layers
+    low = capacity / beta
+    high = 2 * capacity - low
+    if high > available:
+        high = float(available)
+        low = 2 * capacity - high
+    step = (high - low) / (num_layers - 1)
+    floors = [int(high - i * step) for i in range(num_layers)]
+    floors = [min(f, available) for f in floors]
+    remainder = num_layers * capacity - sum(floors)
+    i = 0
+    while remainder > 0 and i < num_layers:
+        if floors[i] < available:
+            floors[i] += 1
+            remainder -= 1
+        i += 1
+    return floors
+
+
+@register
+class PyramidKV(SnapKV):
+    name = "pyramidkv"
+    paper = (
+        "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling (Cai et al. 2024)"
+    )
+
+    @dataclass
+    class Params(SnapKV.Params):
+        beta: float = 20.0
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if self.beta < 1:
+                raise ValueError("beta must be >= 1")
+
+    def pyramid_budgets(self, step, layer, layer_idx: int, num_layers: int) -> torch.Tensor:
+        """[b] tokens per head this layer keeps: the row's window plus its pyramid capacity."""
+        w = window_size(step.positions, self.params.window)
+        windows = (step.positions[:, -w:] != EMPTY).sum(-1).tolist()
+        filled = (layer.positions != EMPTY).sum(-1).max(-1).values.tolist()
+        out = []
+        for budget, win, n in zip(step.row_budgets.tolist(), windows, filled):
+            win = min(win, budget)
+            caps = pyramid_capacities(budget - win, max(n - win, 0), num_layers, self.params.beta)
+            out.append(win + caps[layer_idx])
+        return torch.tensor(out, dtype=torch.int64, device=step.row_budgets.device)
+
+    def compress_layer(self, layer, queries, step, layer_idx, num_layers, scaling) -> None:
+        budgets = self.pyramid_budgets(step, layer, layer_idx, num_layers)
+        filled = layer.positions != EMPTY
+        if bool((filled.sum(-1) <= budgets[:, None]).all()):
+            return
+        scores = self.score(layer, queries, step, layer_idx, num_layers, scaling).float()
+        keep_topk(layer, scores, budgets)

@@ -1,0 +1,142 @@
+"""A cache layer whose (row, kv head)s keep different numbers of tokens, with no padding stored.
+
+`KVLayer` pads every (row, head) to the longest one, so per-head budgets (AdaKV) would pay
+for the longest head everywhere. `RaggedKVLayer` stores the compressed tokens flattened:
+one [N, d] tensor of keys (and of values, and an [N] int32 of positions) holding each
+(row, head)'s segment back to back in (row, head) order, and `seg_lens` [b, h] giving the
+segment lengths. Tokens appended after the last compression live in the dense tail that
+`KVLayer` already manages (every head gets every new token, so the tail has no padding).
+
+Attention and policies see a transient dense view ([b, h, longest segment + tail, d], empty
+slots at EMPTY) built for one layer at a time; kept and stored bytes come from the flat
+tensors. Per-slot statistics (`slot_stats`) are not supported here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.kv_cache import EMPTY, KVLayer
+
+
+class RaggedKVLayer(KVLayer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat_keys: torch.Tensor | None = None
+        self.flat_values: torch.Tensor | None = None
+        self.flat_positions: torch.Tensor | None = None
+        self.seg_lens: torch.Tensor | None = None  # [b, h] int64
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        b, h, _, d = key_states.shape
+        self.flat_keys = key_states.new_empty((0, d))
+        self.flat_values = value_states.new_empty((0, value_states.shape[-1]))
+        self.flat_positions = torch.empty((0,), dtype=torch.int32, device=key_states.device)
+        self.seg_lens = torch.zeros((b, h), dtype=torch.int64, device=key_states.device)
+
+    # -- dense view (transient) -------------------------------------------------------------
+    def _segment_mask(self) -> torch.Tensor:
+        width = int(self.seg_lens.max()) if self.seg_lens.numel() else 0
+        return torch.arange(width, device=self.seg_lens.device) < self.seg_lens[..., None]  # [b, h, M]
+
+    @staticmethod
+    def _unpack(flat: torch.Tensor, fill, mask: torch.Tensor) -> torch.Tensor:
+        out = flat.new_full((*mask.shape, *flat.shape[1:]), fill)
+        out[mask] = flat
+        return out
+
+    def dense_positions(self) -> torch.Tensor:
+        mask = self._segment_mask()
+        return torch.cat([self._unpack(self.flat_positions, EMPTY, mask), self.positions], dim=-1)
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, positions) of every slot, padded per (row, head): a transient copy."""
+        mask = self._segment_mask()
+        keys = torch.cat([self._unpack(self.flat_keys, 0, mask), self.keys], dim=-2)
+        values = torch.cat([self._unpack(self.flat_values, 0, mask), self.values], dim=-2)
+        positions = torch.cat([self._unpack(self.flat_positions, EMPTY, mask), self.positions], dim=-1)
+        return keys, values, positions
+
+    def as_dense(self) -> KVLayer:
+        """A plain `KVLayer` over the dense view (for scoring and `keep_topk`); see `store_dense`."""
+        view = KVLayer()
+        view.keys, view.values, view.positions = self.dense()
+        view.device = self.device
+        view.is_initialized = True
+        return view
+
+    def store_dense(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Replace the layer's content by the filled slots of a dense [b, h, k, ...] form."""
+        filled = positions != EMPTY
+        self.flat_keys = keys[filled].contiguous()
+        self.flat_values = values[filled].contiguous()
+        self.flat_positions = positions[filled].to(torch.int32).contiguous()
+        self.seg_lens = filled.sum(-1)
+        b, h, _, d = keys.shape
+        self.keys = keys.new_empty((b, h, 0, d))
+        self.values = values.new_empty((b, h, 0, values.shape[-1]))
+        self.positions = torch.empty((b, h, 0), dtype=torch.int32, device=positions.device)
+
+    def kept_positions(self) -> torch.Tensor:
+        """[b, h, slots] positions of the dense view (EMPTY where a head keeps fewer)."""
+        return self.dense_positions()
+
+    # -- the layer protocol -----------------------------------------------------------------
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        width = int(self.seg_lens.max()) if self.seg_lens.numel() else 0
+        return width + self.keys.shape[-2]
+
+    def append(self, keys, values, positions):
+        if self.slot_stats:
+            raise RuntimeError("RaggedKVLayer does not keep per-slot statistics")
+        super().append(keys, values, positions)  # into the dense tail
+        full_keys, full_values, _ = self.dense()
+        return full_keys, full_values
+
+    def attention_mask(self, query_positions: torch.Tensor) -> torch.Tensor:
+        tail = self.positions
+        self.positions = self.dense_positions()
+        try:
+            return super().attention_mask(query_positions)
+        finally:
+            self.positions = tail
+
+    def keep(self, index: torch.Tensor, filled: torch.Tensor) -> None:
+        """Keep slots `index` ([b, h, k]) of the dense view; unfilled ones are dropped."""
+        keys, values, positions = self.dense()
+        keys = torch.gather(keys, 2, index[..., None].expand(*index.shape, keys.shape[-1]))
+        values = torch.gather(values, 2, index[..., None].expand(*index.shape, values.shape[-1]))
+        positions = torch.gather(positions, 2, index)
+        positions = torch.where(filled, positions, torch.full_like(positions, EMPTY))
+        self.store_dense(keys, values, positions)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        mask = self._segment_mask()
+        keys = self._unpack(self.flat_keys, 0, mask)[rows]
+        values = self._unpack(self.flat_values, 0, mask)[rows]
+        positions = self._unpack(self.flat_positions, EMPTY, mask)[rows]
+        tail = (self.keys[rows], self.values[rows], self.positions[rows])
+        self.store_dense(keys, values, positions)
+        self.keys, self.values, self.positions = tail
+
+    def filled_slots_per_row(self) -> torch.Tensor:
+        return self.seg_lens.sum(-1) + (self.positions != EMPTY).sum(dim=(1, 2))
+
+    def stored_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        tensors = (
+            self.flat_keys,
+            self.flat_values,
+            self.flat_positions,
+            self.seg_lens,
+            self.keys,
+            self.values,
+            self.positions,
+        )
+        return sum(t.numel() * t.element_size() for t in tensors)

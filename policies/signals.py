@@ -1,0 +1,183 @@
+"""Signals the attention-based eviction policies share, computed from the hook's queries.
+
+Everything here is pure tensor code over one cache layer: the attention probabilities of a
+block of queries over the layer's stored slots (softmax over the filled slots a query may
+see, with the cache's own mask, so causality inside the window and empty slots are exact),
+GQA-group aggregation, SnapKV-style pooling in position order, the observation window, and
+the tensor-parallel reductions a head-aggregating policy needs.
+
+Shapes: queries [b, H, q, d] (H query heads), keys [b, h, s, d] (h kv heads, s slots),
+query positions [b, q] (EMPTY for padding), slot positions [b, h, s] (EMPTY for empty slots).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pipeline.kv_cache import EMPTY, KVLayer
+
+# A score above any attention-derived score: tokens that must be kept (the observation window,
+# the newest token). Adding the position orders them (newest first) should a budget be smaller
+# than the window; float32 holds these integers exactly up to 2**24 - 2**22 positions.
+KEEP_BASE = float(2**22)
+
+
+def attention_probs(
+    layer: KVLayer, queries: torch.Tensor, query_positions: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Attention probabilities [b, H, q, s] (float32) of `queries` over the layer's slots.
+
+    Each query attends to the filled slots at or before its position (the layer's own mask),
+    exactly as the model's attention did. Rows of padding queries (EMPTY) are all zero.
+    """
+    keys = layer.keys
+    b, num_heads, q_len, d = queries.shape
+    kv_heads, slots = keys.shape[1], keys.shape[2]
+    group = num_heads // kv_heads
+    q = queries.float().reshape(b, kv_heads, group, q_len, d)
+    logits = torch.matmul(q, keys.float()[:, :, None].transpose(-1, -2)) * scaling  # [b, h, g, q, s]
+    mask = layer.attention_mask(query_positions)  # [b, h or 1, q, s]
+    logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
+    probs = logits.softmax(dim=-1)
+    valid = (query_positions != EMPTY)[:, None, None, :, None]
+    probs = torch.where(valid, probs, torch.zeros_like(probs))
+    return probs.reshape(b, num_heads, q_len, slots)
+
+
+def summed_attention(
+    layer: KVLayer, queries: torch.Tensor, query_positions: torch.Tensor, scaling: float, block: int = 256
+) -> torch.Tensor:
+    """Attention each slot received, summed over all (valid) queries: [b, H, s] float32.
+
+    Queries are taken `block` at a time so memory stays [b, H, block, s].
+    """
+    total = None
+    for lo in range(0, queries.shape[2], block):
+        part = attention_probs(
+            layer, queries[:, :, lo : lo + block], query_positions[:, lo : lo + block], scaling
+        )
+        part = part.sum(dim=2)
+        total = part if total is None else total + part
+    return total
+
+
+def group_mean(per_query_head: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[b, H, ...] -> [b, kv_heads, ...]: mean over the query heads that share each kv head."""
+    b, num_heads = per_query_head.shape[:2]
+    grouped = per_query_head.reshape(b, kv_heads, num_heads // kv_heads, *per_query_head.shape[2:])
+    return grouped.mean(dim=2)
+
+
+def window_size(query_positions: torch.Tensor, window: int) -> int:
+    """Observation window for this forward: the last min(window, q) queries."""
+    return max(1, min(window, query_positions.shape[-1]))
+
+
+def in_window(slot_positions: torch.Tensor, window_query_positions: torch.Tensor) -> torch.Tensor:
+    """[b, h, s] True for the slots of the window's (valid) query tokens.
+
+    The window queries are the newest tokens of each row, so a slot is in the window when its
+    position is at or after the row's first valid window query position.
+    """
+    big = torch.iinfo(torch.int32).max
+    wq = window_query_positions.to(torch.int64)
+    start = torch.where(wq != EMPTY, wq, torch.full_like(wq, big)).min(dim=-1).values  # [b]
+    pos = slot_positions.to(torch.int64)
+    return (pos != EMPTY) & (pos >= start[:, None, None])
+
+
+def pool_in_position_order(scores: torch.Tensor, slot_positions: torch.Tensor, kernel: int, kind: str):
+    """SnapKV's 1-D pooling ([b, h, s]) over each (row, head)'s filled slots in position order.
+
+    Filled slots are gathered to the front in position order (empty slots after them score 0),
+    so a row's result does not depend on left padding or on holes left by an earlier
+    compression: it equals pooling the row's own token sequence with zero padding at the ends,
+    as the reference does (avg_pool1d, padding kernel // 2, count_include_pad).
+    """
+    if kernel <= 1:
+        return scores
+    if kernel % 2 == 0:
+        raise ValueError(f"pooling kernel must be odd, got {kernel}")
+    filled = slot_positions != EMPTY
+    key = torch.where(filled, slot_positions.to(torch.int64), torch.iinfo(torch.int64).max)
+    order = key.argsort(dim=-1, stable=True)
+    compact = torch.gather(scores.masked_fill(~filled, 0.0), 2, order)
+    b, h, s = compact.shape
+    flat = compact.reshape(b * h, 1, s)
+    if kind == "avg":
+        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+    elif kind == "max":
+        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    else:
+        raise ValueError(f"pooling must be 'avg' or 'max', got {kind!r}")
+    out = torch.empty_like(compact)
+    out.scatter_(2, order, pooled.reshape(b, h, s))
+    return out.masked_fill(~filled, 0.0)
+
+
+def snapkv_scores(
+    layer: KVLayer,
+    queries: torch.Tensor,
+    query_positions: torch.Tensor,
+    scaling: float,
+    window: int,
+    kernel: int,
+    pooling: str,
+) -> torch.Tensor:
+    """SnapKV's score [b, h, s]: window attention summed over the window queries, averaged over
+    each GQA group, pooled over the prefix; the window's own slots score KEEP_BASE + position."""
+    w = window_size(query_positions, window)
+    wq, wpos = queries[:, :, -w:], query_positions[:, -w:]
+    probs = attention_probs(layer, wq, wpos, scaling).sum(dim=2)  # [b, H, s]
+    scores = group_mean(probs, layer.keys.shape[1])
+    window_slots = in_window(layer.positions, wpos)
+    scores = scores.masked_fill(window_slots, 0.0)  # the reference pools the prefix columns only
+    scores = pool_in_position_order(scores, layer.positions, kernel, pooling)
+    keep = KEEP_BASE + layer.positions.float()
+    return torch.where(window_slots, keep, scores)
+
+
+# -- tensor parallelism -------------------------------------------------------------------------
+def tp_world(group=None) -> tuple[int, int]:
+    """(rank, world size) of the tensor-parallel group; (0, 1) when torch.distributed is not in use."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum `tensor` over the tensor-parallel group (a no-op on one process)."""
+    _, world = tp_world(group)
+    if world > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def all_heads(local: torch.Tensor, fill: float = float("-inf"), group=None) -> tuple[torch.Tensor, int]:
+    """Every rank's heads of `local` ([b, h_local, s]) side by side: ([b, h_local * world, s], offset).
+
+    Heads are split over ranks in contiguous, equal slices (rank r holds heads r*h_local ...),
+    as tensor parallelism shards attention. Ranks may hold different slot counts: shorter ones
+    are padded with `fill`. `offset` is this rank's first head in the result.
+    """
+    rank, world = tp_world(group)
+    if world == 1:
+        return local, 0
+    b, h, s = local.shape
+    s_max = torch.tensor([s], device=local.device)
+    dist.all_reduce(s_max, op=dist.ReduceOp.MAX, group=group)
+    s_max = int(s_max.item())
+    # All-reduce a zero tensor in which each rank wrote its own slice (gloo and NCCL both sum
+    # exactly when only one rank contributes a non-zero). Infinities become the float extremes
+    # so they never meet a sum; slots a rank does not have get `fill`.
+    finfo = torch.finfo(local.dtype)
+    values = local.new_zeros((b, h * world, s_max))
+    present = torch.zeros((b, h * world, s_max), dtype=torch.int32, device=local.device)
+    values[:, rank * h : (rank + 1) * h, :s] = torch.nan_to_num(local, posinf=finfo.max, neginf=finfo.min)
+    present[:, rank * h : (rank + 1) * h, :s] = 1
+    dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(present, op=dist.ReduceOp.SUM, group=group)
+    return torch.where(present == 1, values, torch.full_like(values, fill)), rank * h

@@ -21,27 +21,35 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.kv_cache import EMPTY, KVLayer
-from policies.base import Policy, keep_topk
+from policies.base import Policy
 from policies.ragged_heads import RaggedKVLayer
 from policies.registry import register
-from policies.signals import all_heads, in_window, snapkv_scores, tp_world, window_size
+from policies.signals import all_heads, in_window, keep_best, snapkv_scores, tp_world, window_size
 
 
-def head_capacities(prefix_scores: torch.Tensor, capacity: torch.Tensor, alpha: float) -> torch.Tensor:
+def head_capacities(
+    prefix_scores: torch.Tensor, capacity: torch.Tensor, alpha: float, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-head prefix capacities [b, h] from prefix scores [b, h, s] (-inf: not a candidate).
 
     capacity [b]: uniform per-head prefix capacity C of each row. The layer's top h*C scores
-    over all heads give counts n; the result is (1 - alpha) n + alpha C rounded by largest
-    remainder to sum exactly h*C.
+    over all heads give counts n (exact ties go to the lower head, then the newer position,
+    so the result does not depend on slot layout); the result is (1 - alpha) n + alpha C
+    rounded by largest remainder to sum exactly h*C.
     """
     b, h, s = prefix_scores.shape
     total = capacity * h  # [b]
-    k_max = int(total.max()) if b else 0
     counts = torch.zeros((b, h), dtype=torch.float64, device=prefix_scores.device)
-    if k_max > 0:
-        top = prefix_scores.reshape(b, h * s).topk(k_max, dim=-1, sorted=True).indices
-        chosen = torch.arange(k_max, device=top.device)[None, :] < total[:, None]
-        counts.scatter_add_(1, top // s, chosen.to(torch.float64))
+    if b and int(total.max()) > 0:
+        if positions is None:
+            positions = torch.arange(s, device=prefix_scores.device).expand(b, h, s)
+        head = torch.arange(h, device=prefix_scores.device)[None, :, None]
+        tie_key = (head * 2**32 - positions.to(torch.int64)).reshape(b, h * s)
+        by_tie = tie_key.argsort(dim=-1, stable=True)
+        flat = torch.gather(prefix_scores.reshape(b, h * s).float(), 1, by_tie)
+        order = torch.gather(by_tie, 1, flat.argsort(dim=-1, descending=True, stable=True))
+        chosen = torch.arange(h * s, device=order.device)[None, :] < total[:, None]
+        counts.scatter_add_(1, order // s, chosen.to(torch.float64))
     real = (1.0 - alpha) * counts + alpha * capacity[:, None].to(torch.float64)
     base = real.floor()
     remainder = (total - base.sum(-1).to(torch.int64)).clamp(min=0)  # [b], < h
@@ -86,7 +94,8 @@ class AdaKV(Policy):
         capacity = torch.minimum(step.row_budgets - windows, available).clamp(min=0)
         prefix_scores = scores.masked_fill(~prefix, float("-inf"))
         everything, offset = all_heads(prefix_scores)
-        caps = head_capacities(everything, capacity, self.params.alpha)
+        positions, _ = all_heads(layer.positions.float(), fill=float(EMPTY))
+        caps = head_capacities(everything, capacity, self.params.alpha, positions.to(torch.int64))
         caps = caps[:, offset : offset + scores.shape[1]]
         return windows[:, None] + caps
 
@@ -101,6 +110,6 @@ class AdaKV(Policy):
         budgets = self.head_budgets(view, scores, step)
         if not over:
             return
-        keep_topk(view, scores, budgets)
+        keep_best(view, scores, budgets)
         if view is not layer:
             layer.store_dense(view.keys, view.values, view.positions)

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from policies.base import ScorePolicy
 from policies.registry import register
-from policies.signals import snapkv_scores
+from policies.signals import TieFreeScorePolicy, snapkv_scores
 
 
 @register
-class SnapKV(ScorePolicy):
+class SnapKV(TieFreeScorePolicy):
     name = "snapkv"
     paper = "SnapKV: LLM Knows What You are Looking for Before Generation (Li et al. 2024)"
 

@@ -34,7 +34,7 @@ class JobResult:
 
 def ensure_input(spec: JobSpec) -> Path:
     """The input file; generated first when absent and the spec says how to make it."""
-    path = Path(spec.input.path)
+    path = Path(spec.input.path).resolve()  # Ray workers do not share the driver's cwd
     if path.exists():
         return path
     gen = spec.input.generate
@@ -94,7 +94,7 @@ def _replica_resources(spec: JobSpec) -> dict:
 
 
 def prepare_output(spec: JobSpec) -> Path:
-    out = Path(spec.output.path)
+    out = Path(spec.output.path).resolve()  # Ray workers do not share the driver's cwd
     if out.exists() and any(out.iterdir()):
         if spec.output.mode == "error":
             raise FileExistsError(f"output.path: {out} is not empty (output.mode is 'error')")

@@ -1,0 +1,39 @@
+"""Shared fixtures: the real SmolLM2 (loaded once per session) and the tiny random Llama."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from pipeline.models import load_model
+
+    model, tokenizer = load_model("smollm2", dtype="float32")
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from pipeline.models import load_model
+
+    return load_model("tiny-llama", dtype="float32")
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=False
+    )
+
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def long_prompt_ids(
+    tokenizer, tokens: int, needle: str = "The pass key is 71432. Remember it. "
+) -> list[int]:
+    """A chat prompt of about `tokens` tokens with a needle in the middle."""
+    per = len(tokenizer(FILLER, add_special_tokens=False)["input_ids"])
+    reps = max(1, (tokens - 40) // per)
+    text = FILLER * (reps // 2) + needle + FILLER * (reps - reps // 2) + "What is the pass key?"
+    return chat_ids(tokenizer, text)

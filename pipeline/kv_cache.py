@@ -140,7 +140,9 @@ class KVLayer(CacheLayerMixin):
 class CompressedCache(Cache):
     """A `Cache` over `KVLayer`s; the engine sets `step` before every forward."""
 
-    def __init__(self, num_layers: int, policy=None, layer_factory=KVLayer) -> None:
+    def __init__(self, num_layers: int, policy=None, layer_factory=None) -> None:
+        if layer_factory is None:  # the policy's storage form (quantised, codebook...), else dense
+            layer_factory = policy.make_layer if policy is not None else KVLayer
         super().__init__(layers=[layer_factory() for _ in range(num_layers)])
         self.policy = policy
         self.step: StepContext | None = None

@@ -23,6 +23,10 @@ def policy_names() -> list[str]:
 
 
 def make_policy(name: str, **params) -> Policy:
+    if "+" in name:  # "evictor+storage", e.g. "snapkv+kivi" (policies/compose.py routes the params)
+        from policies.compose import make_composed
+
+        return make_composed(name, _REGISTRY, params)
     try:
         cls = _REGISTRY[name]
     except KeyError:
@@ -37,4 +41,14 @@ def describe() -> list[dict]:
         cls = _REGISTRY[name]
         params = {f.name: (None if f.default is MISSING else f.default) for f in fields(cls.Params)}
         rows.append({"name": name, "params": params, "paper": cls.paper, "compresses": cls.compresses})
+    from policies.compose import composed_names
+
+    for name in composed_names(_REGISTRY):  # evictor+storage forms, params per component
+        parts = [_REGISTRY[n] for n in name.split("+")]
+        params = {
+            cls.name: {f.name: (None if f.default is MISSING else f.default) for f in fields(cls.Params)}
+            for cls in parts
+        }
+        paper = " + ".join(cls.paper for cls in parts)
+        rows.append({"name": name, "params": params, "paper": paper, "compresses": True})
     return rows

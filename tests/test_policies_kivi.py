@@ -1,0 +1,195 @@
+"""KIVI: packing, quantisation error, grouping axes, residual window, bytes, batching, composition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.generate import GenerationConfig, Generator
+from pipeline.kv_cache import EMPTY
+from policies import Budget, describe, make_policy
+from policies.compose import ComposedPolicy
+from policies.kivi import QuantizedKVLayer, dequantize_groups, kivi_bytes, pack, quantize_groups, unpack
+
+
+def _fill(layer, keys, values, positions=None):
+    b, _, n, _ = keys.shape
+    if positions is None:
+        positions = torch.arange(n)[None].expand(b, n)
+    layer.append(keys, values, positions)
+    layer.flush()
+    return layer
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_pack_round_trip_and_packed_size(bits):
+    q = torch.randint(0, 2**bits, (3, 5, 64))
+    packed = pack(q, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 64 * bits // 8)
+    assert torch.equal(unpack(packed, bits).long(), q)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantise_error_within_half_a_step(bits):
+    torch.manual_seed(0)
+    x = torch.randn(100, 32) * torch.rand(100, 1) * 5
+    packed, scale, zero = quantize_groups(x, bits, torch.float32)
+    y = dequantize_groups(packed, scale, zero, bits, torch.float32)
+    step = (x.amax(-1) - x.amin(-1)) / (2**bits - 1)
+    assert torch.allclose(scale, step)
+    assert ((x - y).abs() <= step[:, None] / 2 + 1e-5).all()
+    # the extremes of each group are exact (they are 0 and the top level)
+    assert torch.allclose(y.amin(-1), x.amin(-1), atol=1e-5)
+
+
+def test_four_bits_beat_two_bits():
+    torch.manual_seed(1)
+    x = torch.randn(64, 32)
+    errs = []
+    for bits in (2, 4):
+        y = dequantize_groups(*quantize_groups(x, bits, torch.float32), bits, torch.float32)
+        errs.append((x - y).abs().mean().item())
+    assert errs[1] < errs[0] / 3
+
+
+def test_keys_per_channel_values_per_token():
+    # constant along tokens, different per channel: per-channel (keys) exact, per-token (values) not
+    n, d = 64, 64
+    by_channel = (torch.arange(d).float() * 10)[None, None, None, :].expand(1, 1, n, d).contiguous()
+    layer = _fill(QuantizedKVLayer(2, 32, 0), by_channel, by_channel)
+    assert torch.equal(layer.keys, by_channel)
+    assert (layer.values - by_channel).abs().max() > 10
+    # constant along channels, different per token: per-token (values) exact, per-channel (keys) not
+    by_token = (torch.arange(n).float() * 10)[None, None, :, None].expand(1, 1, n, d).contiguous()
+    layer = _fill(QuantizedKVLayer(2, 32, 0), by_token, by_token)
+    assert torch.equal(layer.values, by_token)
+    assert (layer.keys - by_token).abs().max() > 10
+
+
+def test_exact_bytes_and_storage_dtypes():
+    torch.manual_seed(0)
+    n, d = 256, 64
+    k, v = torch.randn(1, 2, n, d), torch.randn(1, 2, n, d)
+    layer = _fill(QuantizedKVLayer(2, 32, 128), k, v)
+    # keys: 256 quantised = 8 groups x 64 channels x (8 payload bytes + fp32 scale + fp32 zero)
+    keys = 256 * 64 * 2 // 8 + 8 * 64 * 2 * 4
+    # values: 128 quantised (16 payload bytes + 2 groups x 2 x 4 bytes each) + 128 fp32 residual
+    values = 128 * (64 * 2 // 8 + 2 * 2 * 4) + 128 * 64 * 4
+    assert keys == 8192 and values == 2048 + 2048 + 32768
+    assert layer.kept_bytes_per_row().tolist() == [2 * (keys + values)]
+    assert kivi_bytes(n, d, 2, 32, 128, 4) == (keys, values)
+    assert layer._kq.dtype == torch.uint8 and layer._kq.shape == (1, 2, 8, 64, 8)
+    assert layer._vq.dtype == torch.uint8 and layer._vq.shape == (1, 2, 128, 16)
+    assert layer._kscale.dtype == torch.float32 and layer._kres.shape[2] == 0
+    assert layer._vres.shape[2] == 128
+    full = 2 * n * d * 4 * 2
+    assert layer.kept_bytes_per_row().item() / full == pytest.approx(
+        make_policy("kivi", bits=2).target_ratio(n, dtype_bytes=4, head_dim=d)
+    )
+
+
+def test_residual_window_one_token_at_a_time():
+    torch.manual_seed(0)
+    d, r = 32, 64
+    layer = QuantizedKVLayer(4, 32, r)
+    ks, vs = torch.randn(1, 1, 200, d), torch.randn(1, 1, 200, d)
+    for t in range(200):
+        layer.append(ks[:, :, t : t + 1], vs[:, :, t : t + 1], torch.tensor([[t]]))
+        n = t + 1
+        # quantisation happens for earlier tokens when the next one arrives (or at flush)
+        assert layer._n.item() == n
+        seen_before = n - 1
+        assert layer._nk.item() == (seen_before // r) * r
+        assert layer._nv.item() == max(0, seen_before - r)
+        keys = layer.keys
+        nk = layer._nk.item()
+        assert torch.equal(keys[:, :, nk:n], ks[:, :, nk:n])  # key residual is full precision
+        nv = layer._nv.item()
+        assert n - nv >= min(n, r)  # at least the newest `r` values are in full precision
+        assert torch.equal(layer.values[:, :, nv:n], vs[:, :, nv:n])
+        assert torch.equal(layer.positions[0, 0], torch.arange(n, dtype=torch.int32))
+    layer.flush()
+    assert layer._nk.item() == 192 and layer._nv.item() == 200 - r
+
+
+def test_left_padding_is_not_stored_and_rows_match_alone():
+    torch.manual_seed(0)
+    d = 32
+    k, v = torch.randn(1, 2, 100, d), torch.randn(1, 2, 100, d)
+    alone = _fill(QuantizedKVLayer(2, 32, 32), k, v)
+    # the same row behind 37 padding tokens, in a batch with a longer row
+    pad = 37
+    kb = torch.cat([torch.randn(1, 2, pad, d) * 100, k], dim=2)
+    vb = torch.cat([torch.randn(1, 2, pad, d) * 100, v], dim=2)
+    other_k, other_v = torch.randn(1, 2, 137, d), torch.randn(1, 2, 137, d)
+    pos = torch.stack([torch.cat([torch.full((pad,), EMPTY), torch.arange(100)]), torch.arange(137)])
+    batched = _fill(QuantizedKVLayer(2, 32, 32), torch.cat([kb, other_k]), torch.cat([vb, other_v]), pos)
+    assert batched.kept_bytes_per_row()[0] == alone.kept_bytes_per_row()[0]
+    assert torch.equal(batched.keys[0, :, :100], alone.keys[0])
+    assert torch.equal(batched.values[0, :, :100], alone.values[0])
+    assert (batched.positions[0, :, 100:] == EMPTY).all()
+    mask = batched.attention_mask(torch.tensor([[100], [137]]))
+    assert not mask[0, :, 0, 100:].any() and mask[0, :, 0, :100].all()
+
+
+def test_keep_on_quantised_storage_requantises_kept_tokens():
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 1, 128, 32), torch.randn(1, 1, 128, 32)
+    layer = _fill(QuantizedKVLayer(4, 32, 32), k, v)
+    before = layer.keys
+    index = torch.arange(0, 128, 2)[None, None]
+    layer.keep(index, torch.ones_like(index, dtype=torch.bool))
+    assert layer._n.item() == 64 and layer._nk.item() == 0  # everything back in the residual
+    assert torch.equal(layer.keys, before[:, :, ::2])
+    layer.flush()
+    assert layer._nk.item() == 64 and layer._nv.item() == 32
+    assert torch.equal(layer.positions[0, 0], torch.arange(0, 128, 2, dtype=torch.int32))
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (300, 170, 233)]
+
+
+@pytest.mark.parametrize("name,params", [("kivi", {"bits": 2}), ("kivi", {"bits": 4}), ("snapkv+kivi", {})])
+def test_batched_equals_unbatched_and_ratio_on_target(tiny_llama, name, params):
+    model, tok = tiny_llama
+    policy = make_policy(name, **params)
+    budget = Budget(ratio=0.25)
+    gen = Generator(model, tok, policy, budget)
+    cfg = GenerationConfig(max_new_tokens=4)
+    prompts = _prompts()
+    batched, _ = gen.generate(prompts, cfg)
+    d = model.config.head_dim
+    for p, row in zip(prompts, batched):
+        alone, _ = gen.generate([p], cfg)
+        assert row.output_ids == alone[0].output_ids
+        assert row.kv_bytes_kept == alone[0].kv_bytes_kept
+        if isinstance(policy, ComposedPolicy):
+            target = policy.target_ratio(len(p), budget, dtype_bytes=4, head_dim=d)
+        else:
+            target = policy.target_ratio(len(p), dtype_bytes=4, head_dim=d)
+        assert row.kv_bytes_kept / row.kv_bytes_full == pytest.approx(target, rel=1e-9)
+
+
+def test_composition_routes_parameters():
+    p = make_policy("snapkv+kivi", **{"kivi.bits": 4, "snapkv.window": 8})
+    assert p.storage.params.bits == 4 and p.evictor.params.window == 8
+    p = make_policy("snapkv+kivi", kivi={"group_size": 16, "residual": 32}, kernel=5)
+    assert p.storage.params.group_size == 16 and p.evictor.params.kernel == 5
+    p = make_policy("streaming_llm+kivi", bits=4, sink_tokens=2)
+    assert p.name == "streaming_llm+kivi" and p.storage.params.bits == 4
+    with pytest.raises(ValueError, match="no component"):
+        make_policy("snapkv+kivi", nonsense=1)
+    with pytest.raises(ValueError, match="not an eviction policy"):
+        make_policy("kivi+snapkv")
+    with pytest.raises(ValueError, match="not a storage form"):
+        make_policy("snapkv+h2o")
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("nope+kivi")
+    with pytest.raises(ValueError):
+        make_policy("kivi", bits=3)
+    names = {row["name"] for row in describe()}
+    assert {"kivi", "spindlekv", "snapkv+kivi", "streaming_llm+kivi", "h2o+kivi"} <= names
+    row = next(r for r in describe() if r["name"] == "snapkv+kivi")
+    assert row["params"]["kivi"]["bits"] == 2 and "window" in row["params"]["snapkv"]

@@ -26,24 +26,35 @@ KEEP_BASE = float(2**22)
 
 
 def attention_probs(
-    layer: KVLayer, queries: torch.Tensor, query_positions: torch.Tensor, scaling: float
+    layer: KVLayer,
+    queries: torch.Tensor,
+    query_positions: torch.Tensor,
+    scaling: float,
+    upto: int | None = None,
 ) -> torch.Tensor:
     """Attention probabilities [b, H, q, s] (float32) of `queries` over the layer's slots.
 
     Each query attends to the filled slots at or before its position (the layer's own mask),
     exactly as the model's attention did. Rows of padding queries (EMPTY) are all zero.
+    `upto` limits the computation to the first `upto` slots (the caller guarantees that the
+    others are invisible to these queries); the result then has `upto` slots.
     """
-    keys = layer.keys
+    keys = layer.keys if upto is None else layer.keys[:, :, :upto]
     b, num_heads, q_len, d = queries.shape
     kv_heads, slots = keys.shape[1], keys.shape[2]
     group = num_heads // kv_heads
     q = queries.float().reshape(b, kv_heads, group, q_len, d)
-    logits = torch.matmul(q, keys.float()[:, :, None].transpose(-1, -2)) * scaling  # [b, h, g, q, s]
+    logits = torch.matmul(q, keys.float()[:, :, None].transpose(-1, -2)).mul_(scaling)  # [b, h, g, q, s]
+    valid = query_positions != EMPTY  # [b, q]
     mask = layer.attention_mask(query_positions)  # [b, h or 1, q, s]
-    logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
-    probs = logits.softmax(dim=-1)
-    valid = (query_positions != EMPTY)[:, None, None, :, None]
-    probs = torch.where(valid, probs, torch.zeros_like(probs))
+    if upto is not None:
+        mask = mask[..., :upto]
+    mask = mask | ~valid[:, None, :, None]  # padding queries see everything (no NaN), then zeroed
+    bias = torch.zeros(mask.shape, dtype=logits.dtype, device=logits.device).masked_fill_(
+        ~mask, float("-inf")
+    )
+    probs = logits.add_(bias[:, :, None]).softmax(dim=-1)
+    probs.mul_(valid[:, None, None, :, None].to(probs.dtype))
     return probs.reshape(b, num_heads, q_len, slots)
 
 
@@ -52,15 +63,20 @@ def summed_attention(
 ) -> torch.Tensor:
     """Attention each slot received, summed over all (valid) queries: [b, H, s] float32.
 
-    Queries are taken `block` at a time so memory stays [b, H, block, s].
+    Queries are taken `block` at a time so memory stays [b, H, block, s]; each block only
+    computes over the slots up to the last one it can see (causality halves the work).
     """
-    total = None
-    for lo in range(0, queries.shape[2], block):
-        part = attention_probs(
-            layer, queries[:, :, lo : lo + block], query_positions[:, lo : lo + block], scaling
-        )
-        part = part.sum(dim=2)
-        total = part if total is None else total + part
+    b, num_heads, q_len, _ = queries.shape
+    slots = layer.keys.shape[2]
+    total = queries.new_zeros((b, num_heads, slots), dtype=torch.float32)
+    pos = layer.positions
+    for lo in range(0, q_len, block):
+        qpos = query_positions[:, lo : lo + block]
+        newest = int(qpos.max())
+        seen = ((pos != EMPTY) & (pos <= newest)).any(dim=0).any(dim=0)  # [s]
+        upto = int(seen.nonzero().max()) + 1 if bool(seen.any()) else 1
+        part = attention_probs(layer, queries[:, :, lo : lo + block], qpos, scaling, upto=upto)
+        total[..., :upto] += part.sum(dim=2)
     return total
 
 

@@ -64,7 +64,7 @@ class InputSpec:
 @dataclass
 class OutputSpec:
     path: str = "out/passkey"
-    mode: str = "overwrite"  # overwrite | error
+    mode: str = "overwrite"  # overwrite | error | resume (keep the rows present, process the missing ones)
 
 
 @dataclass
@@ -79,10 +79,16 @@ class TrackingSpec:
 @dataclass
 class ClusterSpec:
     address: str | None = None  # None: $RAY_ADDRESS, else an embedded local Ray
-    replicas: int = 1
+    replicas: int | str = 1  # or "auto": one per GPU (per tensor_parallel GPUs) of the cluster
     cpus_per_replica: float = 0.5  # fractional: the read and write tasks need CPU too
     gpus_per_replica: float | None = None  # None: 1 per replica (x tensor_parallel) when GPUs exist
-    batch_size: int = 4  # rows per generate() call
+    resources_per_replica: dict[str, float] = field(default_factory=dict)  # custom Ray resources
+    placement: str = "default"  # default | spread (replicas over nodes) | pack
+    batch_size: int = 4  # rows per generate() call (fixed batching, and always on CPU)
+    batch_planner: str = "memory"  # memory: size GPU batches from free memory | fixed: batch_size
+    max_batch_size: int = 64  # the memory planner's cap on rows per generate() call
+    max_batch_tokens: int | None = None  # the memory planner's cap on rows x tokens per call
+    memory_fraction: float = 0.9  # share of the free device memory the planner may plan for
     rows_per_task: int = 16  # rows per Ray Data batch handed to a replica
 
 
@@ -109,7 +115,9 @@ CHOICES = {
     "dtype": {"auto", "float32", "bfloat16", "float16"},
     "device": {"auto", "cpu", "cuda"},
     "input.prompt_mode": {"question_last", "context_only"},
-    "output.mode": {"overwrite", "error"},
+    "output.mode": {"overwrite", "error", "resume"},
+    "cluster.placement": {"default", "spread", "pack"},
+    "cluster.batch_planner": {"memory", "fixed"},
 }
 POSITIVE = {
     "tensor_parallel",
@@ -117,6 +125,8 @@ POSITIVE = {
     "cluster.replicas",
     "cluster.batch_size",
     "cluster.rows_per_task",
+    "cluster.max_batch_size",
+    "cluster.max_batch_tokens",
     "generation.prefill_chunk_tokens",
     "policy.tokens",
     "input.generate.context_length",
@@ -189,7 +199,8 @@ def _build(cls, data: dict, prefix: str = ""):
         values[name] = _check_type(value, hints[name], key)
         if key in CHOICES and values[name] not in CHOICES[key]:
             raise SpecError(f"{key}: {value!r} is not one of {sorted(CHOICES[key])}")
-        if key in POSITIVE and values[name] is not None and values[name] < 1:
+        number = isinstance(values[name], (int, float)) and not isinstance(values[name], bool)
+        if key in POSITIVE and number and values[name] < 1:
             raise SpecError(f"{key}: must be >= 1, got {value!r}")
     return cls(**values)
 
@@ -212,7 +223,29 @@ def _validate(spec: JobSpec) -> JobSpec:
         raise SpecError("generation.temperature: must be > 0")
     if not 0 < spec.generation.top_p <= 1:
         raise SpecError("generation.top_p: must be in (0, 1]")
+    _validate_cluster(spec)
     return spec
+
+
+def _validate_cluster(spec: JobSpec) -> None:
+    c = spec.cluster
+    if isinstance(c.replicas, str) and c.replicas != "auto":
+        raise SpecError(f"cluster.replicas: expected an integer >= 1 or 'auto', got {c.replicas!r}")
+    if c.cpus_per_replica < 0:
+        raise SpecError(f"cluster.cpus_per_replica: must be >= 0, got {c.cpus_per_replica}")
+    if c.gpus_per_replica is not None and c.gpus_per_replica < 0:
+        raise SpecError(f"cluster.gpus_per_replica: must be >= 0, got {c.gpus_per_replica}")
+    for name, amount in c.resources_per_replica.items():
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            raise SpecError(f"cluster.resources_per_replica.{name}: expected a number >= 0, got {amount!r}")
+        if name in ("CPU", "GPU"):
+            raise SpecError(
+                f"cluster.resources_per_replica.{name}: use cluster.cpus_per_replica / gpus_per_replica"
+            )
+    if not 0 < c.memory_fraction <= 1:
+        raise SpecError(f"cluster.memory_fraction: must be in (0, 1], got {c.memory_fraction}")
+    if spec.tensor_parallel > 1 and spec.engine != "deepspeed":
+        raise SpecError("tensor_parallel: tensor_parallel > 1 needs engine: deepspeed")
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:

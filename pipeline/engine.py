@@ -14,6 +14,7 @@ import torch
 
 from pipeline.generate import GenerationConfig, Generator, RowResult
 from pipeline.models import load_model
+from pipeline.planner import MemoryModel, Planner, agree_min, fixed_batches, free_device_bytes
 from pipeline.rows import PreparedRow, prepare_row, score_output
 from policies import Budget, make_policy
 
@@ -113,11 +114,35 @@ class InferenceEngine:
             if p.error:
                 results[p.index] = self._row(rows[p.index], p, error=p.error)
         ready = sorted((p for p in prepared if not p.error), key=lambda p: p.total_tokens)
-        size = self.spec["cluster"]["batch_size"]
-        for lo in range(0, len(ready), size):  # similar lengths batch together: little padding
-            for p, out in self._run_batch(ready[lo : lo + size]):
+        for group in self.plan_batches([p.total_tokens for p in ready]):  # similar lengths together
+            for p, out in self._run_batch([ready[i] for i in group]):
                 results[p.index] = self._finish(rows[p.index], p, out)
         return results  # type: ignore[return-value]
+
+    def plan_batches(self, lengths: list[int]) -> list[list[int]]:
+        """Batches (index lists into the ascending `lengths`): memory-planned on a GPU, else fixed.
+
+        See pipeline/planner.py for the formula. Under tensor parallelism every rank plans with
+        the smallest free memory of the group, so all ranks run the same batches.
+        """
+        cluster = self.spec["cluster"]
+        free = free_device_bytes(self.device)
+        if cluster.get("batch_planner", "memory") != "memory" or free is None:
+            return fixed_batches(len(lengths), cluster["batch_size"])
+        free = agree_min(free)
+        shape = MemoryModel.from_config(
+            self.model.config, self.generator.dtype.itemsize, self.spec["tensor_parallel"]
+        )
+        planner = Planner(
+            shape,
+            self.policy,
+            self.generator.budget,
+            new_tokens=self.gen_config.max_new_tokens,
+            max_batch_size=cluster.get("max_batch_size", 64),
+            max_batch_tokens=cluster.get("max_batch_tokens"),
+            prefill_chunk=self.gen_config.prefill_chunk_tokens,
+        )
+        return planner.plan(lengths, free * cluster.get("memory_fraction", 0.9))
 
     def _run_batch(self, batch: list[PreparedRow]):
         """Generate for a batch; on out-of-memory split it and retry; other failures mark the rows."""

@@ -1,8 +1,10 @@
 """The driver of one job: input -> Ray Data inference stage -> Parquet, then metrics to MLflow.
 
 ```
-read (Parquet / JSONL, tolerant) -> InferenceStage actors (one model replica each)
-  -> write_parquet(output) ; summary from the written rows -> _summary.json + MLflow run
+read (Parquet / JSONL, tolerant) [-> skip ids already written (resume)]
+  -> replicas (InferenceStage actors, or TP coordinators + placement groups; pipeline/replicas.py)
+  -> ExactlyOnceSink (idempotent per-block files; pipeline/sink.py) -> de-duplicate by id
+  ; summary from the written rows -> _summary.json + MLflow run
 ```
 """
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.spec import JobSpec, dump_spec
-from pipeline import metrics, tracking
+from pipeline import metrics, sink, tracking
 
 log = logging.getLogger(__name__)
 
@@ -68,67 +70,118 @@ def start_ray(address: str | None):
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False, runtime_env=env, log_to_driver=True)
+        # "local": always a fresh embedded Ray, never the last `ray start` cluster on this machine
+        ray.init(address="local", include_dashboard=False, runtime_env=env, log_to_driver=True)
     return ray
+
+
+IO_CPUS = 0.25  # read, filter and write tasks: light, so replicas never starve them of CPU
 
 
 def read_input(ray, path: Path):
     suffix = path.suffix.lower()
+    io = {"num_cpus": IO_CPUS}
     if suffix == ".parquet" or path.is_dir():
-        return ray.data.read_parquet(str(path))
+        return ray.data.read_parquet(str(path), ray_remote_args=io)
     if suffix in (".jsonl", ".json"):
         from pipeline.arrow_rows import parse_jsonl_batch
 
-        return ray.data.read_text(str(path)).map_batches(parse_jsonl_batch, batch_format="pyarrow")
+        return ray.data.read_text(str(path), ray_remote_args=io).map_batches(
+            parse_jsonl_batch, batch_format="pyarrow", num_cpus=IO_CPUS
+        )
     raise ValueError(f"input.path: {path} is neither Parquet nor JSONL")
 
 
-def _replica_resources(spec: JobSpec) -> dict:
-    gpus = spec.cluster.gpus_per_replica
-    if gpus is None:
-        import ray
-
-        has_gpu = ray.cluster_resources().get("GPU", 0) > 0 and spec.device != "cpu"
-        gpus = float(spec.tensor_parallel) if has_gpu else 0.0
-    return {"num_cpus": spec.cluster.cpus_per_replica, "num_gpus": gpus}
+# what may differ between the run that wrote an output and a run that resumes it
+RESUME_MAY_DIFFER = ("cluster", "tracking", "output")
 
 
 def prepare_output(spec: JobSpec) -> Path:
+    """The output directory: emptied (overwrite), refused (error) or kept (resume)."""
     out = Path(spec.output.path).resolve()  # Ray workers do not share the driver's cwd
     if out.exists() and any(out.iterdir()):
         if spec.output.mode == "error":
             raise FileExistsError(f"output.path: {out} is not empty (output.mode is 'error')")
+        if spec.output.mode == "resume":
+            _check_resumable(spec, out)
+            sink.clean_partial(out)
+            return out
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
+def _check_resumable(spec: JobSpec, out: Path) -> None:
+    """Resuming with another model, policy, generation or input would mix two jobs' rows."""
+    import yaml
+
+    saved_path = out / SPEC_NAME
+    if not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    now = spec.to_dict()
+    for key in sorted(set(saved) | set(now)):
+        if key not in RESUME_MAY_DIFFER and saved.get(key) != now.get(key):
+            raise ValueError(
+                f"output.mode: resume: {out} was written with a different {key!r} "
+                f"({saved.get(key)!r} != {now.get(key)!r}); use another output.path or output.mode: overwrite"
+            )
+
+
 def run_job(spec: JobSpec) -> JobResult:
+    """Run one job to completion; rows already in the output are kept when output.mode is resume."""
     from ray.data import ActorPoolStrategy
 
-    from pipeline.stage import InferenceStage
+    from pipeline import replicas
 
     started = time.time()
     input_path = ensure_input(spec)
     out = prepare_output(spec)
     (out / SPEC_NAME).write_text(dump_spec(spec))
     ray = start_ray(spec.cluster.address)
-    ds = read_input(ray, input_path)
-    if spec.input.limit:
-        ds = ds.limit(spec.input.limit)
-    ds = ds.map_batches(
-        InferenceStage,
-        fn_constructor_kwargs={"spec": spec.to_dict()},
-        compute=ActorPoolStrategy(size=spec.cluster.replicas),
-        batch_size=spec.cluster.rows_per_task,
-        batch_format="pyarrow",
-        **_replica_resources(spec),
-    )
-    ds.write_parquet(str(out))
+    done = sink.existing_ids(out) if spec.output.mode == "resume" else set()
+    run_token = sink.new_run_token()
+    spec_dict = spec.to_dict()
+    resources = ray.cluster_resources()
+    n_replicas = replicas.replica_count(spec_dict, resources)
+    placement_groups: list = []
+    try:
+        ds = read_input(ray, input_path)
+        if spec.input.limit:
+            ds = ds.limit(spec.input.limit)
+        if done:
+            log.info("resume: %d rows already in %s are skipped", len(done), out)
+            ds = ds.map_batches(
+                sink.skip_done,
+                fn_kwargs={"done": ray.put(frozenset(done))},
+                batch_format="pyarrow",
+                num_cpus=IO_CPUS,
+            )
+        stage = replicas.replica_remote_args(spec_dict, resources, placement_groups)
+        fn = stage.pop("fn")
+        ds = ds.map_batches(
+            fn,
+            fn_constructor_kwargs={"spec": spec_dict, "fault": replicas.fault_from_env()},
+            compute=ActorPoolStrategy(size=n_replicas),
+            batch_size=spec.cluster.rows_per_task,
+            batch_format="pyarrow",
+            **stage,
+        )
+        ds.write_datasink(sink.ExactlyOnceSink(out, run_token), ray_remote_args={"num_cpus": IO_CPUS})
+    finally:
+        for pg in placement_groups:
+            ray.util.remove_placement_group(pg)
+    duplicates = sink.dedupe(out)
     wall_s = time.time() - started
     rows_in = _count_input_rows(ray, input_path, spec.input.limit)
     summary = metrics.summarize(out, rows_in=rows_in, wall_s=wall_s)
     summary["output"] = str(out.resolve())
+    summary["replicas"] = n_replicas
+    summary["rows_processed"] = sink.rows_in_run(out, run_token)  # by this run (resume: the missing)
+    summary["rows_skipped"] = len(done)  # already present when this run started
+    summary["rows_duplicate_dropped"] = duplicates
+    if summary["rows_per_s"] is not None:
+        summary["rows_per_s"] = summary["rows_processed"] / wall_s
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, sort_keys=True))
     run_id = None
     if spec.tracking.enabled:

@@ -65,7 +65,9 @@ class PyramidKV(SnapKV):
         """[b] tokens per head this layer keeps: the row's window plus its pyramid capacity."""
         w = window_size(step.positions, self.params.window)
         windows = (step.positions[:, -w:] != EMPTY).sum(-1).tolist()
-        filled = (layer.positions != EMPTY).sum(-1).max(-1).values.tolist()
+        # tokens the row has seen so far (the prompt, or the prompt up to this chunk): the same
+        # for every layer, so the layers' budgets form one sequence even after earlier chunks
+        filled = (step.positions.max(dim=-1).values + 1).tolist()
         out = []
         for budget, win, n in zip(step.row_budgets.tolist(), windows, filled):
             win = min(win, budget)

@@ -65,3 +65,17 @@ def test_batched_equals_unbatched(tiny_llama, name, budget):
             assert sets_b[i] == sets_a[0], f"row {i}, layer {layer_a}: kept sets differ"
             compared += len(sets_a[0])
     assert compared > 0
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_chunked_prefill_keeps_the_budget(tiny_llama, name):
+    """Compressing after every 64-token chunk still ends at the budget (pyramid: summed over layers)."""
+    model, tok = tiny_llama
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, len(tok), (n,), generator=g).tolist() for n in (300, 211, 90)]
+    results, _ = Generator(model, tok, make_policy(name), Budget(ratio=0.25)).generate(
+        prompts, GenerationConfig(max_new_tokens=2, prefill_chunk_tokens=64)
+    )
+    for r in results:
+        expected = -(-r.prompt_tokens // 4)  # ceil(0.25 n) tokens per (layer, head)
+        assert r.kv_tokens_kept == expected * r.kv_tokens_full // r.prompt_tokens

@@ -76,17 +76,17 @@ def start_ray(address: str | None):
 
 
 IO_CPUS = 0.25  # read, filter and write tasks: light, so replicas never starve them of CPU
+REPLICA_START_TIMEOUT_S = 900  # every replica is up (model loaded) before rows flow; else a clear error
 
 
 def read_input(ray, path: Path):
     suffix = path.suffix.lower()
-    io = {"num_cpus": IO_CPUS}
     if suffix == ".parquet" or path.is_dir():
-        return ray.data.read_parquet(str(path), ray_remote_args=io)
+        return ray.data.read_parquet(str(path), num_cpus=IO_CPUS)
     if suffix in (".jsonl", ".json"):
         from pipeline.arrow_rows import parse_jsonl_batch
 
-        return ray.data.read_text(str(path), ray_remote_args=io).map_batches(
+        return ray.data.read_text(str(path), num_cpus=IO_CPUS).map_batches(
             parse_jsonl_batch, batch_format="pyarrow", num_cpus=IO_CPUS
         )
     raise ValueError(f"input.path: {path} is neither Parquet nor JSONL")
@@ -145,6 +145,9 @@ def run_job(spec: JobSpec) -> JobResult:
     resources = ray.cluster_resources()
     n_replicas = replicas.replica_count(spec_dict, resources)
     placement_groups: list = []
+    # Start rows only once every replica is up: rows spread over all replicas from the first
+    # batch, and a cluster too small for the pool fails with a clear error instead of hanging.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = REPLICA_START_TIMEOUT_S
     try:
         ds = read_input(ray, input_path)
         if spec.input.limit:

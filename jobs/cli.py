@@ -11,6 +11,7 @@ import importlib
 import sys
 
 COMMAND_MODULES = ["run_cmd", "data_cmd", "models_cmd", "policies_cmd"]
+COMMAND_MODULES += ["sweep_cmd", "report_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

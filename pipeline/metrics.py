@@ -46,6 +46,7 @@ def summarize(out_dir: Path, rows_in: int, wall_s: float) -> dict:
     ttft = [v for v in ok["ttft_s"].to_pylist() if v is not None]
     summary["ttft_p50_s"] = _percentile(ttft, 0.5)
     summary["ttft_p95_s"] = _percentile(ttft, 0.95)
+    summary.update(phase_rates(ok))
     peaks = [v for v in ok["batch_peak_device_bytes"].to_pylist() if v]
     summary["peak_device_bytes"] = max(peaks) if peaks else 0
     scored = ok.filter(pc.is_valid(ok["score"]))
@@ -60,3 +61,32 @@ def summarize(out_dir: Path, rows_in: int, wall_s: float) -> dict:
 def _mean_by(table, key: str, value: str) -> dict:
     grouped = table.group_by(key).aggregate([(value, "mean")])
     return dict(zip(grouped[key].to_pylist(), grouped[f"{value}_mean"].to_pylist()))
+
+
+def phase_rates(ok) -> dict:
+    """Prefill and decode tokens/s over the batches' own phase times (per replica-second).
+
+    Rows of one generate() call share its `prefill_s` (and replica): that identifies the batch.
+    Prefill time is the batch's `prefill_s`; decode time its longest row's `decode_s`, in which
+    each row made `output_tokens - 1` tokens (the first comes from the prefill's logits).
+    """
+    needed = ("replica", "prefill_s", "decode_s", "prompt_tokens", "output_tokens")
+    if not ok.num_rows or any(c not in ok.column_names for c in needed):
+        return {}
+    batches: dict = {}
+    for r in ok.select(list(needed)).to_pylist():
+        if r["prefill_s"] is None:
+            continue
+        b = batches.setdefault((r["replica"], r["prefill_s"]), [r["prefill_s"], 0.0, 0, 0])
+        b[1] = max(b[1], r["decode_s"] or 0.0)
+        b[2] += r["prompt_tokens"] or 0
+        b[3] += max((r["output_tokens"] or 0) - 1, 0)
+    prefill_s = sum(b[0] for b in batches.values())
+    decode_s = sum(b[1] for b in batches.values())
+    return {
+        "batches": len(batches),
+        "prefill_time_s": prefill_s,
+        "decode_time_s": decode_s,
+        "prefill_tokens_per_s": sum(b[2] for b in batches.values()) / prefill_s if prefill_s > 0 else None,
+        "decode_tokens_per_s": sum(b[3] for b in batches.values()) / decode_s if decode_s > 0 else None,
+    }

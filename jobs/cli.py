@@ -12,6 +12,7 @@ import sys
 
 COMMAND_MODULES = ["run_cmd", "data_cmd", "models_cmd", "policies_cmd"]
 COMMAND_MODULES += ["sweep_cmd", "report_cmd"]
+COMMAND_MODULES += ["bench_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,116 @@
+"""`kvpipe bench` on CPU with a tiny random Llama: the result structure, not the timings.
+
+Benchmarks are tools, never timed assertions: this checks that a run covers every requested
+cell (measured, or carrying its error), writes JSON + Markdown with the environment and the
+command, and that the report derives ratios and target lines from what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs.cli import main
+from pipeline.bench import report
+from pipeline.bench.settings import BenchSettings
+
+CONTEXTS = (128, 256)
+POLICIES = ("full", "snapkv", "kivi", "no_such_policy")
+RATIOS = (0.25,)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = [
+        "bench", "--tiny", "--device", "cpu", "--contexts", ",".join(map(str, CONTEXTS)),
+        "--policies", ",".join(POLICIES), "--ratios", ",".join(map(str, RATIOS)),
+        "--decode-steps", "2", "--decode-warmup", "1", "--max-batch", "2", "--decode-batch", "1",
+        "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    (json_path,) = out.glob("bench-tiny-*.json")
+    (md_path,) = out.glob("bench-tiny-*.md")
+    return json.loads(json_path.read_text()), md_path.read_text(), out
+
+
+def test_every_requested_cell_is_present_or_carries_an_error(tiny_run):
+    result, _, _ = tiny_run
+    assert result["status"] == "complete"
+    cells = result["cells"]
+    for context in CONTEXTS:
+        for policy in POLICIES:
+            for ratio in (None,) if policy == "full" else RATIOS:
+                found = [
+                    c
+                    for c in cells
+                    if c["context"] == context and c["policy"] == policy and report.covers(c, ratio)
+                ]
+                assert len(found) == 1, (context, policy, ratio)
+                cell = found[0]
+                assert cell["status"] in ("ok", "partial", "error")
+                if cell["status"] != "ok":
+                    assert cell["error"]
+    bad = [c for c in cells if c["policy"] == "no_such_policy"]
+    assert bad and all(c["status"] == "error" and "unknown policy" in c["error"] for c in bad)
+    # kivi stores the same whatever the budget: one cell per context, covering the ratios
+    kivi = [c for c in cells if c["policy"] == "kivi"]
+    assert len(kivi) == len(CONTEXTS) and all(c["ratios_covered"] == list(RATIOS) for c in kivi)
+
+
+def test_measured_cells_have_prefill_decode_and_batch(tiny_run):
+    result, _, _ = tiny_run
+    for cell in result["cells"]:
+        if cell["policy"] == "no_such_policy":
+            continue
+        assert cell["status"] == "ok", cell.get("error")
+        for mode in ("oneshot", "chunked"):
+            pre = cell["prefill"][mode]
+            assert pre["seconds"] > 0 and pre["cache_stored_bytes"] > 0
+        assert cell["max_batch"]["batch"] == 2 and cell["max_batch"]["capped"]  # CPU: the cap
+        for which in ("given", "max"):
+            dec = cell["decode"][which]
+            assert dec["median_ms"] > 0 and dec["tokens_per_s"] > 0 and dec["roofline_pct"] > 0
+        assert 0 < cell["kv"]["kept_fraction"] <= 1.0 + 1e-6
+        if cell["policy"] != "full":
+            assert "overhead_pct_oneshot" in cell["derived"] and "throughput_x_full" in cell["derived"]
+            assert cell["kv"]["kept_fraction"] < 0.9  # compression is real
+
+
+def test_environment_baselines_targets_and_markdown(tiny_run):
+    result, md, _ = tiny_run
+    env = result["environment"]
+    for key in ("device_name", "torch", "transformers", "python"):
+        assert env[key]
+    assert "bench" in result["command"] and result["resolved_command"].startswith("kvpipe bench --model tiny")
+    assert result["model"]["num_hidden_layers"] == 4 and "shapes" in result["model"]["weights"]
+    assert result["bandwidth"]["bytes_per_s"] > 0
+    assert result["micro"]["decode"]["ms"]["kvpipe_shared_mask_gqa"] is not None
+    assert result["micro"]["prefill_chunk"]["ms"]["kvpipe_bool_mask"] is not None
+    hf = result["baselines"]["hf_generate"]
+    assert {h["context"] for h in hf} == set(CONTEXTS) and all(h["step_ms"] is not None for h in hf)
+    kinds = {t["target"] for t in result["targets"]}
+    assert kinds == {"overhead", "throughput", "roofline", "memory", "hf"}
+    assert all(t["pass"] in (True, False, None) for t in result["targets"])
+    assert "Random weights" in md and "## Targets" in md and result["command"] in md
+
+
+def test_merge_prefers_measured_cells(tiny_run):
+    result, _, out = tiny_run
+    broken = json.loads(json.dumps(result))
+    for cell in broken["cells"]:
+        cell.update(status="error", error="boom")
+    merged = report.merge([broken, result])
+    assert all(c["status"] != "error" or c["policy"] == "no_such_policy" for c in merged["cells"])
+    assert len(merged["merged_from"]) == 2
+    paths = sorted(out.glob("bench-tiny-*.json"))
+    assert main(["bench", "--report", *map(str, paths), "--out", str(out)]) == 0
+    assert list(out.glob("bench-merged-*.md"))
+
+
+def test_settings_validate():
+    with pytest.raises(ValueError):
+        BenchSettings(ratios=(1.5,))
+    with pytest.raises(ValueError):
+        BenchSettings(prefill_modes=("sideways",))

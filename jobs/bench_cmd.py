@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="contexts 8192,32768; full,streaming_llm,snapkv,kivi; "
+        help="contexts 32768,8192; full,streaming_llm,snapkv,kivi; "
         "ratio 0.25; 16 decode steps; 1 prefill rep; --max-minutes 7.5 (about 8 minutes on an H100)",
     )
     p.add_argument(

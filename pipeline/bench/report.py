@@ -306,6 +306,29 @@ def target_summary(result: dict, keep: int = 10) -> list[str]:
     return lines
 
 
+def micro_summary(result: dict) -> list[str]:
+    """Two lines from the attention micro-benchmarks (one layer), for the hot-path notes."""
+    out = []
+    dec = _get(result, "micro", "decode")
+    if isinstance(dec, dict) and dec.get("ms"):
+        sh = dec["shape"]
+        ms = ", ".join(f"{k} {_f(v, '{:.3f}')}" for k, v in dec["ms"].items())
+        out.append(
+            f"Decode attention, one layer (b={sh['batch']}, slots={sh['slots']}): KV-read roofline "
+            f"{_f(dec.get('kv_read_roofline_ms'), '{:.3f}')} ms; {ms} ms; default backends "
+            f"{dec.get('default_backend')}"
+        )
+    pre = _get(result, "micro", "prefill_chunk")
+    if isinstance(pre, dict) and pre.get("ms"):
+        sh = pre["shape"]
+        extra = {k: (None if v is None else v / MIB) for k, v in (pre.get("peak_extra_bytes") or {}).items()}
+        ms = ", ".join(
+            f"{k} {_f(v, '{:.2f}')} ms (peak +{_f(extra.get(k), '{:.0f}')} MiB)" for k, v in pre["ms"].items()
+        )
+        out.append(f"Prefill-chunk attention, one layer (q={sh['q_len']}, prefix={sh['prefix']}): {ms}")
+    return [""] + out if out else []
+
+
 def console(result: dict) -> str:
     env = result.get("environment", {})
     bw = _get(result, "bandwidth", "tb_per_s")
@@ -327,6 +350,7 @@ def console(result: dict) -> str:
                 )
             else:
                 parts.append(f"  ctx {h.get('context')} batch {h.get('batch')}: {h.get('error')}")
+    parts += micro_summary(result)
     parts += ["", "Targets (every line is in the .md):"] + ["  " + x for x in target_summary(result)]
     return "\n".join(parts)
 

@@ -371,13 +371,28 @@ class Bench:
                 f"decode {which}",
                 lambda b=batch: measure.measure_decode(gen, bm, pre, b, s.decode_steps, s.decode_warmup, bw),
             )
+            if err and which == "max" and "out of memory" in err and batch > 1:
+                # the probe ran fewer steps than the timing does: the cache grew past the edge
+                smaller = max(1, int(batch * 0.9))
+                self.log(f"  decode at {batch} ran out of memory; timing at {smaller} instead")
+                out, err2 = self.attempt(
+                    "decode max (90%)",
+                    lambda b=smaller: measure.measure_decode(
+                        gen, bm, pre, b, s.decode_steps, s.decode_warmup, bw
+                    ),
+                )
+                if out is not None:
+                    out["reduced_from_batch"] = batch
+                    err = None
+                else:
+                    err = f"{err}; at {smaller}: {err2}"
             if err:
                 cell["sub_errors"][f"decode_{which}"] = err
             else:
                 cell["decode"][which] = out
                 roof = out.get("roofline_pct", float("nan"))
                 self.log(
-                    f"  decode batch {batch}: {out['median_ms']:.2f} ms/step, "
+                    f"  decode batch {out['batch']}: {out['median_ms']:.2f} ms/step, "
                     f"{out['tokens_per_s']:.0f} tok/s, roofline {roof:.0f}%"
                 )
         pre = None

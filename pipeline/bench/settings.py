@@ -56,7 +56,7 @@ MODEL_SHAPES = {"llama8b": LLAMA_8B, "smollm2": SMOLLM2_135M, "tiny": TINY}
 
 DEFAULT_POLICIES = ("full", "streaming_llm", "snapkv", "pyramidkv", "adakv", "kivi", "spindlekv")
 QUICK = dict(
-    contexts=(8192, 32768),
+    contexts=(32768, 8192),  # the targets' context first, should the time budget run out
     policies=("full", "streaming_llm", "snapkv", "kivi"),
     ratios=(0.25,),
     decode_steps=16,

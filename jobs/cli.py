@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ["run_cmd", "data_cmd", "models_cmd", "policies_cmd"]
+COMMAND_MODULES = ["run_cmd", "data_cmd", "models_cmd", "policies_cmd", "accuracy_cmd", "tracking_cmd"]
 COMMAND_MODULES += ["sweep_cmd", "report_cmd"]
 COMMAND_MODULES += ["bench_cmd"]
 

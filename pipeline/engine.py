@@ -70,6 +70,16 @@ class InferenceEngine:
         self.max_context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.replica = f"{socket.gethostname()}:{self.device}"
 
+    def set_policy(
+        self, name: str, ratio: float | None = None, params: dict | None = None, tokens: int | None = None
+    ) -> None:
+        """Swap the compression policy (and budget) without reloading the model: rebuilds the Generator."""
+        pol = {"name": name, "ratio": ratio, "tokens": tokens, "params": dict(params or {})}
+        self.policy = make_policy(name, **pol["params"])
+        budget = Budget(ratio=ratio, tokens=tokens) if self.policy.compresses else None
+        self.generator = Generator(self.model, self.tokenizer, self.policy, budget)
+        self.spec = {**self.spec, "policy": pol}
+
     def _generation_config(self, gen: dict) -> GenerationConfig:
         stop = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         for text in gen.get("stop") or []:

@@ -68,10 +68,18 @@ def _haystack_fraction(row, needle: str, preamble_end: str) -> float:
 def test_passkey_needle_sits_at_requested_depth(depth):
     (row,) = generate("passkey", 2048, 1, seed=1, tokenizer=tokenizer(), depths=[depth])
     key = row["answer"][0]
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    assert row["context"].count(needle) == 1
+    needle = f"The pass key is {key}. Remember it."
+    assert row["context"].count(needle) == 1 and row["context"].count(key) == 1
     fraction = _haystack_fraction(row, needle, "important information there.\n\n")
     assert fraction == pytest.approx(depth, abs=0.03)
+
+
+def test_passkey_paper_needle_on_request():
+    (row,) = generate("passkey", 1024, 1, seed=1, tokenizer=tokenizer(), depths=[0.5], needle="paper")
+    key = row["answer"][0]
+    assert row["context"].count(f"The pass key is {key}. Remember it. {key} is the pass key.") == 1
+    with pytest.raises(ValueError, match="needle"):
+        generate("passkey", 1024, 1, seed=1, tokenizer=tokenizer(), needle="long")
 
 
 def test_niah_essays_haystack_depth():

@@ -44,7 +44,7 @@ TASKS: dict[str, TaskSpec] = {
             "contains",
             16,
             "find the pass key hidden in filler text",
-            {"digits": 5},
+            {"digits": 5, "needle": "short"},
             sample=passkey_sample,
         ),
         TaskSpec(

@@ -100,7 +100,7 @@ def collect_from_mlflow(run_id: str, uri: str) -> dict:
     if "context_lengths" in swept:
         swept_keys.append("input.generate.context_length")
     return {
-        "title": f"Sweep {parent.info.run_name} ({run_id})",
+        "title": f"{parent.info.run_name} (MLflow run {run_id})",
         "setup": dict(parent.data.params),
         "swept": swept_keys,
         "points": points,
@@ -345,7 +345,7 @@ def plot_heatmap(data: dict, path: Path, plt) -> Path:
             if v is not None:
                 cells[label][(t, p.get("context_length") if by_ctx else None)].append(v)
     grid = [[(sum(v) / len(v)) if (v := cells[r].get(c)) else float("nan") for c in cols] for r in order]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(cols), 1.2 + 0.45 * len(order)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.8 + 1.3 * len(cols)), 1.4 + 0.45 * len(order)))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels([t + (f"\n{c}" if c else "") for t, c in cols], fontsize=8)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.kv_cache import EMPTY, KVLayer
-from policies.base import Policy
+from policies.base import Policy, keep_topk
 from policies.ragged_heads import RaggedKVLayer
 from policies.registry import register
-from policies.signals import all_heads, in_window, keep_best, snapkv_scores, tp_world, window_size
+from policies.signals import all_heads, in_window, snapkv_scores, tp_world, window_size
 
 
 def head_capacities(
@@ -110,6 +110,6 @@ class AdaKV(Policy):
         budgets = self.head_budgets(view, scores, step)
         if not over:
             return
-        keep_best(view, scores, budgets)
+        keep_topk(view, scores, budgets)
         if view is not layer:
             layer.store_dense(view.keys, view.values, view.positions)

@@ -109,17 +109,30 @@ class ScorePolicy(Policy):
         keep_topk(layer, scores, budgets)
 
 
+def best_first(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Slot indices [b, h, s] from best to worst; equal scores rank the newer token first.
+
+    Exact ties are common (max pooling copies one value onto its neighbours; recent windows),
+    and `topk` breaks them by slot index, which depends on a row's left padding. Ordering by
+    (score, position) makes the kept set a function of the row's own tokens only, so a row
+    keeps the same tokens batched or alone. Empty slots come last.
+    """
+    by_position = positions.to(torch.int64).argsort(dim=-1, descending=True, stable=True)
+    by_score = torch.gather(scores, 2, by_position).argsort(dim=-1, descending=True, stable=True)
+    return torch.gather(by_position, 2, by_score)
+
+
 def keep_topk(layer: KVLayer, scores: torch.Tensor, budgets: torch.Tensor) -> None:
     """Keep the top `budgets[b]` filled slots of every (row b, head) by `scores`; order by position.
 
     `budgets` is [b] (same for every head) or [b, heads] (per-head budgets).
     """
     filled = layer.positions != EMPTY
-    scores = scores.masked_fill(~filled, float("-inf"))
+    scores = scores.float().masked_fill(~filled, float("-inf"))
     if budgets.dim() == 1:
         budgets = budgets[:, None].expand(filled.shape[:2])
     kept_len = int(budgets.max().clamp(max=scores.shape[-1]))
-    top = scores.topk(kept_len, dim=-1, sorted=True).indices  # best first
+    top = best_first(scores, layer.positions)[..., :kept_len]
     rank = torch.arange(kept_len, device=scores.device)
     within_budget = rank[None, None, :] < budgets[..., None]
     chosen_filled = torch.gather(filled, 2, top) & within_budget

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.kv_cache import EMPTY
-from policies.base import ScorePolicy
+from policies.base import ScorePolicy, keep_topk
 from policies.registry import register
-from policies.signals import KEEP_BASE, group_mean, keep_best, summed_attention
+from policies.signals import KEEP_BASE, group_mean, summed_attention
 
 STAT = "h2o"
 
@@ -72,4 +72,4 @@ class H2O(ScorePolicy):
         filled = layer.positions != EMPTY
         if bool((filled.sum(-1) <= budgets[:, None]).all()):
             return
-        keep_best(layer, self.score(layer, queries, step, layer_idx, num_layers, scaling), budgets)
+        keep_topk(layer, self.score(layer, queries, step, layer_idx, num_layers, scaling), budgets)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from policies.base import ScorePolicy
 from policies.registry import register
-from policies.signals import TieFreeScorePolicy
 
 
 @register
-class KNorm(TieFreeScorePolicy):
+class KNorm(ScorePolicy):
     name = "knorm"
     paper = "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression (Devoto et al. 2024)"
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.kv_cache import EMPTY
+from policies.base import keep_topk
 from policies.registry import register
-from policies.signals import keep_best, window_size
+from policies.signals import window_size
 from policies.snapkv import SnapKV
 
 
@@ -81,4 +82,4 @@ class PyramidKV(SnapKV):
         if bool((filled.sum(-1) <= budgets[:, None]).all()):
             return
         scores = self.score(layer, queries, step, layer_idx, num_layers, scaling).float()
-        keep_best(layer, scores, budgets)
+        keep_topk(layer, scores, budgets)

@@ -17,7 +17,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.kv_cache import EMPTY, KVLayer
-from policies.base import ScorePolicy, keep_topk
 
 # A score above any attention-derived score: tokens that must be kept (the observation window,
 # the newest token). Adding the position orders them (newest first) should a budget be smaller
@@ -157,43 +156,6 @@ def snapkv_scores(
 
 
 # -- selection without ties ---------------------------------------------------------------------
-def rank_scores(scores: torch.Tensor, slot_positions: torch.Tensor) -> torch.Tensor:
-    """Scores [b, h, s] made tie-free: minus each slot's rank, equal scores ranked newest first.
-
-    Exact ties are common (max pooling copies one value onto its neighbours; recent windows),
-    and `topk` breaks them by slot index, which depends on a row's left padding. Ranking by
-    (score, position) makes the kept set a function of the row's own tokens only. Empty
-    slots get -inf. Ranks are integers, exact in float32.
-    """
-    filled = slot_positions != EMPTY
-    pos = torch.where(
-        filled, slot_positions.to(torch.int64), torch.full_like(slot_positions, -1, dtype=torch.int64)
-    )
-    by_pos = pos.argsort(dim=-1, descending=True, stable=True)
-    masked = scores.float().masked_fill(~filled, float("-inf"))
-    by_score = torch.gather(masked, 2, by_pos).argsort(dim=-1, descending=True, stable=True)
-    order = torch.gather(by_pos, 2, by_score)  # best first
-    rank = torch.empty_like(order)
-    rank.scatter_(2, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return (-rank).float().masked_fill(~filled, float("-inf"))
-
-
-def keep_best(layer: KVLayer, scores: torch.Tensor, budgets: torch.Tensor) -> None:
-    """`keep_topk` with ties broken by position (newest first), independent of the slot layout."""
-    keep_topk(layer, rank_scores(scores, layer.positions), budgets)
-
-
-class TieFreeScorePolicy(ScorePolicy):
-    """`ScorePolicy` whose selection breaks exact ties by position (see `rank_scores`)."""
-
-    def compress_layer(self, layer, queries, step, layer_idx, num_layers, scaling) -> None:
-        budgets = self.layer_budgets(step.row_budgets, layer_idx, num_layers)
-        filled = layer.positions != EMPTY
-        if bool((filled.sum(-1) <= budgets[:, None]).all()):
-            return
-        keep_best(layer, self.score(layer, queries, step, layer_idx, num_layers, scaling), budgets)
-
-
 # -- tensor parallelism -------------------------------------------------------------------------
 def tp_world(group=None) -> tuple[int, int]:
     """(rank, world size) of the tensor-parallel group; (0, 1) when torch.distributed is not in use."""

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
+from policies.base import ScorePolicy
 from policies.registry import register
-from policies.signals import TieFreeScorePolicy, snapkv_scores
+from policies.signals import snapkv_scores
 
 
 @register
-class SnapKV(TieFreeScorePolicy):
+class SnapKV(ScorePolicy):
     name = "snapkv"
     paper = "SnapKV: LLM Knows What You are Looking for Before Generation (Li et al. 2024)"
 

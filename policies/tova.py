@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from policies.base import ScorePolicy
 from policies.registry import register
-from policies.signals import KEEP_BASE, TieFreeScorePolicy, all_reduce_sum, attention_probs, tp_world
+from policies.signals import KEEP_BASE, all_reduce_sum, attention_probs, tp_world
 
 
 @register
-class TOVA(TieFreeScorePolicy):
+class TOVA(ScorePolicy):
     name = "tova"
     paper = "Transformers are Multi-State RNNs (Oren et al. 2024)"
     compress_during_decode = True

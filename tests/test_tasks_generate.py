@@ -57,7 +57,7 @@ def test_every_task_fits_and_holds_its_answers(task):
 
 def _haystack_fraction(row, needle: str, preamble_end: str) -> float:
     ctx = row["context"]
-    start = ctx.index(preamble_end) + len(preamble_end)
+    start = ctx.index(preamble_end) + len(preamble_end) if preamble_end else 0
     at = ctx.index(needle)
     before = n_tokens(ctx[start:at])
     total = n_tokens(ctx[start:]) - n_tokens(needle)
@@ -70,16 +70,30 @@ def test_passkey_needle_sits_at_requested_depth(depth):
     key = row["answer"][0]
     needle = f"The pass key is {key}. Remember it."
     assert row["context"].count(needle) == 1 and row["context"].count(key) == 1
-    fraction = _haystack_fraction(row, needle, "important information there.\n\n")
+    fraction = _haystack_fraction(row, needle, "")
     assert fraction == pytest.approx(depth, abs=0.03)
 
 
-def test_passkey_paper_needle_on_request():
-    (row,) = generate("passkey", 1024, 1, seed=1, tokenizer=tokenizer(), depths=[0.5], needle="paper")
+def test_passkey_plain_prompt_format():
+    (row,) = generate("passkey", 1024, 1, seed=1, tokenizer=tokenizer(), depths=[0.5])
+    assert row["context"].startswith("The grass is green.")  # no instruction line
+    prefix, suffix = build_prompt_parts(row, tokenizer())
+    # the question continues the filler paragraph; the answer prefix opens the assistant turn
+    assert prefix.endswith(". What is the pass key?")
+    assert suffix.endswith("<|im_start|>assistant\nThe pass key is")
+
+
+def test_passkey_paper_style():
+    (row,) = generate("passkey", 1024, 1, seed=1, tokenizer=tokenizer(), depths=[0.5], style="paper")
     key = row["answer"][0]
+    assert row["context"].startswith("There is an important info hidden inside a lot of irrelevant text.")
     assert row["context"].count(f"The pass key is {key}. Remember it. {key} is the pass key.") == 1
-    with pytest.raises(ValueError, match="needle"):
-        generate("passkey", 1024, 1, seed=1, tokenizer=tokenizer(), needle="long")
+    assert build_prompt_parts(row, tokenizer())[0].endswith(".\n\nWhat is the pass key?")
+    fraction = _haystack_fraction(row, f"The pass key is {key}.", "important information there.\n\n")
+    assert fraction == pytest.approx(0.5, abs=0.03)
+    assert abs(full_prompt_tokens(row) - 1024) <= 0.02 * 1024
+    with pytest.raises(ValueError, match="style"):
+        generate("passkey", 1024, 1, seed=1, tokenizer=tokenizer(), style="long")
 
 
 def test_niah_essays_haystack_depth():

@@ -44,7 +44,7 @@ TASKS: dict[str, TaskSpec] = {
             "contains",
             16,
             "find the pass key hidden in filler text",
-            {"digits": 5, "needle": "short"},
+            {"digits": 5, "style": "plain"},
             sample=passkey_sample,
         ),
         TaskSpec(

@@ -250,8 +250,9 @@ def to_markdown(result: dict, command: str | None = None) -> str:
         lines.append(f"- command: `{command}`")
     cfg = meta["config"]
     lines += [
-        f"- samples {cfg['samples']} per task and length, seed {cfg['seed']}, depths {cfg['depths']}, "
-        f"prompt mode {cfg['prompt_mode']}, haystack {cfg['haystack']}",
+        f"- samples {cfg['samples']} per task and length, seed {cfg['seed']}, "
+        f"depths {cfg['depths'] or 'random per sample'}, prompt mode {cfg['prompt_mode']}, "
+        f"haystack {cfg['haystack']}",
         "- cells: accuracy (relative to the full cache); columns: the KV budget ratio",
         "",
     ]

@@ -269,8 +269,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
-def load_spec(path: str | Path | None = None, overrides: list[str] | None = None) -> JobSpec:
-    """Read a YAML spec (or the defaults), apply `key=value` overrides, validate."""
+def read_mapping(path: str | Path | None, overrides: list[str] | None, what: str = "spec") -> dict:
+    """A YAML mapping (empty without a path) with `key=value` overrides applied."""
     data: dict = {}
     if path is not None:
         try:
@@ -278,11 +278,16 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | None = None
         except yaml.YAMLError as exc:
             raise SpecError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
-            raise SpecError(f"{path}: the spec must be a mapping of keys")
+            raise SpecError(f"{path}: the {what} must be a mapping of keys")
     for item in overrides or []:
         key, value = parse_override(item)
         set_dotted(data, key, value)
-    return spec_from_dict(data)
+    return data
+
+
+def load_spec(path: str | Path | None = None, overrides: list[str] | None = None) -> JobSpec:
+    """Read a YAML spec (or the defaults), apply `key=value` overrides, validate."""
+    return spec_from_dict(read_mapping(path, overrides))
 
 
 def spec_from_dict(data: dict) -> JobSpec:

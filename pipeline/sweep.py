@@ -30,8 +30,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from jobs.spec import JobSpec, SpecError, dump_spec, spec_from_dict
 from pipeline import tracking
 
@@ -218,18 +216,9 @@ def build_sweep(data: dict) -> Sweep:
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
-    from jobs.spec import parse_override, set_dotted
+    from jobs.spec import read_mapping
 
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: the sweep must be a mapping: a job spec plus grid:")
-    for item in overrides or []:
-        key, value = parse_override(item)
-        set_dotted(data, key, value)
-    return build_sweep(data)
+    return build_sweep(read_mapping(path, overrides, what="sweep (a job spec plus grid:)"))
 
 
 # -- running ---------------------------------------------------------------------------------

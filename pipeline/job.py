@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -79,14 +80,15 @@ IO_CPUS = 0.25  # read, filter and write tasks: light, so replicas never starve 
 REPLICA_START_TIMEOUT_S = 900  # every replica is up (model loaded) before rows flow; else a clear error
 
 
-def read_input(ray, path: Path):
+def read_input(ray, path: Path, blocks: int | None = None):
+    """The input as a dataset of `blocks` blocks (None: Ray's choice), read with little CPU."""
     suffix = path.suffix.lower()
     if suffix == ".parquet" or path.is_dir():
-        return ray.data.read_parquet(str(path), num_cpus=IO_CPUS)
+        return ray.data.read_parquet(str(path), num_cpus=IO_CPUS, override_num_blocks=blocks)
     if suffix in (".jsonl", ".json"):
         from pipeline.arrow_rows import parse_jsonl_batch
 
-        return ray.data.read_text(str(path), num_cpus=IO_CPUS).map_batches(
+        return ray.data.read_text(str(path), num_cpus=IO_CPUS, override_num_blocks=blocks).map_batches(
             parse_jsonl_batch, batch_format="pyarrow", num_cpus=IO_CPUS
         )
     raise ValueError(f"input.path: {path} is neither Parquet nor JSONL")
@@ -147,9 +149,15 @@ def run_job(spec: JobSpec) -> JobResult:
     placement_groups: list = []
     # Start rows only once every replica is up: rows spread over all replicas from the first
     # batch, and a cluster too small for the pool fails with a clear error instead of hanging.
-    ray.data.DataContext.get_current().wait_for_min_actors_s = REPLICA_START_TIMEOUT_S
+    ctx = ray.data.DataContext.get_current()
+    ctx.wait_for_min_actors_s = REPLICA_START_TIMEOUT_S
+    # Inference is compute-bound: send a batch to a free replica, not to the one beside its block.
+    ctx.execution_options.actor_locality_enabled = False
     try:
-        ds = read_input(ray, input_path)
+        # blocks of about rows_per_task rows: every replica gets work, even from one small file
+        # that would otherwise read as a single block (a task is one block)
+        rows_in = _count_input_rows(ray, input_path, spec.input.limit)
+        ds = read_input(ray, input_path, max(1, math.ceil(rows_in / spec.cluster.rows_per_task)))
         if spec.input.limit:
             ds = ds.limit(spec.input.limit)
         if done:
@@ -165,7 +173,9 @@ def run_job(spec: JobSpec) -> JobResult:
         ds = ds.map_batches(
             fn,
             fn_constructor_kwargs={"spec": spec_dict, "fault": replicas.fault_from_env()},
-            compute=ActorPoolStrategy(size=n_replicas),
+            # two batches in flight per replica: the next one is ready when a replica finishes,
+            # and the rest wait for whichever replica frees up first (balance over replicas)
+            compute=ActorPoolStrategy(size=n_replicas, max_tasks_in_flight_per_actor=2),
             batch_size=spec.cluster.rows_per_task,
             batch_format="pyarrow",
             **stage,
@@ -175,8 +185,8 @@ def run_job(spec: JobSpec) -> JobResult:
         for pg in placement_groups:
             ray.util.remove_placement_group(pg)
     duplicates = sink.dedupe(out)
+    sink.unify_schemas(out)
     wall_s = time.time() - started
-    rows_in = _count_input_rows(ray, input_path, spec.input.limit)
     summary = metrics.summarize(out, rows_in=rows_in, wall_s=wall_s)
     summary["output"] = str(out.resolve())
     summary["replicas"] = n_replicas

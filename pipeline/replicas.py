@@ -134,9 +134,7 @@ def replica_remote_args(spec: dict, cluster_resources: dict, placement_groups: l
 
         pg = placement_group(bundles, strategy="STRICT_PACK")
         placement_groups.append(pg)
-        return {
-            "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
-        }
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)}
 
     return {
         "fn": TensorParallelStage,
@@ -184,6 +182,8 @@ class TPRank:
         if on_gpu:
             torch.cuda.set_device(0)  # Ray gives each rank its own GPU as cuda:0
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
+        if not on_gpu:
+            _cpu_all_reduce_over_gloo(master_addr, master_port, self.rank)
 
         from pipeline.engine import InferenceEngine
 
@@ -192,6 +192,29 @@ class TPRank:
 
     def process(self, rows: list[dict]) -> list[dict]:
         return self.engine.process(rows)
+
+
+def _cpu_all_reduce_over_gloo(master_addr: str, master_port: int, rank: int) -> None:
+    """On CPU, AutoTP's all-reduce goes through gloo, not DeepSpeed's shared-memory kernel.
+
+    The shm kernel spin-waits on flags in /dev/shm; on an oversubscribed CPU (more busy
+    processes than cores) its peers were seen to hang for good, and its 66 MB buffers outlive
+    the processes. Gloo is slower per call but safe; the buffers are unlinked once every rank
+    has mapped them.
+    """
+    import glob
+
+    import deepspeed.comm.comm as ds_comm
+    import torch.distributed as dist
+
+    if ds_comm.cdb is not None:
+        ds_comm.cdb.shm_vector_kernel_level = 0  # inference_all_reduce -> torch.distributed.all_reduce
+    dist.barrier()
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{master_addr}_{master_port}_{rank}"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 class TensorParallelStage:

@@ -136,6 +136,37 @@ def dedupe(out: Path) -> int:
     return dropped
 
 
+def unify_schemas(out: Path) -> int:
+    """Give every part file one schema; the number of files rewritten.
+
+    Blocks are written separately, so a pass-through column that is all null in one block is
+    typed null there and string (or int...) in another; readers take one file's schema and
+    refuse the others. Files are cast to the permissive union of all schemas.
+    """
+    parts = part_files(out)
+    schemas = [pq.read_schema(p) for p in parts]
+    if len({str(sc) for sc in schemas}) <= 1:
+        return 0
+    try:
+        unified = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        log.warning("output files have incompatible schemas, left as written: %s", exc)
+        return 0
+    rewritten = 0
+    for part, schema in zip(parts, schemas):
+        if schema.equals(unified):
+            continue
+        table = pq.read_table(part)
+        n = table.num_rows
+        columns = [
+            table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type)
+            for f in unified
+        ]
+        write_table_atomic(pa.Table.from_arrays(columns, schema=unified), part)
+        rewritten += 1
+    return rewritten
+
+
 def skip_done(batch: pa.Table, done) -> pa.Table:
     """Ray Data batch function: drop the input rows whose id is already in the output (resume).
 

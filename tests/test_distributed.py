@@ -3,7 +3,8 @@
 One `ray.cluster_utils.Cluster` of two nodes serves the tests of this module. Each node has
 2 logical CPUs and one `kvpipe_slot`, and a replica asks for one slot, so two replicas land on
 two nodes. The tiny random Llama keeps the model out of the way (the tests are about
-placement and exactly-once output); tensor parallelism compares DeepSpeed AutoTP over 2 gloo
+placement and exactly-once output; the two-node test uses SmolLM2 so that one replica is
+still busy when the next batch comes); tensor parallelism compares DeepSpeed AutoTP over 2 gloo
 ranks with one process on the same rows.
 """
 
@@ -29,9 +30,16 @@ ROWS = [
 @pytest.fixture(scope="module")
 def two_nodes():
     import ray
+    from ray._common.utils import reset_ray_address
+    from ray._private.utils import read_ray_address, write_ray_address
     from ray.cluster_utils import Cluster
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    previous = read_ray_address()  # Cluster advertises itself in /tmp/ray: put back what was there
+
+    def restore_address():
+        write_ray_address(previous) if previous else reset_ray_address()
+
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 2, "resources": {"kvpipe_slot": 1}, "include_dashboard": False},
@@ -39,9 +47,11 @@ def two_nodes():
     cluster.add_node(num_cpus=2, resources={"kvpipe_slot": 1})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
+    restore_address()  # other processes' ray.init() must not join this test cluster
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+    restore_address()
 
 
 def write_input(tmp_path, rows=ROWS):
@@ -83,6 +93,7 @@ def test_two_replicas_on_two_nodes(tmp_path, two_nodes):
     result = run_job(
         job(
             tmp_path,
+            "model=smollm2",  # the real model: a batch takes long enough for both replicas to get work
             "cluster.replicas=2",
             "cluster.resources_per_replica={kvpipe_slot: 1}",
             "cluster.placement=spread",

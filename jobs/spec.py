@@ -83,7 +83,7 @@ class ClusterSpec:
     cpus_per_replica: float = 0.5  # fractional: the read and write tasks need CPU too
     gpus_per_replica: float | None = None  # None: 1 per replica (x tensor_parallel) when GPUs exist
     resources_per_replica: dict[str, float] = field(default_factory=dict)  # custom Ray resources
-    placement: str = "default"  # default | spread (replicas over nodes) | pack
+    placement: str = "default"  # default (Ray Data decides) | spread (replicas over nodes)
     batch_size: int = 4  # rows per generate() call (fixed batching, and always on CPU)
     batch_planner: str = "memory"  # memory: size GPU batches from free memory | fixed: batch_size
     max_batch_size: int = 64  # the memory planner's cap on rows per generate() call
@@ -116,7 +116,7 @@ CHOICES = {
     "device": {"auto", "cpu", "cuda"},
     "input.prompt_mode": {"question_last", "context_only"},
     "output.mode": {"overwrite", "error", "resume"},
-    "cluster.placement": {"default", "spread", "pack"},
+    "cluster.placement": {"default", "spread"},
     "cluster.batch_planner": {"memory", "fixed"},
 }
 POSITIVE = {

@@ -54,13 +54,13 @@ class PreparedRow:
 
 
 def row_id(row: dict) -> str:
-    """The row's `id`, or a stable one made from its content (same content, same id)."""
+    """The row's `id`, or a stable one made from its whole content (every column, and the raw
+    text of an unparseable JSONL line), so that a rerun gives the same id. Rows identical in
+    every column are the same work and share an id (the output keeps one of them)."""
     given = row.get("id")
     if given is not None and str(given) != "":
         return str(given)
-    content = json.dumps(
-        {k: row.get(k) for k in ("prompt", "context", "question")}, sort_keys=True, default=str
-    )
+    content = json.dumps({k: v for k, v in row.items() if k != "id"}, sort_keys=True, default=str)
     return "row-" + hashlib.sha1(content.encode()).hexdigest()[:16]
 
 

@@ -5,10 +5,10 @@ queries and keys, the kept set of several score variants (SnapKV with other wind
 pooling; TOVA's last-query score) at the same budget, and checks whether the needle's key
 digits survive. Optionally decodes with a few of the variants to measure accuracy.
 
-    python benchmarks/snapkv_passkey_probe.py --length 2048 --rows 5 --ratio 0.25
-    python benchmarks/snapkv_passkey_probe.py --decode            # + accuracy per variant
-    python benchmarks/snapkv_passkey_probe.py --haystack essays
-    python benchmarks/snapkv_passkey_probe.py --no-answer-prefix
+    python -m jobs.snapkv_passkey_probe --length 2048 --rows 5 --ratio 0.25
+    python -m jobs.snapkv_passkey_probe --decode            # + accuracy per variant
+    python -m jobs.snapkv_passkey_probe --haystack essays
+    python -m jobs.snapkv_passkey_probe --no-answer-prefix
 """
 
 from __future__ import annotations

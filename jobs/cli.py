@@ -10,9 +10,10 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ["run_cmd", "data_cmd", "models_cmd", "policies_cmd", "accuracy_cmd", "tracking_cmd"]
-COMMAND_MODULES += ["sweep_cmd", "report_cmd"]
-COMMAND_MODULES += ["bench_cmd"]
+COMMAND_MODULES = [
+    "run_cmd", "sweep_cmd", "report_cmd", "data_cmd", "accuracy_cmd", "bench_cmd",
+    "policies_cmd", "models_cmd", "tracking_cmd",
+]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,13 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"jobs.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"jobs.{name}":
-                continue  # a command not built yet
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"jobs.{name}").register(subparsers)
     return parser
 
 

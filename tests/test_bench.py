@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from jobs.bench_cmd import command_line
 from jobs.cli import main
 from pipeline.bench import report
 from pipeline.bench.settings import BenchSettings
@@ -83,7 +84,9 @@ def test_environment_baselines_targets_and_markdown(tiny_run):
     env = result["environment"]
     for key in ("device_name", "torch", "transformers", "python"):
         assert env[key]
-    assert "bench" in result["command"] and result["resolved_command"].startswith("kvpipe bench --model tiny")
+    # `command` is the process's own command line (here pytest's), `resolved_command` the bench's
+    assert result["command"] == command_line()
+    assert result["resolved_command"].startswith("kvpipe bench --model tiny")
     assert result["model"]["num_hidden_layers"] == 4 and "shapes" in result["model"]["weights"]
     assert result["bandwidth"]["bytes_per_s"] > 0
     assert result["micro"]["decode"]["ms"]["kvpipe_shared_mask_gqa"] is not None

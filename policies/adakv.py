@@ -24,7 +24,14 @@ from pipeline.kv_cache import EMPTY, KVLayer
 from policies.base import Policy, keep_topk
 from policies.ragged_heads import RaggedKVLayer
 from policies.registry import register
-from policies.signals import all_heads, in_window, snapkv_scores, tp_world, window_size
+from policies.signals import (
+    all_heads,
+    check_observation_params,
+    in_window,
+    snapkv_scores,
+    tp_world,
+    window_size,
+)
 
 
 def head_capacities(
@@ -71,12 +78,7 @@ class AdaKV(Policy):
         alpha: float = 0.2  # floor: each head keeps at least alpha * (budget - window) prefix tokens
 
         def __post_init__(self) -> None:
-            if self.window < 1:
-                raise ValueError("window must be >= 1")
-            if self.kernel < 1 or self.kernel % 2 == 0:
-                raise ValueError("kernel must be an odd number >= 1")
-            if self.pooling not in ("avg", "max"):
-                raise ValueError("pooling must be 'avg' or 'max'")
+            check_observation_params(self.window, self.kernel, self.pooling)
             if not 0.0 <= self.alpha <= 1.0:
                 raise ValueError("alpha must be in [0, 1]")
 

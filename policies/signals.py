@@ -86,6 +86,16 @@ def group_mean(per_query_head: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return grouped.mean(dim=2)
 
 
+def check_observation_params(window: int, kernel: int, pooling: str) -> None:
+    """Validate the SnapKV-style observation parameters a policy exposes."""
+    if window < 1:
+        raise ValueError("window must be >= 1")
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError("kernel must be an odd number >= 1")
+    if pooling not in ("avg", "max"):
+        raise ValueError("pooling must be 'avg' or 'max'")
+
+
 def window_size(query_positions: torch.Tensor, window: int) -> int:
     """Observation window for this forward: the last min(window, q) queries."""
     return max(1, min(window, query_positions.shape[-1]))

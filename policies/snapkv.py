@@ -17,7 +17,7 @@ import torch
 
 from policies.base import ScorePolicy
 from policies.registry import register
-from policies.signals import snapkv_scores
+from policies.signals import check_observation_params, snapkv_scores
 
 
 @register
@@ -32,12 +32,7 @@ class SnapKV(ScorePolicy):
         pooling: str = "avg"  # "avg" | "max"
 
         def __post_init__(self) -> None:
-            if self.window < 1:
-                raise ValueError("window must be >= 1")
-            if self.kernel < 1 or self.kernel % 2 == 0:
-                raise ValueError("kernel must be an odd number >= 1")
-            if self.pooling not in ("avg", "max"):
-                raise ValueError("pooling must be 'avg' or 'max'")
+            check_observation_params(self.window, self.kernel, self.pooling)
 
     def score(self, layer, queries, step, layer_idx, num_layers, scaling) -> torch.Tensor:
         p = self.params

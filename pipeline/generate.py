@@ -99,9 +99,14 @@ class Generator:
                 filled[i, width - len(s) :] = True
         return ids.to(self.device), filled.to(self.device)
 
-    def _forward(self, cache, ids, positions, compress, budgets) -> torch.Tensor:
-        """One forward over `ids` ([b, q]) at `positions` (EMPTY for padding); last logits [b, vocab]."""
-        step = StepContext(cache=cache, positions=positions, compress=compress, row_budgets=budgets)
+    def _forward(self, cache, ids, positions, compress, budgets, padded: bool = True) -> torch.Tensor:
+        """One forward over `ids` ([b, q]) at `positions` (EMPTY for padding); last logits [b, vocab].
+
+        `padded` False promises that no position is EMPTY (it lets attention skip the mask).
+        """
+        step = StepContext(
+            cache=cache, positions=positions, compress=compress, row_budgets=budgets, padded=padded
+        )
         cache.step = step
         b, q = ids.shape
         rope_positions = positions.clamp(min=0)  # padding's rotary angle is irrelevant
@@ -115,6 +120,18 @@ class Generator:
             **{self._cache_kw: cache, attention.CTX_KWARG: step},
         )
         return out.logits[:, -1, :].float()
+
+    @staticmethod
+    def _spare_slots(compressing: bool, width: int, hi: int, chunk: int, after_prefill: int) -> int:
+        """Slots a layer should allocate beyond its need while prefilling up to column `hi`.
+
+        A full cache allocates once, for the whole prompt and every token after it; a
+        compressed one makes room for the next chunk, and its last compression for the
+        tokens after prefill, so that nothing is copied again.
+        """
+        if not compressing:
+            return width - hi + after_prefill
+        return min(chunk, width - hi) if hi < width else after_prefill
 
     def _choose(self, logits: torch.Tensor, cfg: GenerationConfig, rng: torch.Generator | None):
         if not cfg.do_sample:
@@ -157,12 +174,21 @@ class Generator:
         width = ids.shape[1]
         chunk = cfg.prefill_chunk_tokens or width
         compressing = self.budget is not None
+        padding_ends = width - min(lengths)  # columns [0, padding_ends) hold some row's padding
+        # slots appended after prefill: the suffix, then every new token but the last
+        suffix_tokens = max((len(x) for x in suffixes or [] if x), default=0)
+        after_prefill = suffix_tokens + cfg.max_new_tokens - 1
         for lo in range(0, width, chunk):
             hi = min(width, lo + chunk)
             last = hi == width
             compress = compressing and (last or cfg.prefill_chunk_tokens is not None)
-            logits = self._forward(cache, ids[:, lo:hi], positions[:, lo:hi], compress, budgets)
+            cache.set_spare(self._spare_slots(compressing, width, hi, chunk, after_prefill))
+            logits = self._forward(
+                cache, ids[:, lo:hi], positions[:, lo:hi], compress, budgets, padded=lo < padding_ends
+            )
 
+        cache.reserve(after_prefill)  # no-op when prefill allocated it; decoding appends in place
+        cache.set_spare(0)
         kept_bytes = cache.kept_bytes_per_row().tolist()
         kept_slots = cache.filled_slots_per_row().tolist()
         stats = BatchStats(rows=batch, cache_stored_bytes_after_prefill=cache.stored_bytes())
@@ -177,7 +203,8 @@ class Generator:
                     s_filled[i] = False
             s_pos = next_pos[:, None] + s_filled.long().cumsum(-1) - 1
             s_pos = torch.where(s_filled, s_pos, torch.full_like(s_pos, EMPTY))
-            logits = self._forward(cache, s_ids, s_pos, False, budgets)
+            uneven = any(len(x) != len(suffixes[0]) for x in suffixes)
+            logits = self._forward(cache, s_ids, s_pos, False, budgets, padded=uneven or not all(suffixes))
             next_pos = next_pos + s_filled.sum(-1)
         prefill_s = time.perf_counter() - start
 
@@ -215,7 +242,7 @@ class Generator:
                 cache.select_rows(keep)
                 budgets = budgets[keep]
             compress = compressing and self.policy.compress_during_decode
-            logits = self._forward(cache, tokens[:, None], next_pos[:, None], compress, budgets)
+            logits = self._forward(cache, tokens[:, None], next_pos[:, None], compress, budgets, padded=False)
             next_pos = next_pos + 1
 
         if self.device.type == "cuda":

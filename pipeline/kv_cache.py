@@ -6,6 +6,11 @@ Rows and heads may keep different tokens and different numbers of tokens: the sl
 the largest any (row, head) keeps, and shorter ones leave empty slots. Positions drive the
 attention mask (causality and emptiness), so nothing is ever "evicted" by masking a
 full-size cache: compressing a layer builds new, smaller tensors.
+
+Slots live in buffers with spare capacity (`SlotBuffer`): a decode step writes its token in
+place instead of copying the whole layer, which would triple the bytes a step moves. The
+engine sizes the spare (`CompressedCache.set_spare`, `reserve`) so that nothing is
+reallocated during decoding and no memory is held that decoding will not use.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-EMPTY = -1  # position of a slot that holds no token
+from pipeline.attention_math import EMPTY, dense_bias, grouped_attention, position_mask
 
 
 @dataclass
@@ -27,6 +32,62 @@ class StepContext:
     compress: bool = False  # compress each layer after its attention in this forward
     row_budgets: torch.Tensor | None = None  # [batch] tokens per head each row may keep
     extras: dict = field(default_factory=dict)  # policy-specific per-step data
+    padded: bool = True  # some new token is padding (EMPTY); the engine knows it without a device sync
+
+
+class SlotBuffer:
+    """A tensor that grows along its slot dimension (2) with spare capacity; `view` is the used part."""
+
+    def __init__(self, tensor: torch.Tensor | None = None, spare: int = 0) -> None:
+        self.buf: torch.Tensor | None = None
+        self.used = 0
+        if tensor is not None:
+            self.set(tensor, spare)
+
+    def set(self, tensor: torch.Tensor | None, spare: int = 0) -> None:
+        """Hold `tensor` (taken as is when no spare is asked for, else copied into a larger buffer)."""
+        if tensor is None:
+            self.buf, self.used = None, 0
+            return
+        self.used = tensor.shape[2]
+        if spare <= 0:
+            self.buf = tensor
+            return
+        self.buf = tensor.new_empty((*tensor.shape[:2], self.used + spare, *tensor.shape[3:]))
+        self.buf[:, :, : self.used] = tensor
+
+    @property
+    def view(self) -> torch.Tensor | None:
+        if self.buf is None:
+            return None
+        return self.buf if self.used == self.buf.shape[2] else self.buf[:, :, : self.used]
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.buf is None else self.buf.shape[2]
+
+    def append(self, new: torch.Tensor, spare: int) -> None:
+        """Write `new` ([b, h, q, ...]) after the used slots; grow to used + q + `spare` if needed."""
+        q = new.shape[2]
+        if self.used + q > self.capacity:
+            self.resize(self.used + q + spare)
+        self.buf[:, :, self.used : self.used + q] = new
+        self.used += q
+
+    def resize(self, capacity: int) -> None:
+        """Reallocate to exactly `capacity` slots (>= used), keeping the used ones."""
+        if self.buf is None or capacity == self.capacity:
+            return
+        old = self.view
+        self.buf = old.new_empty((*old.shape[:2], capacity, *old.shape[3:]))
+        self.buf[:, :, : self.used] = old
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        if self.buf is not None:
+            self.buf = self.buf[rows]
+
+    def stored_bytes(self) -> int:
+        return 0 if self.buf is None else self.buf.numel() * self.buf.element_size()
 
 
 class KVLayer(CacheLayerMixin):
@@ -36,11 +97,41 @@ class KVLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self) -> None:
+        self._k, self._v, self._p = SlotBuffer(), SlotBuffer(), SlotBuffer()
         super().__init__()
-        self.positions: torch.Tensor | None = None
         # Per-slot running statistics a policy keeps (e.g. H2O's accumulated attention),
         # each [b, h, slots]: new tokens start at 0, and they follow the slots through keep().
         self.slot_stats: dict[str, torch.Tensor] = {}
+        # Host-side facts about the slots, kept without device syncs; they pick attention's
+        # fast path. True is always safe (the masked path); False is a promise.
+        self.has_empty = False  # some (row, head) has an EMPTY slot
+        self.heads_differ = False  # heads hold different positions
+        self.spare = 0  # slots to allocate beyond what is needed whenever storage is (re)allocated
+
+    # keys / values / positions are the used part of growable buffers; assigning replaces them.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._k.view
+
+    @keys.setter
+    def keys(self, value) -> None:
+        self._k.set(value)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._v.view
+
+    @values.setter
+    def values(self, value) -> None:
+        self._v.set(value)
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        return self._p.view
+
+    @positions.setter
+    def positions(self, value) -> None:
+        self._p.set(value)
 
     # -- transformers' layer protocol -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -70,49 +161,60 @@ class KVLayer(CacheLayerMixin):
             self.lazy_initialization(keys, values)
         b, h, q, _ = keys.shape
         new_pos = positions.to(torch.int32)[:, None, :].expand(b, h, q)
-        self.keys = torch.cat([self.keys, keys], dim=-2)
-        self.values = torch.cat([self.values, values], dim=-2)
-        self.positions = torch.cat([self.positions, new_pos], dim=-1)
+        self._k.append(keys, self.spare)
+        self._v.append(values, self.spare)
+        self._p.append(new_pos, self.spare)
         for name, stat in self.slot_stats.items():
             self.slot_stats[name] = torch.cat([stat, stat.new_zeros((b, h, q))], dim=-1)
         return self.keys, self.values
 
-    def attention_mask(self, query_positions: torch.Tensor) -> torch.Tensor:
-        """Boolean mask [b, h_or_1, q, slots]: a query sees filled slots at or before its position.
+    def note_padding(self, padded: bool) -> None:
+        """The last append stored padding (EMPTY) slots when `padded` is True."""
+        self.has_empty = self.has_empty or padded
 
-        A padding query (EMPTY) is let see the new tokens of its own forward, so its row of
-        attention is never empty (an all-masked row gives NaN, and NaN * 0 spreads).
+    def reserve(self, extra: int) -> None:
+        """Right-size storage to the used slots plus `extra` (the tokens decoding will append)."""
+        if self.is_initialized:
+            for buf in (self._k, self._v, self._p):
+                buf.resize(buf.used + extra)
+
+    def attention_mask(self, query_positions: torch.Tensor) -> torch.Tensor:
+        """Boolean mask [b, h_or_1, q, slots]: a query sees filled slots at or before its position."""
+        return position_mask(self.positions, query_positions, self.heads_differ)
+
+    def attend(self, query: torch.Tensor, step: StepContext, scaling: float) -> torch.Tensor:
+        """This forward's attention [b, H, q, d] over every stored slot (the new tokens included).
+
+        Storage forms override this with attention over their own form (quantised, ragged).
         """
-        pos = self.positions
-        if bool((pos == pos[:, :1]).all()):  # every head keeps the same slots: one mask for all
-            pos = pos[:, :1]
-        q = query_positions[:, None, :, None]
-        k = pos[:, :, None, :]
-        mask = (k <= q) & (k != EMPTY)
-        q_len = query_positions.shape[-1]
-        pad_query = (query_positions == EMPTY)[:, None, :, None]
-        own_forward = torch.zeros_like(mask[:1, :1, :1, :])
-        own_forward = own_forward.expand(1, 1, 1, mask.shape[-1]).clone()
-        own_forward[..., -q_len:] = True
-        return mask | (pad_query & own_forward)
+        keys, values = self.keys, self.values
+        if self.has_empty or step.padded:
+            bias = self.attention_mask(step.positions)
+        else:
+            bias = dense_bias(query.shape[2], keys.shape[2])
+        return grouped_attention(query, keys, values, bias, scaling)
 
     def keep(self, index: torch.Tensor, filled: torch.Tensor) -> None:
         """Keep slots `index` ([b, h, k]); slots where `filled` is False become empty."""
         d = self.keys.shape[-1]
         gather = index[..., None].expand(*index.shape, d)
-        self.keys = torch.gather(self.keys, 2, gather).contiguous()
-        self.values = torch.gather(self.values, 2, gather).contiguous()
         pos = torch.gather(self.positions, 2, index)
-        self.positions = torch.where(filled, pos, torch.full_like(pos, EMPTY)).contiguous()
+        pos = torch.where(filled, pos, torch.full_like(pos, EMPTY))
+        self._k.set(torch.gather(self.keys, 2, gather), self.spare)
+        self._v.set(torch.gather(self.values, 2, gather), self.spare)
+        self._p.set(pos, self.spare)
         for name, stat in self.slot_stats.items():
             self.slot_stats[name] = torch.gather(stat, 2, index).masked_fill(~filled, 0).contiguous()
+        # one device sync per compression (not per step): the facts attention's fast path needs
+        all_filled, same_heads = torch.stack([filled.all(), (index == index[:, :1]).all()]).tolist()
+        self.has_empty = not all_filled
+        self.heads_differ = not same_heads
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only batch rows `rows` (finished rows leave the batch)."""
         if self.is_initialized:
-            self.keys = self.keys[rows]
-            self.values = self.values[rows]
-            self.positions = self.positions[rows]
+            for buf in (self._k, self._v, self._p):
+                buf.select_rows(rows)
             for name, stat in self.slot_stats.items():
                 self.slot_stats[name] = stat[rows]
 
@@ -131,10 +233,10 @@ class KVLayer(CacheLayerMixin):
         return self.filled_slots_per_row() * self.bytes_per_slot()
 
     def stored_bytes(self) -> int:
-        """Bytes of every tensor this layer holds, empty slots and positions included."""
+        """Bytes of every tensor this layer holds: empty slots, spare capacity and positions included."""
         if not self.is_initialized:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
+        return sum(buf.stored_bytes() for buf in (self._k, self._v, self._p))
 
 
 class CompressedCache(Cache):
@@ -150,7 +252,21 @@ class CompressedCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if self.step is None:
             raise RuntimeError("CompressedCache.update called without a StepContext")
-        return self.layers[layer_idx].append(key_states, value_states, self.step.positions)
+        layer = self.layers[layer_idx]
+        layer.append(key_states, value_states, self.step.positions)
+        layer.note_padding(self.step.padded)
+        # attention reads the layer's own storage (`KVLayer.attend`), not these
+        return key_states, value_states
+
+    def set_spare(self, slots: int) -> None:
+        """Spare slots every layer allocates beyond its need when it (re)allocates storage."""
+        for layer in self.layers:
+            layer.spare = slots
+
+    def reserve(self, extra: int) -> None:
+        """Right-size every layer to its slots plus `extra` (before decoding `extra` tokens)."""
+        for layer in self.layers:
+            layer.reserve(extra)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length()

@@ -134,6 +134,7 @@ class QuantizedKVLayer(KVLayer):
         self.residual = residual
         self._ready = False
         super().__init__()
+        self.has_empty = self.heads_differ = True  # ragged per-(row, head) views: the masked path
 
     # keys / values / positions are views built on demand from the compressed storage; the
     # base classes assign None to them in __init__, which is accepted and ignored.

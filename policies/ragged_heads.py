@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.attention_math import grouped_attention, position_mask
 from pipeline.kv_cache import EMPTY, KVLayer
 
 
@@ -97,12 +98,12 @@ class RaggedKVLayer(KVLayer):
         return full_keys, full_values
 
     def attention_mask(self, query_positions: torch.Tensor) -> torch.Tensor:
-        tail = self.positions
-        self.positions = self.dense_positions()
-        try:
-            return super().attention_mask(query_positions)
-        finally:
-            self.positions = tail
+        return position_mask(self.dense_positions(), query_positions, heads_differ=True)
+
+    def attend(self, query: torch.Tensor, step, scaling: float) -> torch.Tensor:
+        keys, values, positions = self.dense()
+        mask = position_mask(positions, step.positions, heads_differ=True)
+        return grouped_attention(query, keys, values, mask, scaling)
 
     def keep(self, index: torch.Tensor, filled: torch.Tensor) -> None:
         """Keep slots `index` ([b, h, k]) of the dense view; unfilled ones are dropped."""

@@ -131,34 +131,33 @@ class SpindleLayer(KVLayer):
                 out = rope(out, self._pos, self.rope_theta)
         return out
 
-    def _dense_attr(self, name: str):
-        return self.__dict__.get(name)
-
+    # Dense mode is `KVLayer`'s own storage; once compressed, the layer shows views of its form.
     @property
     def keys(self):
-        return self._view("k") if self.__dict__.get("mode", "dense") != "dense" else self._dense_attr("_keys")
+        return self._view("k") if self._compressed() else KVLayer.keys.fget(self)
 
     @keys.setter
     def keys(self, value) -> None:
-        self.__dict__["_keys"] = value
+        KVLayer.keys.fset(self, value)
 
     @property
     def values(self):
-        return (
-            self._view("v") if self.__dict__.get("mode", "dense") != "dense" else self._dense_attr("_values")
-        )
+        return self._view("v") if self._compressed() else KVLayer.values.fget(self)
 
     @values.setter
     def values(self, value) -> None:
-        self.__dict__["_values"] = value
+        KVLayer.values.fset(self, value)
 
     @property
     def positions(self):
-        return self._pos if self.__dict__.get("mode", "dense") != "dense" else self._dense_attr("_positions")
+        return self._pos if self._compressed() else KVLayer.positions.fget(self)
 
     @positions.setter
     def positions(self, value) -> None:
-        self.__dict__["_positions"] = value
+        KVLayer.positions.fset(self, value)
+
+    def _compressed(self) -> bool:
+        return self.__dict__.get("mode", "dense") != "dense"  # base __init__ runs before mode is set
 
     # -- conversions ------------------------------------------------------------------------
     def to_codebook(self, theta_k: float, theta_v: float, rope_theta: float | None) -> None:
@@ -199,9 +198,10 @@ class SpindleLayer(KVLayer):
         self.mode = "codebook"
 
     def _drop_dense(self) -> None:
-        self.__dict__["_keys"] = None
-        self.__dict__["_values"] = None
-        self.__dict__["_positions"] = None
+        KVLayer.keys.fset(self, None)
+        KVLayer.values.fset(self, None)
+        KVLayer.positions.fset(self, None)
+        self.has_empty = self.heads_differ = True  # ragged per-head views: always the masked path
 
     def evict_unfolded(self, selected: torch.Tensor, num_heads: int) -> None:
         """Keep, per exposed (query) head, the slots `selected` ([b, H, s] bool over the current view)."""

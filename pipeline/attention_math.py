@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 EMPTY = -1  # position of a slot that holds no token
 
@@ -67,7 +67,7 @@ def grouped_attention(
         return F.scaled_dot_product_attention(
             query, keys, values, is_causal=bias is CAUSAL, scale=scaling, enable_gqa=gqa
         )
-    if not isinstance(bias, torch.Tensor) or bias.shape[1] == 1:  # CausalBias, or one mask for all heads
+    if isinstance(bias, CausalBias) or bias.shape[1] == 1:  # (a CausalBias is a Tensor subclass)
         return F.scaled_dot_product_attention(
             query, keys, values, attn_mask=bias, scale=scaling, enable_gqa=gqa
         )

@@ -149,6 +149,42 @@ class Generator:
         probs = logits.softmax(-1)
         return torch.multinomial(probs.cpu(), 1, generator=rng).squeeze(-1).to(logits.device)
 
+    # -- the phases (the benchmark drives these too) -------------------------------------------
+    def prefill(
+        self,
+        cache: CompressedCache,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        budgets: torch.Tensor,
+        chunk_tokens: int | None,
+        after_prefill: int,
+        padded_columns: int = 0,
+    ) -> torch.Tensor:
+        """Prefill `ids` ([b, width], left-padded): one shot, or chunks compressed after each.
+
+        `after_prefill`: slots decoding will append (storage is sized for them here, so decoding
+        never reallocates); `padded_columns`: the first columns holding some row's padding.
+        Returns the last logits [b, vocab].
+        """
+        width = ids.shape[1]
+        chunk = chunk_tokens or width
+        compressing = self.budget is not None
+        for lo in range(0, width, chunk):
+            hi = min(width, lo + chunk)
+            compress = compressing and (hi == width or chunk_tokens is not None)
+            cache.set_spare(self._spare_slots(compressing, width, hi, chunk, after_prefill))
+            logits = self._forward(
+                cache, ids[:, lo:hi], positions[:, lo:hi], compress, budgets, padded=lo < padded_columns
+            )
+        cache.reserve(after_prefill)  # a no-op when prefill sized it already
+        cache.set_spare(0)
+        return logits
+
+    def decode_step(self, cache, tokens: torch.Tensor, next_pos: torch.Tensor, budgets) -> torch.Tensor:
+        """One decode step: `tokens` [b] at `next_pos` [b]; next logits [b, vocab]."""
+        compress = self.budget is not None and self.policy.compress_during_decode
+        return self._forward(cache, tokens[:, None], next_pos[:, None], compress, budgets, padded=False)
+
     # -- the batch --------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(
@@ -170,25 +206,13 @@ class Generator:
         lengths = [len(p) for p in prompts]
         budgets = row_budgets(self.budget, lengths, self.device)
 
-        # Prefill: one shot, or chunks with compression after each (bounded peak memory).
-        width = ids.shape[1]
-        chunk = cfg.prefill_chunk_tokens or width
-        compressing = self.budget is not None
-        padding_ends = width - min(lengths)  # columns [0, padding_ends) hold some row's padding
         # slots appended after prefill: the suffix, then every new token but the last
         suffix_tokens = max((len(x) for x in suffixes or [] if x), default=0)
         after_prefill = suffix_tokens + cfg.max_new_tokens - 1
-        for lo in range(0, width, chunk):
-            hi = min(width, lo + chunk)
-            last = hi == width
-            compress = compressing and (last or cfg.prefill_chunk_tokens is not None)
-            cache.set_spare(self._spare_slots(compressing, width, hi, chunk, after_prefill))
-            logits = self._forward(
-                cache, ids[:, lo:hi], positions[:, lo:hi], compress, budgets, padded=lo < padding_ends
-            )
-
-        cache.reserve(after_prefill)  # no-op when prefill allocated it; decoding appends in place
-        cache.set_spare(0)
+        padded_columns = ids.shape[1] - min(lengths)
+        logits = self.prefill(
+            cache, ids, positions, budgets, cfg.prefill_chunk_tokens, after_prefill, padded_columns
+        )
         kept_bytes = cache.kept_bytes_per_row().tolist()
         kept_slots = cache.filled_slots_per_row().tolist()
         stats = BatchStats(rows=batch, cache_stored_bytes_after_prefill=cache.stored_bytes())
@@ -241,8 +265,7 @@ class Generator:
                 active, tokens, next_pos = active[keep], tokens[keep], next_pos[keep]
                 cache.select_rows(keep)
                 budgets = budgets[keep]
-            compress = compressing and self.policy.compress_during_decode
-            logits = self._forward(cache, tokens[:, None], next_pos[:, None], compress, budgets, padded=False)
+            logits = self.decode_step(cache, tokens, next_pos, budgets)
             next_pos = next_pos + 1
 
         if self.device.type == "cuda":

@@ -15,6 +15,7 @@ reallocated during decoding and no memory is held that decoding will not use.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -107,6 +108,14 @@ class KVLayer(CacheLayerMixin):
         self.has_empty = False  # some (row, head) has an EMPTY slot
         self.heads_differ = False  # heads hold different positions
         self.spare = 0  # slots to allocate beyond what is needed whenever storage is (re)allocated
+
+    def __copy__(self):
+        """A shallow copy with its own buffer bookkeeping (tensors shared until either side replaces them)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._k, new._v, new._p = copy.copy(self._k), copy.copy(self._v), copy.copy(self._p)
+        new.slot_stats = dict(self.slot_stats)
+        return new
 
     # keys / values / positions are the used part of growable buffers; assigning replaces them.
     @property

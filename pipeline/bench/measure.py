@@ -142,8 +142,11 @@ class Prefilled:
     next_pos: torch.Tensor  # [P]
 
 
-def kvpipe_prefill(gen, ids: torch.Tensor, chunk: int | None) -> Prefilled:
-    """Prefill exactly as `Generator.generate` does (one shot, or chunks compressed after each)."""
+def kvpipe_prefill(gen, ids: torch.Tensor, chunk: int | None, after_prefill: int = 0) -> Prefilled:
+    """Prefill exactly as `Generator.generate` does (its own `prefill`); no padding, random ids.
+
+    `after_prefill`: the slots decoding will append (the engine sizes storage for them).
+    """
     from pipeline.kv_cache import CompressedCache
     from policies.base import row_budgets
 
@@ -151,13 +154,7 @@ def kvpipe_prefill(gen, ids: torch.Tensor, chunk: int | None) -> Prefilled:
     cache = CompressedCache(gen.num_layers, gen.policy)
     positions = torch.arange(width, device=ids.device).expand(rows, width)
     budgets = row_budgets(gen.budget, [width] * rows, ids.device)
-    compressing = gen.budget is not None
-    step = chunk or width
-    logits = None
-    for lo in range(0, width, step):
-        hi = min(width, lo + step)
-        compress = compressing and (hi == width or chunk is not None)
-        logits = gen._forward(cache, ids[:, lo:hi], positions[:, lo:hi], compress, budgets)
+    logits = gen.prefill(cache, ids, positions, budgets, chunk, after_prefill)
     next_pos = torch.full((rows,), width, device=ids.device, dtype=torch.long)
     return Prefilled(cache, logits, budgets, next_pos)
 
@@ -168,10 +165,8 @@ def tile(pre: Prefilled, batch: int) -> Prefilled:
     cache = copy.copy(pre.cache)
     layers = []
     for layer in pre.cache.layers:
-        new = copy.copy(layer)
-        if isinstance(getattr(layer, "slot_stats", None), dict):
-            new.slot_stats = dict(layer.slot_stats)
-        new.select_rows(rows)
+        new = copy.copy(layer)  # KVLayer.__copy__: own buffers' bookkeeping, shared tensors
+        new.select_rows(rows)  # fresh tensors for the copy; the original is untouched
         layers.append(new)
     cache.layers = layers
     cache.step = None
@@ -185,11 +180,10 @@ def kv_bytes(cache) -> tuple[int, int]:
 
 def decode_steps(gen, state: Prefilled, steps: int, marks: gpu.Marks | None = None) -> Prefilled:
     """Greedy decode steps on `state` (in place), as the engine's loop does; marks each step's end."""
-    compress = gen.budget is not None and gen.policy.compress_during_decode
     tokens = state.logits.argmax(-1)
     logits = state.logits
     for _ in range(steps):
-        logits = gen._forward(state.cache, tokens[:, None], state.next_pos[:, None], compress, state.budgets)
+        logits = gen.decode_step(state.cache, tokens, state.next_pos, state.budgets)
         tokens = logits.argmax(-1)
         state.next_pos = state.next_pos + 1
         if marks is not None:

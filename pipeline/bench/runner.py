@@ -257,6 +257,11 @@ class Bench:
         out["prefill_chunk"] = value if err is None else {"error": err}
         return out
 
+    @property
+    def decode_room(self) -> int:
+        """Slots a prefilled cache is sized for: every decode step a cell runs on it (as the engine does)."""
+        return self.s.decode_warmup + max(self.s.decode_steps, self.s.search_steps)
+
     def _chunk_act(self):
         chunk = min(self.s.prefill_chunk, max(self.s.contexts))
         return measure.chunk_activation_bytes(self.bm, self.s.prefill_batch, chunk, self.s.seed)
@@ -281,7 +286,7 @@ class Bench:
         budget = Budget(ratio=self.s.ratios[0]) if pol.compresses else None
         gen = measure.make_generator(self.bm, pol, budget)
         for chunk in (None, max(1, length // 2)):
-            pre = measure.kvpipe_prefill(gen, ids, chunk)
+            pre = measure.kvpipe_prefill(gen, ids, chunk, 2)
             measure.decode_steps(gen, pre, 2)
         gpu.sync(self.device)
 
@@ -324,7 +329,9 @@ class Bench:
             self.log(f"  prefill {m}: {info['seconds']:.3f} s, peak {_gib(info['peak_bytes'])}")
         if pre is None and mode is not None:  # the last mode failed: rebuild the earlier one's cache
             chunk = None if mode == "oneshot" else s.prefill_chunk
-            pre, err = self.attempt("prefill again", lambda: measure.kvpipe_prefill(gen, ids, chunk))
+            pre, err = self.attempt(
+                "prefill again", lambda: measure.kvpipe_prefill(gen, ids, chunk, self.decode_room)
+            )
         if pre is None:
             cell.update(
                 status="error", error="no prefill mode succeeded: " + "; ".join(cell["sub_errors"].values())
@@ -412,7 +419,9 @@ class Bench:
             gpu.cleanup(device)
             base = gpu.allocated_bytes(device)
             gpu.reset_peak(device)
-            pre, seconds = gpu.timed(lambda: measure.kvpipe_prefill(gen, ids, chunk), device)
+            pre, seconds = gpu.timed(
+                lambda: measure.kvpipe_prefill(gen, ids, chunk, self.decode_room), device
+            )
             times.append(seconds)
             peaks.append(gpu.peak_bytes(device))
         kept_b, stored_b = measure.kv_bytes(pre.cache)

@@ -243,6 +243,31 @@ class SpindleLayer(KVLayer):
         self.mode = "evicted"
 
     # -- the layer protocol -----------------------------------------------------------------
+    def attend(self, query: torch.Tensor, step, scaling: float) -> torch.Tensor:
+        """Decode (one query per row) over the compressed storage itself: `spindle_kernels`' Triton
+        flash-decoding gathers book rows by index, scales and rotates them in registers. Every
+        stored token precedes the query, so no mask is needed; lengths are `_n`. Prefill, dense
+        layers, CPU and machines without triton take the exact path over the dense views."""
+        if self._compressed() and query.shape[2] == 1:
+            from policies import spindle_kernels as sk  # triton decides at import whether it interprets
+
+            if sk.kernel_available(query.device):
+                out = sk.spindle_decode(
+                    query[:, :, 0],
+                    self.kbook,
+                    self.vbook,
+                    self.rk,
+                    self.rv,
+                    self.mk,
+                    self.mv,
+                    self._pos,
+                    self._n,
+                    scaling,
+                    self.rope_theta if self.mode == "codebook" else None,
+                )
+                return out[:, :, None]
+        return super().attend(query, step, scaling)
+
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
         if self.mode == "dense":
             return super().append(keys, values, positions)

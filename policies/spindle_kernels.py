@@ -1,0 +1,375 @@
+"""Decode attention straight over SpindleKV's storage (Triton flash-decoding), and its float32 reference.
+
+A compressed `SpindleLayer` holds, per (row, kv head), a book of vectors (`kbook`/`vbook`
+[b, hk, C, d]) and per exposed head e (kv head in codebook mode, query head in evicted mode)
+and token an index into it (`rk`, `rv` [b, e, s]); codebook layers add a magnitude per token
+(`mk`, `mv`) and, with `rope_theta`, keys stored before RoPE and re-rotated by the token's
+position (`pos` [b, e, s]). Token t of exposed head e has key
+    rope(kbook[kv(e), rk[e, t]] * mk[e, t], pos[e, t])    (magnitude 1, no RoPE when absent)
+and value vbook[kv(e), rv[e, t]] * mv[e, t]; the first `n[e]` tokens are stored.
+
+`spindle_decode` computes one query per head over that, without building dense keys/values:
+each program takes a range of one exposed head's tokens, gathers the book rows by index,
+scales, rotates in registers, and keeps a running softmax (split over tokens, then a reduce).
+Since RoPE is linear, rope(u * m) = m * rope(u): the key magnitude scales the score and the
+value magnitude the probability, so no [tokens, d] product is formed.
+
+Two kernels: `_shared_kernel` when several query heads read one index row (codebook layers
+with GQA: the group's queries are one small matrix, the gathered keys are used once for all
+of them), `_per_head_kernel` when each query head has its own index row (evicted layers, and
+codebook layers without GQA).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = tl = None
+    HAVE_TRITON = False
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_available(device: torch.device) -> bool:
+    """Triton kernels run here: a CUDA device, or CPU tensors under TRITON_INTERPRET=1.
+
+    KVPIPE_SPINDLE_KERNEL=0 turns the kernel off (the exact path over dense views).
+    """
+    if not HAVE_TRITON or os.environ.get("KVPIPE_SPINDLE_KERNEL", "1") == "0":
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def inv_freq(d: int, theta: float, device) -> torch.Tensor:
+    """RoPE frequencies [d/2] as `policies.spindlekv.rope` forms them (float64, then float32)."""
+    return (1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))).float().to(device)
+
+
+# -- the reference -----------------------------------------------------------------------------
+def reference_decode(
+    query: torch.Tensor,
+    kbook: torch.Tensor,
+    vbook: torch.Tensor,
+    rk: torch.Tensor,
+    rv: torch.Tensor | None,
+    mk: torch.Tensor | None,
+    mv: torch.Tensor | None,
+    pos: torch.Tensor | None,
+    n: torch.Tensor,
+    scaling: float,
+    rope_theta: float | None,
+) -> torch.Tensor:
+    """The fused computation in float32 with dense intermediates: query [b, H, d] -> [b, H, d]."""
+    b, num_heads, d = query.shape
+    hk = kbook.shape[1]
+    e, s = rk.shape[1], rk.shape[2]
+    kv_of_e = torch.arange(e, device=query.device) * hk // e  # exposed head -> kv head
+
+    def rows(book, idx, mag):
+        book_e = book.float()[:, kv_of_e]  # [b, e, C, d]
+        ix = idx.long().clamp(min=0, max=book.shape[2] - 1)
+        out = torch.gather(book_e, 2, ix[..., None].expand(b, e, s, d))
+        return out if mag is None else out * mag.float()[..., None]
+
+    keys = rows(kbook, rk, mk)
+    values = rows(vbook, rk if rv is None else rv, mv)
+    if rope_theta is not None:
+        ang = pos.clamp(min=0).float()[..., None] * inv_freq(d, rope_theta, query.device)
+        cos, sin = ang.cos(), ang.sin()
+        k1, k2 = keys[..., : d // 2], keys[..., d // 2 :]
+        keys = torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1)
+    live = torch.arange(s, device=query.device) < n[..., None]  # [b, e, s]
+    group = num_heads // e
+    if group > 1:  # codebook layers with GQA: one token row serves the group's query heads
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        live = live.repeat_interleave(group, 1)
+    scores = torch.einsum("bhd,bhsd->bhs", query.float() * scaling, keys).masked_fill(~live, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a head with no token attends to nothing
+    return torch.einsum("bhs,bhsd->bhd", probs, values)
+
+
+# -- the kernels -------------------------------------------------------------------------------
+if HAVE_TRITON:
+
+    @triton.jit
+    def _shared_kernel(
+        Q, KB, VB, RK, RV, MK, MV, POS, N, INV, PM, PL, PACC,
+        sq_b, sq_h, skb_b, skb_h, skb_c, svb_b, svb_h, svb_c,
+        srk_b, srk_h, srv_b, srv_h, smk_b, smk_h, smv_b, smv_h, sp_b, sp_h, sn_b, sn_h,
+        E, SPLITS, chunk, qscale,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_MAG: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """One (row, kv head, token range): the G query heads of the kv head against its tokens."""
+        HALF: tl.constexpr = D // 2
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        bi = (pid // E).to(tl.int64)
+        ei = (pid % E).to(tl.int64)
+        length = tl.load(N + bi * sn_b + ei * sn_h).to(tl.int32)
+        start = split * chunk
+        end = tl.minimum(start + chunk, length)
+        g = tl.arange(0, GP)
+        gmask = g < G
+        dh = tl.arange(0, HALF)
+        dd = tl.arange(0, D)
+        qrow = Q + bi * sq_b + (ei * G + g) * sq_h
+        q1 = tl.load(qrow[:, None] + dh[None, :], mask=gmask[:, None], other=0.0).to(tl.float32) * qscale
+        q2 = tl.load(qrow[:, None] + HALF + dh[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        q2 = q2 * qscale
+        if HAS_ROPE:
+            inv = tl.load(INV + dh)
+        m = tl.full([GP], float("-inf"), tl.float32)
+        l_sum = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        rk_row = RK + bi * srk_b + ei * srk_h
+        rv_row = RV + bi * srv_b + ei * srv_h
+        kb_head = KB + bi * skb_b + ei * skb_h
+        vb_head = VB + bi * svb_b + ei * svb_h
+        for t0 in range(start, end, BLOCK_N):
+            offs = t0 + tl.arange(0, BLOCK_N)
+            valid = offs < end
+            ik = tl.load(rk_row + offs, mask=valid, other=0).to(tl.int64)
+            krow = kb_head + ik * skb_c
+            k1 = tl.load(krow[:, None] + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            k2 = tl.load(krow[:, None] + HALF + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            if HAS_ROPE:
+                p = tl.load(POS + bi * sp_b + ei * sp_h + offs, mask=valid, other=0).to(tl.float32)
+                ang = tl.maximum(p, 0.0)[:, None] * inv[None, :]
+                c = tl.cos(ang)
+                s_ = tl.sin(ang)
+                k1, k2 = k1 * c - k2 * s_, k2 * c + k1 * s_
+            if DOT_IEEE:
+                sc = tl.dot(q1, tl.trans(k1), input_precision="ieee")
+                sc += tl.dot(q2, tl.trans(k2), input_precision="ieee")
+            else:
+                sc = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+            if HAS_MAG:
+                mkt = tl.load(MK + bi * smk_b + ei * smk_h + offs, mask=valid, other=0.0).to(tl.float32)
+                sc = sc * mkt[None, :]
+            sc = tl.where(valid[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, 1))
+            alpha = tl.exp2(m - m_new)
+            pr = tl.exp2(sc - m_new[:, None])
+            l_sum = l_sum * alpha + tl.sum(pr, 1)
+            iv = tl.load(rv_row + offs, mask=valid, other=0).to(tl.int64)
+            v = tl.load(vb_head + iv[:, None] * svb_c + dd[None, :], mask=valid[:, None], other=0.0)
+            v = v.to(tl.float32)
+            if HAS_MAG:
+                mvt = tl.load(MV + bi * smv_b + ei * smv_h + offs, mask=valid, other=0.0).to(tl.float32)
+                pr = pr * mvt[None, :]
+            if DOT_IEEE:
+                acc = acc * alpha[:, None] + tl.dot(pr, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(pr, v)
+            m = m_new
+        h = ei * G + g
+        part = (bi * (E * G) + h) * SPLITS + split
+        tl.store(PM + part, m, mask=gmask)
+        tl.store(PL + part, l_sum, mask=gmask)
+        tl.store(PACC + part[:, None] * D + dd[None, :], acc, mask=gmask[:, None])
+
+    @triton.jit
+    def _per_head_kernel(
+        Q, KB, VB, RK, RV, MK, MV, POS, N, INV, PM, PL, PACC,
+        sq_b, sq_h, skb_b, skb_h, skb_c, svb_b, svb_h, svb_c,
+        srk_b, srk_h, srv_b, srv_h, smk_b, smk_h, smv_b, smv_h, sp_b, sp_h, sn_b, sn_h,
+        H, SPLITS, chunk, qscale,
+        G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_MAG: tl.constexpr, HAS_ROPE: tl.constexpr,
+    ):  # fmt: skip
+        """One (row, query head, token range): the head's own index row into its kv head's book."""
+        HALF: tl.constexpr = D // 2
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        bi = (pid // H).to(tl.int64)
+        hi = (pid % H).to(tl.int64)
+        kv = hi // G
+        length = tl.load(N + bi * sn_b + hi * sn_h).to(tl.int32)
+        start = split * chunk
+        end = tl.minimum(start + chunk, length)
+        dh = tl.arange(0, HALF)
+        dd = tl.arange(0, D)
+        qrow = Q + bi * sq_b + hi * sq_h
+        q1 = tl.load(qrow + dh).to(tl.float32) * qscale
+        q2 = tl.load(qrow + HALF + dh).to(tl.float32) * qscale
+        if HAS_ROPE:
+            inv = tl.load(INV + dh)
+        m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
+        l_sum = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
+        acc = tl.zeros([D], tl.float32)
+        rk_row = RK + bi * srk_b + hi * srk_h
+        rv_row = RV + bi * srv_b + hi * srv_h
+        kb_head = KB + bi * skb_b + kv * skb_h
+        vb_head = VB + bi * svb_b + kv * svb_h
+        for t0 in range(start, end, BLOCK_N):
+            offs = t0 + tl.arange(0, BLOCK_N)
+            valid = offs < end
+            ik = tl.load(rk_row + offs, mask=valid, other=0).to(tl.int64)
+            krow = kb_head + ik * skb_c
+            k1 = tl.load(krow[:, None] + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            k2 = tl.load(krow[:, None] + HALF + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            if HAS_ROPE:
+                p = tl.load(POS + bi * sp_b + hi * sp_h + offs, mask=valid, other=0).to(tl.float32)
+                ang = tl.maximum(p, 0.0)[:, None] * inv[None, :]
+                c = tl.cos(ang)
+                s_ = tl.sin(ang)
+                k1, k2 = k1 * c - k2 * s_, k2 * c + k1 * s_
+            sc = tl.sum(k1 * q1[None, :], 1) + tl.sum(k2 * q2[None, :], 1)
+            if HAS_MAG:
+                sc = sc * tl.load(MK + bi * smk_b + hi * smk_h + offs, mask=valid, other=0.0).to(tl.float32)
+            sc = tl.where(valid, sc, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, 0))
+            alpha = tl.exp2(m - m_new)
+            pr = tl.exp2(sc - m_new)
+            l_sum = l_sum * alpha + tl.sum(pr, 0)
+            iv = tl.load(rv_row + offs, mask=valid, other=0).to(tl.int64)
+            v = tl.load(vb_head + iv[:, None] * svb_c + dd[None, :], mask=valid[:, None], other=0.0)
+            if HAS_MAG:
+                pr = pr * tl.load(MV + bi * smv_b + hi * smv_h + offs, mask=valid, other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(pr[:, None] * v.to(tl.float32), 0)
+            m = m_new
+        part = (bi * H + hi) * SPLITS + split
+        tl.store(PM + part, m)
+        tl.store(PL + part, l_sum)
+        tl.store(PACC + part * D + dd, acc)
+
+    @triton.jit
+    def _reduce_kernel(PM, PL, PACC, OUT, so_b, so_h, H, SPLITS, D: tl.constexpr, SP: tl.constexpr):
+        """Combine one (row, query head)'s split partials: out = sum w_i acc_i / sum w_i l_i."""
+        pid = tl.program_id(0)
+        bi = pid // H
+        hi = pid % H
+        sp = tl.arange(0, SP)
+        smask = sp < SPLITS
+        dd = tl.arange(0, D)
+        base = pid.to(tl.int64) * SPLITS
+        pm = tl.load(PM + base + sp, mask=smask, other=float("-inf"))
+        pl = tl.load(PL + base + sp, mask=smask, other=0.0)
+        mx = tl.max(pm, 0)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)  # no token at all: zeros, not NaN
+        w = tl.exp2(pm - mx)
+        den = tl.sum(w * pl, 0)
+        acc = tl.load(PACC + (base + sp)[:, None] * D + dd[None, :], mask=smask[:, None], other=0.0)
+        num = tl.sum(w[:, None] * acc, 0)
+        out = num / tl.where(den > 0, den, 1.0)
+        tl.store(OUT + bi.to(tl.int64) * so_b + hi * so_h + dd, out.to(OUT.dtype.element_ty))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2  # the interpreter: small, so that tests exercise several splits
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM_COUNT:
+        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SM_COUNT[i]
+
+
+def plan_splits(programs: int, slots: int, block_n: int, device: torch.device, waves: int = 4):
+    """(splits, chunk): enough programs for `waves` per multiprocessor, chunks a multiple of block_n."""
+    blocks = max(1, math.ceil(slots / block_n))
+    splits = max(1, min(blocks, math.ceil(waves * _sm_count(device) / max(programs, 1))))
+    chunk = math.ceil(blocks / splits) * block_n
+    return math.ceil(max(slots, 1) / chunk), chunk
+
+
+def spindle_decode(
+    query: torch.Tensor,
+    kbook: torch.Tensor,
+    vbook: torch.Tensor,
+    rk: torch.Tensor,
+    rv: torch.Tensor | None,
+    mk: torch.Tensor | None,
+    mv: torch.Tensor | None,
+    pos: torch.Tensor | None,
+    n: torch.Tensor,
+    scaling: float,
+    rope_theta: float | None,
+    splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Attention of one query per head (query [b, H, d]) over the stored tokens; returns [b, H, d].
+
+    Arguments as `reference_decode`. The exposed head count e (rk.shape[1]) is the kv head count
+    (one index row per kv head, shared by its G query heads) or the query head count (one per
+    query head, into kv head h // G). Books and per-token tensors may be views with any strides
+    over their first three dims; their last dim must be contiguous.
+    """
+    if not HAVE_TRITON:
+        raise RuntimeError("spindle_decode needs triton")
+    b, num_heads, d = query.shape
+    hk, e, s = kbook.shape[1], rk.shape[1], rk.shape[2]
+    if d % 2 or d & (d - 1) or num_heads % hk or e not in (hk, num_heads):
+        raise ValueError(f"unsupported shapes: d={d}, heads={num_heads}, kv heads={hk}, exposed={e}")
+    for t in (query, kbook, vbook):
+        if t.stride(-1) != 1:
+            raise ValueError("the last dim of query and books must be contiguous")
+    group = num_heads // hk
+    rv = rk if rv is None else rv
+    has_mag = mk is not None
+    has_rope = rope_theta is not None
+    mk_, mv_ = (mk, mv) if has_mag else (rk, rk)  # placeholders, never read
+    pos_ = pos if has_rope else rk
+    inv = inv_freq(d, rope_theta, query.device) if has_rope else query.new_zeros(1, dtype=torch.float32)
+    shared = e == hk and group > 1
+    if block_n is None:
+        block_n = 64
+    programs = b * e
+    if splits is None:
+        splits, chunk = plan_splits(programs, s, block_n, query.device)
+    else:
+        chunk = math.ceil(math.ceil(max(s, 1) / splits) / block_n) * block_n
+    dev = query.device
+    pm = torch.empty((b, num_heads, splits), dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty((b, num_heads, splits, d), dtype=torch.float32, device=dev)
+    out = torch.empty((b, num_heads, d), dtype=query.dtype, device=dev)
+    qscale = scaling * LOG2E
+    args = (
+        query, kbook, vbook, rk, rv, mk_, mv_, pos_, n, inv, pm, pl, pacc,
+        query.stride(0), query.stride(1),
+        kbook.stride(0), kbook.stride(1), kbook.stride(2),
+        vbook.stride(0), vbook.stride(1), vbook.stride(2),
+        rk.stride(0), rk.stride(1), rv.stride(0), rv.stride(1),
+        mk_.stride(0), mk_.stride(1), mv_.stride(0), mv_.stride(1),
+        pos_.stride(0), pos_.stride(1), n.stride(0), n.stride(1),
+    )  # fmt: skip
+    for t in (rk, rv, mk_, mv_, pos_):
+        if t.stride(2) != 1:
+            raise ValueError("per-token tensors must be contiguous along tokens")
+    if shared:
+        gp = max(16, triton.next_power_of_2(group))
+        _shared_kernel[(programs, splits)](
+            *args, e, splits, chunk, qscale,
+            G=group, GP=gp, D=d, BLOCK_N=block_n, HAS_MAG=has_mag, HAS_ROPE=has_rope,
+            DOT_IEEE=query.dtype == torch.float32 and dev.type == "cuda",
+            num_warps=num_warps or 4,
+        )  # fmt: skip
+    else:
+        _per_head_kernel[(programs, splits)](
+            *args, num_heads, splits, chunk, qscale,
+            G=group, D=d, BLOCK_N=block_n, HAS_MAG=has_mag, HAS_ROPE=has_rope,
+            num_warps=num_warps or 4,
+        )  # fmt: skip
+    _reduce_kernel[(b * num_heads,)](
+        pm, pl, pacc, out, out.stride(0), out.stride(1), num_heads, splits,
+        D=d, SP=triton.next_power_of_2(splits), num_warps=4,
+    )  # fmt: skip
+    return out

@@ -304,13 +304,15 @@ def spindle_decode(
     splits: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per head (query [b, H, d]) over the stored tokens; returns [b, H, d].
 
     Arguments as `reference_decode`. The exposed head count e (rk.shape[1]) is the kv head count
     (one index row per kv head, shared by its G query heads) or the query head count (one per
     query head, into kv head h // G). Books and per-token tensors may be views with any strides
-    over their first three dims; their last dim must be contiguous.
+    over their first three dims; their last dim must be contiguous. `out` ([b, H, d], query's
+    dtype, last dim contiguous) receives the result when given.
     """
     if not HAVE_TRITON:
         raise RuntimeError("spindle_decode needs triton")
@@ -340,7 +342,8 @@ def spindle_decode(
     pm = torch.empty((b, num_heads, splits), dtype=torch.float32, device=dev)
     pl = torch.empty_like(pm)
     pacc = torch.empty((b, num_heads, splits, d), dtype=torch.float32, device=dev)
-    out = torch.empty((b, num_heads, d), dtype=query.dtype, device=dev)
+    if out is None:
+        out = torch.empty((b, num_heads, d), dtype=query.dtype, device=dev)
     qscale = scaling * LOG2E
     args = (
         query, kbook, vbook, rk, rv, mk_, mv_, pos_, n, inv, pm, pl, pacc,

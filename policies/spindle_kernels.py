@@ -105,13 +105,33 @@ def reference_decode(
 if HAVE_TRITON:
 
     @triton.jit
+    def _cos_sin(ang, FAST: tl.constexpr):
+        """cos and sin of float32 angles; FAST: reduce to [-pi, pi] (Cody-Waite, 2 pi = 6.28125 + lo,
+        exact products for |k| < 2**15) and use the multi-function unit (`cos/sin.approx.f32`,
+        abs error ~1e-6 there) instead of libdevice's many-instruction sinf/cosf."""
+        if FAST:
+            k = tl.floor(ang * 0.15915494309189535 + 0.5)
+            r = tl.fma(k, -6.28125, ang)
+            r = tl.fma(k, -0.0019353071795864769, r)
+            c = tl.inline_asm_elementwise(
+                "cos.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32, is_pure=True, pack=1
+            )
+            s = tl.inline_asm_elementwise(
+                "sin.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32, is_pure=True, pack=1
+            )
+        else:
+            c = tl.cos(ang)
+            s = tl.sin(ang)
+        return c, s
+
+    @triton.jit
     def _shared_kernel(
         Q, KB, VB, RK, RV, MK, MV, POS, N, INV, PM, PL, PACC,
         sq_b, sq_h, skb_b, skb_h, skb_c, svb_b, svb_h, svb_c,
         srk_b, srk_h, srv_b, srv_h, smk_b, smk_h, smv_b, smv_h, sp_b, sp_h, sn_b, sn_h,
         E, SPLITS, chunk, qscale,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_MAG: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_IEEE: tl.constexpr,
+        HAS_MAG: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_IEEE: tl.constexpr, FAST_TRIG: tl.constexpr,
     ):  # fmt: skip
         """One (row, kv head, token range): the G query heads of the kv head against its tokens."""
         HALF: tl.constexpr = D // 2
@@ -149,8 +169,7 @@ if HAVE_TRITON:
             if HAS_ROPE:
                 p = tl.load(POS + bi * sp_b + ei * sp_h + offs, mask=valid, other=0).to(tl.float32)
                 ang = tl.maximum(p, 0.0)[:, None] * inv[None, :]
-                c = tl.cos(ang)
-                s_ = tl.sin(ang)
+                c, s_ = _cos_sin(ang, FAST_TRIG)
                 k1, k2 = k1 * c - k2 * s_, k2 * c + k1 * s_
             if DOT_IEEE:
                 sc = tl.dot(q1, tl.trans(k1), input_precision="ieee")
@@ -189,7 +208,7 @@ if HAVE_TRITON:
         srk_b, srk_h, srv_b, srv_h, smk_b, smk_h, smv_b, smv_h, sp_b, sp_h, sn_b, sn_h,
         H, SPLITS, chunk, qscale,
         G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_MAG: tl.constexpr, HAS_ROPE: tl.constexpr,
+        HAS_MAG: tl.constexpr, HAS_ROPE: tl.constexpr, FAST_TRIG: tl.constexpr,
     ):  # fmt: skip
         """One (row, query head, token range): the head's own index row into its kv head's book."""
         HALF: tl.constexpr = D // 2
@@ -225,8 +244,7 @@ if HAVE_TRITON:
             if HAS_ROPE:
                 p = tl.load(POS + bi * sp_b + hi * sp_h + offs, mask=valid, other=0).to(tl.float32)
                 ang = tl.maximum(p, 0.0)[:, None] * inv[None, :]
-                c = tl.cos(ang)
-                s_ = tl.sin(ang)
+                c, s_ = _cos_sin(ang, FAST_TRIG)
                 k1, k2 = k1 * c - k2 * s_, k2 * c + k1 * s_
             sc = tl.sum(k1 * q1[None, :], 1) + tl.sum(k2 * q2[None, :], 1)
             if HAS_MAG:
@@ -270,6 +288,7 @@ if HAVE_TRITON:
 
 
 _SM_COUNT: dict[int, int] = {}
+_FAST_TRIG_OK = True  # cleared if the inline PTX for cos/sin.approx fails to compile
 
 
 def _sm_count(device: torch.device) -> int:
@@ -305,6 +324,7 @@ def spindle_decode(
     block_n: int | None = None,
     num_warps: int | None = None,
     out: torch.Tensor | None = None,
+    fast_trig: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one query per head (query [b, H, d]) over the stored tokens; returns [b, H, d].
 
@@ -312,7 +332,8 @@ def spindle_decode(
     (one index row per kv head, shared by its G query heads) or the query head count (one per
     query head, into kv head h // G). Books and per-token tensors may be views with any strides
     over their first three dims; their last dim must be contiguous. `out` ([b, H, d], query's
-    dtype, last dim contiguous) receives the result when given.
+    dtype, last dim contiguous) receives the result when given. `fast_trig` (default: on CUDA)
+    rotates keys with the multi-function unit's cos/sin after range reduction.
     """
     if not HAVE_TRITON:
         raise RuntimeError("spindle_decode needs triton")
@@ -331,11 +352,11 @@ def spindle_decode(
     pos_ = pos if has_rope else rk
     inv = inv_freq(d, rope_theta, query.device) if has_rope else query.new_zeros(1, dtype=torch.float32)
     shared = e == hk and group > 1
-    if block_n is None:
-        block_n = 64
+    if block_n is None:  # tuned on an H100 at Llama-8B shapes (check_spindle)
+        block_n = 32 if shared else 64
     programs = b * e
     if splits is None:
-        splits, chunk = plan_splits(programs, s, block_n, query.device)
+        splits, chunk = plan_splits(programs, s, block_n, query.device, waves=4 if shared else 2)
     else:
         chunk = math.ceil(math.ceil(max(s, 1) / splits) / block_n) * block_n
     dev = query.device
@@ -357,20 +378,35 @@ def spindle_decode(
     for t in (rk, rv, mk_, mv_, pos_):
         if t.stride(2) != 1:
             raise ValueError("per-token tensors must be contiguous along tokens")
-    if shared:
-        gp = max(16, triton.next_power_of_2(group))
-        _shared_kernel[(programs, splits)](
-            *args, e, splits, chunk, qscale,
-            G=group, GP=gp, D=d, BLOCK_N=block_n, HAS_MAG=has_mag, HAS_ROPE=has_rope,
-            DOT_IEEE=query.dtype == torch.float32 and dev.type == "cuda",
-            num_warps=num_warps or 4,
-        )  # fmt: skip
+    global _FAST_TRIG_OK
+    if fast_trig is None:
+        fast_trig = dev.type == "cuda" and _FAST_TRIG_OK
+    fast_trig = fast_trig and has_rope
+
+    def launch(fast: bool) -> None:
+        if shared:
+            gp = max(16, triton.next_power_of_2(group))
+            _shared_kernel[(programs, splits)](
+                *args, e, splits, chunk, qscale,
+                G=group, GP=gp, D=d, BLOCK_N=block_n, HAS_MAG=has_mag, HAS_ROPE=has_rope,
+                DOT_IEEE=query.dtype == torch.float32 and dev.type == "cuda", FAST_TRIG=fast,
+                num_warps=num_warps or 4,
+            )  # fmt: skip
+        else:
+            _per_head_kernel[(programs, splits)](
+                *args, num_heads, splits, chunk, qscale,
+                G=group, D=d, BLOCK_N=block_n, HAS_MAG=has_mag, HAS_ROPE=has_rope, FAST_TRIG=fast,
+                num_warps=num_warps or 4,
+            )  # fmt: skip
+
+    if fast_trig:
+        try:
+            launch(True)
+        except Exception:  # noqa: BLE001 - the inline PTX did not compile here: libdevice from now on
+            _FAST_TRIG_OK = False
+            launch(False)
     else:
-        _per_head_kernel[(programs, splits)](
-            *args, num_heads, splits, chunk, qscale,
-            G=group, D=d, BLOCK_N=block_n, HAS_MAG=has_mag, HAS_ROPE=has_rope,
-            num_warps=num_warps or 4,
-        )  # fmt: skip
+        launch(False)
     _reduce_kernel[(b * num_heads,)](
         pm, pl, pacc, out, out.stride(0), out.stride(1), num_heads, splits,
         D=d, SP=triton.next_power_of_2(splits), num_warps=4,

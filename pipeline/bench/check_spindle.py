@@ -59,6 +59,8 @@ def make_storage(b, hk, group, d, s, mode, rope_theta, dtype, dev, gen, ck=None,
         scaling=d**-0.5,
         rope_theta=None,
     )
+    if mode == "evicted":  # a head's kept entries are in position order: its indices increase
+        st["rk"] = st["rk"].sort(dim=-1).values
     if mode == "codebook":
         st["rv"] = torch.randint(0, cv, (b, e, s), generator=gen, device=dev).to(torch.int16)
         st["mk"] = (torch.rand(b, e, s, generator=gen, device=dev) * 20 + 1).to(dtype)
@@ -161,7 +163,13 @@ def main(argv=None) -> int:
         failed += not r["ok"]
         print("check", json.dumps(r))
     # tuning variants must be right too
-    for bn, nw in ((32, 4), (64, 8), (128, 8)):
+    for kw in ({"fast_trig": False}, {"fast_trig": True}):
+        for c in cases[1:4]:
+            r = check_case(*c, dev, seed=300, **kw)
+            report["checks"].append(r)
+            failed += not r["ok"]
+            print("check", json.dumps(r))
+    for bn, nw in ((16, 4), (32, 4), (64, 8), (128, 8)):
         for mode in ("codebook", "evicted"):
             kw = dict(block_n=bn, num_warps=nw)
             r = check_case(2, 8, 4, 128, 2048, mode, 500000.0, bf16, dev, seed=7 + bn + nw, **kw)
@@ -207,7 +215,7 @@ def main(argv=None) -> int:
         ("codebook", "codebook", None, s // 4, s // 2),
         ("evicted", "evicted", None, 2 * s, None),
     ]
-    variants = [(64, 4)] if args.quick else [(32, 4), (64, 4), (64, 8), (128, 8)]
+    variants = [(32, 4)] if args.quick else [(16, 4), (32, 4), (64, 4), (64, 8)]
     for label, mode, theta, ck, cv in configs:
         st = make_storage(b, hk, group, d, s, mode, theta, bf16, dev, gen, ck=ck, cv=cv, ragged=False)
         by = storage_bytes(st, mode)
@@ -228,6 +236,11 @@ def main(argv=None) -> int:
                     best = (t["median_ms"], bn, nw, splits)
         t_def = time_ms(partial(sk.spindle_decode, **st))
         rows.append((f"kernel {label} (default)", t_def["median_ms"], by["unique"], by["gathered"]))
+        t_def2 = time_ms(partial(sk.spindle_decode, **st))
+        rows.append((f"kernel {label} (default, again)", t_def2["median_ms"], by["unique"], by["gathered"]))
+        if theta is not None:
+            t = time_ms(partial(sk.spindle_decode, **st, fast_trig=False))
+            rows.append((f"kernel {label} (libdevice cos/sin)", t["median_ms"], by["unique"], by["gathered"]))
         if best:
             name = f"kernel {label} best bn={best[1]} w={best[2]} sp={best[3]}"
             rows.append((name, best[0], by["unique"], by["gathered"]))

@@ -44,13 +44,37 @@ def interpreting() -> bool:
 
 
 def kernel_available(device: torch.device) -> bool:
-    """Triton kernels run here: a CUDA device, or CPU tensors under TRITON_INTERPRET=1.
+    """Triton kernels run here: a CUDA device, or CPU tensors under the interpreter when a test opts in
+    (`CPU_INTERPRET = True`; never in the pipeline: interpreted decode is far slower than the exact path).
 
     KVPIPE_SPINDLE_KERNEL=0 turns the kernel off (the exact path over dense views).
     """
     if not HAVE_TRITON or os.environ.get("KVPIPE_SPINDLE_KERNEL", "1") == "0":
         return False
-    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and CPU_INTERPRET and interpreter_works()
+
+
+CPU_INTERPRET = False
+
+
+def interpreter_works() -> bool:
+    """TRITON_INTERPRET=1 took effect: it must be set before triton is first imported in the process."""
+    global _INTERPRETER_WORKS
+    if _INTERPRETER_WORKS is None:
+        _INTERPRETER_WORKS = False
+        if HAVE_TRITON and interpreting():
+            try:
+                x = torch.ones(16)
+                _probe_kernel[(1,)](x, N=16)
+                _INTERPRETER_WORKS = bool(x.eq(0).all())
+            except Exception:  # noqa: BLE001 - triton's own jit functions were built for the GPU
+                pass
+    return _INTERPRETER_WORKS
+
+
+_INTERPRETER_WORKS: bool | None = None
 
 
 def inv_freq(d: int, theta: float, device) -> torch.Tensor:
@@ -103,6 +127,10 @@ def reference_decode(
 
 # -- the kernels -------------------------------------------------------------------------------
 if HAVE_TRITON:
+
+    @triton.jit
+    def _probe_kernel(X, N: tl.constexpr):
+        tl.store(X + tl.arange(0, N), tl.zeros([N], tl.float32))
 
     @triton.jit
     def _cos_sin(ang, FAST: tl.constexpr):

@@ -49,7 +49,7 @@ import torch
 from pipeline.kv_cache import EMPTY, KVLayer
 from policies.base import Budget, Policy
 from policies.registry import register
-from policies.seqstore import _expand_index, compact, front_mask, ragged_append
+from policies.seqstore import _expand_index, compact, front_mask
 from policies.signals import KEEP_BASE, attention_probs, in_window, pool_in_position_order, window_size
 
 BIG = 2**40
@@ -100,6 +100,11 @@ def build_codebook(x: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.T
     index[singles] = torch.arange(len(centers), len(centers) + singles.numel(), device=x.device)
     order = torch.cat([torch.tensor(centers, dtype=torch.int64, device=x.device), singles])
     return unit[order], index, mag
+
+
+def _filled(like: torch.Tensor, slots: int, fill) -> torch.Tensor:
+    """A [b, h, slots, ...] tensor like `like`, filled with `fill`."""
+    return torch.full((*like.shape[:2], slots, *like.shape[3:]), fill, dtype=like.dtype, device=like.device)
 
 
 def index_dtype(entries: int) -> torch.dtype:
@@ -198,6 +203,7 @@ class SpindleLayer(KVLayer):
         self.mode = "codebook"
 
     def _drop_dense(self) -> None:
+        self._bufs = {}  # storage was rebuilt: no buffer of the old form stays alive
         KVLayer.keys.fset(self, None)
         KVLayer.values.fset(self, None)
         KVLayer.positions.fset(self, None)
@@ -268,34 +274,95 @@ class SpindleLayer(KVLayer):
                 return out[:, :, None]
         return super().attend(query, step, scaling)
 
+    # Compressed storage grows in place: each per-token tensor and book is the used part of a
+    # zero-filled buffer with spare slots (plus one trash slot for padding tokens), so a decode
+    # step writes its token instead of copying the layer. What is stored is what `ragged_append`
+    # would build (same shapes, same values in every live slot); the one host sync per append
+    # reads the new lengths' maxima, which the exposed shapes (and the index dtype) depend on.
+    _GROWN = ("kbook", "vbook", "rk", "rv", "mk", "mv", "_pos")
+
+    def _slot_append(self, name, length, new, valid, n2: int, dtype=None, fill=0) -> None:
+        """`ragged_append` of `new` ([b, h, m, ...], where `valid`) after `length` into attribute `name`,
+        which becomes a [b, h, n2, ...] view of its buffer."""
+        cur = getattr(self, name)
+        if dtype is not None and cur.dtype != dtype:
+            cur = cur.to(dtype)
+        bufs = self.__dict__.setdefault("_bufs", {})
+        buf = bufs.get(name)
+        n = cur.shape[2]
+        if (
+            buf is None
+            or buf.data_ptr() != cur.data_ptr()
+            or buf.dtype != cur.dtype
+            or buf.shape[:2] != cur.shape[:2]
+            or buf.stride() != cur.stride()
+            or buf.shape[2] < n2 + 1
+        ):
+            grow = max(new.shape[2], self.__dict__.get("_extra", 0), n2 // 16, 16)
+            buf = _filled(cur, n2 + grow + 1, fill)
+            keep = min(n, n2)
+            buf[:, :, :keep] = cur[:, :, :keep]
+            bufs[name] = buf
+        trash = buf.shape[2] - 1
+        rank = valid.long().cumsum(-1) - 1
+        idx = torch.where(valid, length[..., None] + rank, torch.full_like(rank, trash))
+        buf.scatter_(2, _expand_index(idx, new), new.to(buf.dtype))
+        setattr(self, name, buf[:, :, :n2])
+
+    def reserve(self, extra: int) -> None:
+        """Room for `extra` decoded tokens in every per-token tensor and book (no reallocation while
+        decoding); dense layers size their slot buffers."""
+        if not self._compressed():
+            return super().reserve(extra)
+        self._extra = extra
+        bufs = self.__dict__.setdefault("_bufs", {})
+        for name in self._GROWN:
+            cur = getattr(self, name)
+            if cur is None:
+                continue
+            buf = bufs.get(name)
+            n = cur.shape[2]
+            if buf is not None and buf.data_ptr() == cur.data_ptr() and buf.shape[2] >= n + extra + 1:
+                continue
+            buf = _filled(cur, n + extra + 1, EMPTY if name == "_pos" else 0)
+            buf[:, :, :n] = cur
+            bufs[name] = buf
+            setattr(self, name, buf[:, :, :n])
+
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
+        """Store new tokens. Compressed layers return nothing: attention reads the storage itself
+        (`attend`), and building the dense views here would copy the layer every step."""
         if self.mode == "dense":
             return super().append(keys, values, positions)
         b, hk, q, d = keys.shape
         valid = (positions != EMPTY)[:, None, :].expand(b, hk, q)
         e = self._n.shape[1]
         group = e // hk
+        valid_e = (positions != EMPTY)[:, None, :].expand(b, e, q)
+        n_new = self._n + valid_e.sum(-1)
         if self.mode == "evicted":
             ids = self.kbook_n[..., None] + valid.long().cumsum(-1) - 1  # ids of the new entries
-            self.kbook, _ = ragged_append(self.kbook, self.kbook_n, keys, valid)
-            self.vbook, self.kbook_n = ragged_append(self.vbook, self.kbook_n, values, valid)
-            self.vbook_n = self.kbook_n
+            count = self.kbook_n + valid.sum(-1)
+            c2, n2 = torch.stack([count.max(), n_new.max()]).tolist()  # the one host sync
+            self._slot_append("kbook", self.kbook_n, keys, valid, c2)
+            self._slot_append("vbook", self.kbook_n, values, valid, c2)
+            self.kbook_n = self.vbook_n = count
             ids_e = ids.repeat_interleave(group, dim=1)
-            valid_e = valid.repeat_interleave(group, dim=1)
-            rk, _ = ragged_append(self.rk.long(), self._n, ids_e, valid_e)
-            self.rk = rk.to(index_dtype(self.kbook.shape[2]))
+            self._slot_append("rk", self._n, ids_e, valid_e, n2, dtype=index_dtype(c2))
         else:
             kx = keys
             if self.rope_theta is not None:
                 kx = rope(keys, positions[:, None, :].expand(b, hk, q), self.rope_theta, inverse=True)
-            valid_e = valid
-            for which, x, theta in (("k", kx, self.theta_k), ("v", values, self.theta_v)):
-                book, count = (self.kbook, self.kbook_n) if which == "k" else (self.vbook, self.vbook_n)
-                idx = self.rk if which == "k" else self.rv
-                mags = self.mk if which == "k" else self.mv
-                new_idx = torch.zeros((b, hk, q), dtype=torch.int64, device=keys.device)
-                for t in range(q):  # one token at a time: a later token may join an earlier one's entry
-                    xt = x[:, :, t].float()
+            xs = {"k": kx, "v": values}
+            thetas = {"k": self.theta_k, "v": self.theta_v}
+            books = {"k": ("kbook", "kbook_n"), "v": ("vbook", "vbook_n")}
+            new_idx = {w: torch.zeros((b, hk, q), dtype=torch.int64, device=keys.device) for w in xs}
+            n2 = None
+            for t in range(q):  # one token at a time: a later token may join an earlier one's entry
+                units, opens, counts = {}, {}, {}
+                for which in ("k", "v"):
+                    book, count = getattr(self, books[which][0]), getattr(self, books[which][1])
+                    xt = xs[which][:, :, t].float()
                     mag = xt.norm(dim=-1)
                     unit = xt / mag.clamp(min=1e-12)[..., None]
                     cos = torch.einsum("bhcd,bhd->bhc", book.float(), unit)
@@ -306,34 +373,32 @@ class SpindleLayer(KVLayer):
                         if book.shape[2]
                         else (torch.full_like(mag, -2.0), torch.zeros_like(count))
                     )
-                    join = best > theta
-                    opens = valid[:, :, t] & ~join
-                    new_idx[:, :, t] = torch.where(join, arg, count)
-                    book, count = ragged_append(
-                        book, count, unit[:, :, None].to(book.dtype), opens[..., None]
-                    )
-                idx, _ = ragged_append(idx.long(), self._n, new_idx, valid_e)
-                mags, _ = ragged_append(mags, self._n, x.float().norm(dim=-1).to(mags.dtype), valid_e)
-                if which == "k":
-                    self.kbook, self.kbook_n, self.rk, self.mk = (
-                        book,
-                        count,
-                        idx.to(index_dtype(book.shape[2])),
-                        mags,
-                    )
-                else:
-                    self.vbook, self.vbook_n, self.rv, self.mv = (
-                        book,
-                        count,
-                        idx.to(index_dtype(book.shape[2])),
-                        mags,
-                    )
+                    join = best > thetas[which]
+                    opens[which] = valid[:, :, t] & ~join
+                    new_idx[which][:, :, t] = torch.where(join, arg, count)
+                    counts[which] = count + opens[which].long()
+                    units[which] = unit
+                maxes = [counts["k"].max(), counts["v"].max()] + ([n_new.max()] if t == 0 else [])
+                got = torch.stack(maxes).tolist()  # the one host sync per token
+                n2 = got[2] if t == 0 else n2
+                for i, which in enumerate(("k", "v")):
+                    name, count_name = books[which]
+                    book = getattr(self, name)
+                    self._slot_append(
+                        name, getattr(self, count_name), units[which][:, :, None].to(book.dtype),
+                        opens[which][..., None], got[i],
+                    )  # fmt: skip
+                    setattr(self, count_name, counts[which])
+            for which in ("k", "v"):
+                idx_name, mag_name = ("rk", "mk") if which == "k" else ("rv", "mv")
+                entries = getattr(self, books[which][0]).shape[2]
+                self._slot_append(idx_name, self._n, new_idx[which], valid_e, n2, dtype=index_dtype(entries))
+                mags = xs[which].float().norm(dim=-1)
+                self._slot_append(mag_name, self._n, mags, valid_e, n2)
         pos_new = positions.to(torch.int32)[:, None, :].expand(b, e, q)
-        valid_e = (positions != EMPTY)[:, None, :].expand(b, e, q)
-        pos, n = ragged_append(self._pos, self._n, pos_new, valid_e)
-        self._pos = torch.where(front_mask(n, pos.shape[-1]), pos, torch.full_like(pos, EMPTY))
-        self._n = n
-        return self.keys, self.values
+        self._slot_append("_pos", self._n, pos_new, valid_e, n2, fill=EMPTY)
+        self._n = n_new
+        return None
 
     def get_seq_length(self) -> int:
         pos = self.positions
@@ -347,9 +412,16 @@ class SpindleLayer(KVLayer):
     def select_rows(self, rows: torch.Tensor) -> None:
         if self.mode == "dense":
             return super().select_rows(rows)
+        bufs = self.__dict__.get("_bufs", {})
         for name in ("kbook", "vbook", "kbook_n", "vbook_n", "rk", "rv", "mk", "mv", "_pos", "_n"):
             t = getattr(self, name)
-            if t is not None:
+            if t is None:
+                continue
+            buf = bufs.get(name)
+            if buf is not None and buf.data_ptr() == t.data_ptr():
+                bufs[name] = buf = buf[rows]
+                setattr(self, name, buf[:, :, : t.shape[2]])
+            else:
                 setattr(self, name, t[rows])
 
     # -- accounting --------------------------------------------------------------------------
@@ -373,8 +445,15 @@ class SpindleLayer(KVLayer):
     def stored_bytes(self) -> int:
         if self.mode == "dense":
             return super().stored_bytes()
-        names = ("kbook", "vbook", "rk", "rv", "mk", "mv", "_pos")
-        return sum(t.numel() * t.element_size() for t in (getattr(self, x) for x in names) if t is not None)
+        bufs = self.__dict__.get("_bufs", {})
+        total = 0
+        for name in self._GROWN:  # the buffers' spare slots count: they are held
+            t = getattr(self, name)
+            if t is not None:
+                buf = bufs.get(name)
+                t = buf if buf is not None and buf.data_ptr() == t.data_ptr() else t
+                total += t.numel() * t.element_size()
+        return total
 
 
 @register

@@ -19,9 +19,15 @@ from policies import spindle_kernels as sk  # noqa: E402
 from policies.spindlekv import SpindleLayer  # noqa: E402
 
 needs_kernel = pytest.mark.skipif(
-    not sk.kernel_available(torch.device("cpu")),
-    reason="triton not installed, or TRITON_INTERPRET=1 was not in force when triton was first imported",
+    not (sk.HAVE_TRITON and sk.interpreter_works()),
+    reason="needs triton with TRITON_INTERPRET=1 in force before triton's first import in this process "
+    "(run `TRITON_INTERPRET=1 pytest tests/test_spindle_kernels.py`; another module imported triton first)",
 )
+
+
+@pytest.fixture(autouse=True)
+def _interpret_on_cpu(monkeypatch):
+    monkeypatch.setattr(sk, "CPU_INTERPRET", True)
 
 
 def random_storage(b, kv_heads, group, d, s, mode, rope_theta, dtype=torch.float32, gen=None):

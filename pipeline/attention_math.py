@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 EMPTY = -1  # position of a slot that holds no token
@@ -51,15 +52,29 @@ def dense_bias(q_len: int, slots: int):
     return causal_lower_right(q_len, slots)
 
 
+# Decoding changes the slot count every step, and cuDNN's attention builds (and caches) an
+# execution plan per shape: measured on an H100, that host work made decode steps several
+# times slower than their kernels. Decode therefore runs on flash (no mask) or the
+# memory-efficient kernel (mask, query heads folded onto their kv head).
+_DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def grouped_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias, scaling: float
 ) -> torch.Tensor:
     """Attention for GQA without repeating keys.
 
     query [b, H, q, d], keys/values [b, h, s, d]; `bias` is None, `CAUSAL`, a `CausalBias`,
-    or a boolean mask [b, h or 1, q, s] (a per-head mask folds query heads onto their kv
-    head). Returns [b, H, q, d].
+    or a boolean mask [b, h or 1, q, s]. Returns [b, H, q, d].
     """
+    if query.shape[2] == 1 and query.is_cuda:
+        with sdpa_kernel(_DECODE_BACKENDS):
+            return _attention(query, keys, values, bias, scaling, fold_masks=True)
+    return _attention(query, keys, values, bias, scaling, fold_masks=False)
+
+
+def _attention(query, keys, values, bias, scaling: float, fold_masks: bool) -> torch.Tensor:
+    """SDPA with GQA; a per-head mask (any mask with `fold_masks`) folds query heads onto their kv head."""
     b, num_heads, q_len, d = query.shape
     kv_heads = keys.shape[1]
     gqa = num_heads != kv_heads
@@ -67,13 +82,14 @@ def grouped_attention(
         return F.scaled_dot_product_attention(
             query, keys, values, is_causal=bias is CAUSAL, scale=scaling, enable_gqa=gqa
         )
-    if isinstance(bias, CausalBias) or bias.shape[1] == 1:  # (a CausalBias is a Tensor subclass)
+    if isinstance(bias, CausalBias) or (bias.shape[1] == 1 and not (fold_masks and gqa)):
+        # (a CausalBias is a Tensor subclass: test it first)
         return F.scaled_dot_product_attention(
             query, keys, values, attn_mask=bias, scale=scaling, enable_gqa=gqa
         )
     group = num_heads // kv_heads
     folded = query.reshape(b, kv_heads, group * q_len, d)
-    mask = bias[:, :, None].expand(b, bias.shape[1], group, q_len, bias.shape[-1])
-    mask = mask.reshape(b, bias.shape[1], group * q_len, -1)
+    mask = bias[:, :, None].expand(b, kv_heads, group, q_len, bias.shape[-1])
+    mask = mask.reshape(b, kv_heads, group * q_len, -1)
     out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scaling)
     return out.reshape(b, num_heads, q_len, values.shape[-1])

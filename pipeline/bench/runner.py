@@ -324,6 +324,7 @@ class Bench:
                 cell["sub_errors"][f"prefill_{m}"] = err
                 continue
             info, pre = out
+            out = None  # the next mode's peak must not include this cache
             mode, transient = m, info.get("transient_bytes") or 0
             cell["prefill"][m] = info
             self.log(f"  prefill {m}: {info['seconds']:.3f} s, peak {_gib(info['peak_bytes'])}")

@@ -1,0 +1,97 @@
+"""Where a decode step's time goes: the CUDA kernels of a few kvpipe decode steps, by policy.
+
+    python -m pipeline.bench.profile_decode [--layers 8] [--context 32768] [--batch 8]
+        [--policies full,streaming_llm,snapkv] [--ratio 0.25]
+
+A development tool beside `kvpipe bench`: it builds the Llama-3.1-8B-shaped random model
+(fewer layers by default, so that it starts fast; every layer does the same work), prefills
+one row, tiles it to the batch, and prints the top kernels of the profiled decode steps and
+the step time, for each policy, plus transformers' own decode for the full cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def _top_kernels(prof, limit: int) -> list[tuple[str, float, int]]:
+    rows = []
+    for evt in prof.key_averages():
+        cuda_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if cuda_us and evt.key and not evt.key.startswith(("ProfilerStep", "aten::")):
+            rows.append((evt.key[:90], cuda_us / 1e3, evt.count))
+    return sorted(rows, key=lambda r: -r[1])[:limit]
+
+
+def main(argv=None) -> None:
+    from pipeline.bench import gpu, measure
+    from pipeline.bench.settings import LLAMA_8B, BenchSettings
+    from policies import Budget, make_policy
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--policies", default="full,streaming_llm,snapkv")
+    ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--chunk", type=int, default=4096)
+    args = ap.parse_args(argv)
+
+    gpu.prefer_expandable_segments()
+    device = gpu.resolve_device("auto")
+    dtype = torch.bfloat16 if gpu.is_cuda(device) else torch.float32
+    measure.MODEL_SHAPES["llama8b-profile"] = dict(LLAMA_8B, num_hidden_layers=args.layers)
+    settings = BenchSettings(model="llama8b-profile", contexts=(args.context,))
+    bm = measure.build_model(settings, device, dtype)
+    ids = measure.random_ids(bm, 1, args.context, 0)
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        for name in args.policies.split(","):
+            policy = make_policy(name)
+            gen = measure.make_generator(bm, policy, Budget(ratio=args.ratio) if policy.compresses else None)
+            measure.use_kvpipe_attention(bm)
+            gpu.cleanup(device)
+            base = gpu.allocated_bytes(device)
+            gpu.reset_peak(device)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                pre = measure.kvpipe_prefill(gen, ids, args.chunk, 3 + 2 * args.steps)
+                gpu.sync(device)
+            peak = gpu.peak_bytes(device)
+            _, stored = measure.kv_bytes(pre.cache)
+            if peak is not None:
+                gib = [round(x / 2**30, 2) for x in (peak - base, stored, peak - base - stored)]
+                print(f"\n== {name} chunked prefill ({args.chunk}): peak-weights, cache, transient GiB {gib}")
+            for key, ms, count in _top_kernels(prof, args.top):
+                print(f"  {ms:8.3f} ms  x{count:<5d} {key}")
+            state = measure.tile(pre, args.batch)
+            measure.decode_steps(gen, state, 3)
+            gpu.sync(device)
+            marks = gpu.Marks(device)
+            marks.mark()
+            measure.decode_steps(gen, state, args.steps, marks)
+            gpu.sync(device)
+            step_ms = gpu.summary(marks.intervals())["median_ms"]
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                measure.decode_steps(gen, state, args.steps)
+                gpu.sync(device)
+            layer = state.cache.layers[0]
+            print(
+                f"\n== {name}: {step_ms:.2f} ms/step at batch {args.batch}, {args.layers} layers; "
+                f"layer 0 keys {tuple(layer.keys.shape)} stride {layer.keys.stride()} "
+                f"has_empty={layer.has_empty} heads_differ={layer.heads_differ}"
+            )
+            for key, ms, count in _top_kernels(prof, args.top):
+                print(f"  {ms / args.steps:8.3f} ms/step  x{count // args.steps:<4d} {key}")
+            del pre, state
+            gpu.cleanup(device)
+        hf = measure.hf_generate(bm, args.batch, args.context, args.steps, 0)
+        print(f"\n== transformers generate: {hf['step_ms']:.2f} ms/step at batch {args.batch}")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,9 +7,16 @@ one [N, d] tensor of keys (and of values, and an [N] int32 of positions) holding
 segment lengths. Tokens appended after the last compression live in the dense tail that
 `KVLayer` already manages (every head gets every new token, so the tail has no padding).
 
-Attention and policies see a transient dense view ([b, h, longest segment + tail, d], empty
-slots at EMPTY) built for one layer at a time; kept and stored bytes come from the flat
+Policies (scoring, `keep`) see a transient dense view ([b, h, longest segment + tail, d],
+empty slots at EMPTY) built for one layer at a time; kept and stored bytes come from the flat
 tensors. Per-slot statistics (`slot_stats`) are not supported here.
+
+Decoding reads the flat store in place: on CUDA (with Triton) `attend` for one query per row
+runs `ragged_kernels.ragged_decode_attention` over each (row, head)'s segment plus the tail,
+with no padded copy and no device sync. What it needs beyond the flat tensors (segment
+offsets, int32 lengths, the longest segment as a host int) is computed once per compression
+in `store_dense`. Other calls (prefill, CPU, no Triton) take the exact masked path over the
+dense view, or the base layer's path while nothing was compressed yet.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 
 from pipeline.attention_math import grouped_attention, position_mask
 from pipeline.kv_cache import EMPTY, KVLayer
+from policies import ragged_kernels
 
 
 class RaggedKVLayer(KVLayer):
@@ -27,6 +35,10 @@ class RaggedKVLayer(KVLayer):
         self.flat_values: torch.Tensor | None = None
         self.flat_positions: torch.Tensor | None = None
         self.seg_lens: torch.Tensor | None = None  # [b, h] int64
+        # computed once per compression (`_index_segments`), read by every decode step
+        self.seg_offsets: torch.Tensor | None = None  # [b * h] int64: exclusive cumsum of seg_lens
+        self.seg_lens32: torch.Tensor | None = None  # [b * h] int32
+        self.max_seg = 0  # host int: the longest segment (no device read per step)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -35,10 +47,17 @@ class RaggedKVLayer(KVLayer):
         self.flat_values = value_states.new_empty((0, value_states.shape[-1]))
         self.flat_positions = torch.empty((0,), dtype=torch.int32, device=key_states.device)
         self.seg_lens = torch.zeros((b, h), dtype=torch.int64, device=key_states.device)
+        self._index_segments(0)
+
+    def _index_segments(self, max_seg: int) -> None:
+        lens = self.seg_lens.reshape(-1)
+        self.seg_offsets = torch.cumsum(lens, 0) - lens
+        self.seg_lens32 = lens.to(torch.int32)
+        self.max_seg = max_seg
 
     # -- dense view (transient) -------------------------------------------------------------
     def _segment_mask(self) -> torch.Tensor:
-        width = int(self.seg_lens.max()) if self.seg_lens.numel() else 0
+        width = self.max_seg
         return torch.arange(width, device=self.seg_lens.device) < self.seg_lens[..., None]  # [b, h, M]
 
     @staticmethod
@@ -74,10 +93,14 @@ class RaggedKVLayer(KVLayer):
         self.flat_values = values[filled].contiguous()
         self.flat_positions = positions[filled].to(torch.int32).contiguous()
         self.seg_lens = filled.sum(-1)
+        # one device sync per compression: the longest segment sizes views and the decode grid
+        self._index_segments(int(self.seg_lens.max()) if self.seg_lens.numel() else 0)
         b, h, _, d = keys.shape
         self.keys = keys.new_empty((b, h, 0, d))
         self.values = values.new_empty((b, h, 0, values.shape[-1]))
         self.positions = torch.empty((b, h, 0), dtype=torch.int32, device=positions.device)
+        self.has_empty = False  # the flat store holds filled slots only; the tail is empty
+        self.heads_differ = True
 
     def kept_positions(self) -> torch.Tensor:
         """[b, h, slots] positions of the dense view (EMPTY where a head keeps fewer)."""
@@ -87,20 +110,44 @@ class RaggedKVLayer(KVLayer):
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
-        width = int(self.seg_lens.max()) if self.seg_lens.numel() else 0
-        return width + self.keys.shape[-2]
+        return self.max_seg + self.keys.shape[-2]
 
     def append(self, keys, values, positions):
+        """Store new tokens in the dense tail; returns the tail's keys/values (not the whole layer:
+        attention reads the layer through `attend`, and building the dense view here would copy
+        the whole cache every step)."""
         if self.slot_stats:
             raise RuntimeError("RaggedKVLayer does not keep per-slot statistics")
-        super().append(keys, values, positions)  # into the dense tail
-        full_keys, full_values, _ = self.dense()
-        return full_keys, full_values
+        return super().append(keys, values, positions)
 
     def attention_mask(self, query_positions: torch.Tensor) -> torch.Tensor:
         return position_mask(self.dense_positions(), query_positions, heads_differ=True)
 
     def attend(self, query: torch.Tensor, step, scaling: float) -> torch.Tensor:
+        if query.shape[2] == 1 and not step.padded and ragged_kernels.usable(query, query.shape[-1]):
+            return self.attend_decode(query, scaling)
+        if self.max_seg == 0:  # nothing compressed yet: the whole layer is the dense tail
+            return super().attend(query, step, scaling)
+        return self.attend_masked(query, step, scaling)
+
+    def attend_decode(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """One query per row ([b, H, 1, d]) over the flat store in place plus the tail (the kernel)."""
+        out = ragged_kernels.ragged_decode_attention(
+            query[:, :, 0],
+            self.flat_keys,
+            self.flat_values,
+            self.seg_offsets,
+            self.seg_lens32,
+            self.max_seg,
+            self.keys,
+            self.values,
+            self.positions if self.has_empty else None,
+            scaling,
+        )
+        return out[:, :, None]
+
+    def attend_masked(self, query: torch.Tensor, step, scaling: float) -> torch.Tensor:
+        """The exact path: masked attention over the padded dense view (a transient copy)."""
         keys, values, positions = self.dense()
         mask = position_mask(positions, step.positions, heads_differ=True)
         return grouped_attention(query, keys, values, mask, scaling)
@@ -122,8 +169,10 @@ class RaggedKVLayer(KVLayer):
         values = self._unpack(self.flat_values, 0, mask)[rows]
         positions = self._unpack(self.flat_positions, EMPTY, mask)[rows]
         tail = (self.keys[rows], self.values[rows], self.positions[rows])
+        has_empty = self.has_empty  # (of the tail, which stays)
         self.store_dense(keys, values, positions)
         self.keys, self.values, self.positions = tail
+        self.has_empty = has_empty
 
     def filled_slots_per_row(self) -> torch.Tensor:
         return self.seg_lens.sum(-1) + (self.positions != EMPTY).sum(dim=(1, 2))

@@ -1,0 +1,334 @@
+"""Decode attention over a ragged per-head KV store (AdaKV's `RaggedKVLayer`), without padding.
+
+The store: compressed tokens flattened ([N, d] keys and values), each (row, kv head)'s segment
+back to back in (row, head) order, located by `seg_offsets` / `seg_lens` ([b * h]); plus a
+dense tail ([b, h, t, d], possibly a strided view of a buffer with spare capacity) holding
+the tokens appended since the last compression. A decode query (one per row) sees every
+stored token, so no causal mask is needed; tail slots may be EMPTY only when a padded batch
+wrote them, and `tail_positions` masks those.
+
+`ragged_decode_attention` is flash-decoding in Triton: grid (b * h, splits); a split is a
+chunk of one (row, head)'s segment or of its tail. Each program reads its chunk's keys and
+values once for all `group` query heads of that kv head (GQA), keeps an online softmax, and
+writes a partial output and its log-sum-exp; a second kernel merges the splits. Splits past
+a segment's end exit at once, so the grid is sized from host numbers cached at compression
+(the longest segment), never from a device read.
+
+`ragged_decode_reference` computes the same function in float32 with plain torch, one
+(row, head) at a time: the kernel's tests and the GPU check compare with it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from pipeline.kv_cache import EMPTY
+
+tl = None  # triton.language, imported by `_kernels` at first use (importing triton is slow)
+
+LOG2E = 1.4426950408889634
+BLOCK_N = 64  # tokens per inner tile
+NUM_WARPS = 4
+NUM_STAGES = 3
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def usable(query: torch.Tensor, head_dim: int) -> bool:
+    """Whether the kernel can serve this call (else the caller takes its exact torch path)."""
+    if not triton_available():
+        return False
+    if not (query.is_cuda or interpreting()):
+        return False
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
+# The kernels are plain functions here, made Triton kernels by `_kernels` at first use, so
+# that importing this module does not import triton. They live at module level because
+# Triton's interpreter patches `tl` in the function's globals. (The interpreter needs
+# TRITON_INTERPRET=1 before triton is first imported: triton.language's own helpers are
+# jit functions made when it is.)
+def _partial_kernel(
+    Q,
+    FK,
+    FV,
+    OFF,
+    LEN,
+    TK,
+    TV,
+    TP,
+    PO,
+    PL,
+    stride_qb,
+    stride_qh,
+    stride_tkb,
+    stride_tkh,
+    stride_tvb,
+    stride_tvh,
+    stride_tpb,
+    stride_tph,
+    h_kv,
+    tail_len,
+    flat_splits,
+    total_splits,
+    chunk,
+    scale_log2,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TAIL_MASK: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = (bh // h_kv).to(tl.int64)  # tail strides of a long uncompressed prompt pass int32
+    kh = bh % h_kv
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_ok = offs_g < G
+    q = tl.load(
+        Q + b * stride_qb + (kh * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+        mask=g_ok[:, None],
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
+    # this split is a chunk of the (row, head)'s flat segment, or of its dense tail; both have
+    # rows of D contiguous elements, so one loop serves both (one pipelined loop, no branch)
+    is_flat = sp < flat_splits
+    seg_len = tl.load(LEN + bh)
+    base = tl.load(OFF + bh)  # int64
+    start_f = sp * chunk
+    start_t = (sp - flat_splits) * chunk
+    start = tl.where(is_flat, start_f, start_t)
+    end = tl.where(is_flat, tl.minimum(start_f + chunk, seg_len), tl.minimum(start_t + chunk, tail_len))
+    k_ptr = tl.where(is_flat, FK + base * D, TK + b * stride_tkb + kh * stride_tkh)
+    v_ptr = tl.where(is_flat, FV + base * D, TV + b * stride_tvb + kh * stride_tvh)
+    p_ptr = TP + b * stride_tpb + kh * stride_tph
+    tail_end = tl.where(is_flat, 0, end)  # tail positions to read: none in a flat split
+    for n0 in range(start, end, BLOCK_N):
+        idx = n0 + offs_n
+        ok = idx < end
+        if TAIL_MASK:
+            pos = tl.load(p_ptr + idx, mask=idx < tail_end, other=-1)
+            ok = ok & ((pos != -1) | (idx >= tail_end))
+        k = tl.load(k_ptr + idx[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(v_ptr + idx[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(ok[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile of EMPTY tail slots only
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    has = l_i > 0.0
+    out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    row = (bh * total_splits + sp) * G + offs_g
+    tl.store(PO + row[:, None] * D + offs_d[None, :], out, mask=g_ok[:, None])
+    tl.store(PL + row, lse, mask=g_ok)
+
+
+def _reduce_kernel(PO, PL, OUT, total_splits, G: tl.constexpr, D: tl.constexpr):
+    pid = tl.program_id(0)  # = (b * h + kv head) * G + g = b * H + query head
+    bh = pid // G
+    g = pid % G
+    offs_d = tl.arange(0, D)
+    # running max and denominator kept as [D] vectors (equal lanes): loop-carried tensors
+    m = tl.full([D], float("-inf"), dtype=tl.float32)
+    den = tl.zeros([D], dtype=tl.float32)
+    acc = tl.zeros([D], dtype=tl.float32)
+    for s in range(0, total_splits):
+        row = (bh * total_splits + s) * G + g
+        lse = tl.load(PL + row)
+        o = tl.load(PO + row * D + offs_d)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w_old = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)
+        acc = acc * w_old + o * w
+        den = den * w_old + w
+        m = m_new
+    out = tl.where(den > 0.0, acc / tl.where(den > 0.0, den, 1.0), 0.0)
+    tl.store(OUT + pid * D + offs_d, out.to(OUT.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=4)
+def _kernels(interpret: bool):
+    """`triton.jit` the kernels (per interpreter mode: jit reads TRITON_INTERPRET itself)."""
+    del interpret  # the cache key
+    global tl
+    import triton
+    import triton.language
+
+    tl = triton.language
+    return triton.jit(_partial_kernel), triton.jit(_reduce_kernel)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(index: int | None) -> int:
+    if index is None or not torch.cuda.is_available():
+        return 8
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def split_size(total_tokens: int, device: torch.device) -> int:
+    """Tokens per split: about 8 splits per multiprocessor over the whole store, 128..4096."""
+    sms = _num_sms(device.index if device.type == "cuda" else None)
+    return min(4096, max(2 * BLOCK_N, _next_pow2(-(-total_tokens // (8 * sms)))))
+
+
+def ragged_decode_attention(
+    query: torch.Tensor,
+    flat_keys: torch.Tensor,
+    flat_values: torch.Tensor,
+    seg_offsets: torch.Tensor,
+    seg_lens: torch.Tensor,
+    max_seg: int,
+    tail_keys: torch.Tensor,
+    tail_values: torch.Tensor,
+    tail_positions: torch.Tensor | None,
+    scaling: float,
+    chunk: int | None = None,
+    out: torch.Tensor | None = None,
+    block_n: int = BLOCK_N,
+    num_warps: int = NUM_WARPS,
+    num_stages: int = NUM_STAGES,
+) -> torch.Tensor:
+    """Decode attention [b, H, d] of query [b, H, d] over a ragged store plus its dense tail.
+
+    flat_keys/values [N, d] contiguous; seg_offsets [b * h] int64 (exclusive cumsum of
+    seg_lens); seg_lens [b * h] int32; `max_seg` the longest segment (a host int cached at
+    compression: it sizes the grid without a device read); tail_keys/values [b, h, t, d] with
+    any strides; tail_positions [b, h, t] when some tail slot may be EMPTY (masked), else
+    None. H = group * h. A (row, head) with no token at all gets zeros. `chunk`: tokens per
+    split (default `split_size`); `out` [b, H, d] to write into; the rest tune the launch.
+    """
+    b, num_heads, d = query.shape
+    h, t = tail_keys.shape[1], tail_keys.shape[2]
+    group = num_heads // h
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if tail_keys.stride(-1) != 1 or tail_keys.stride(-2) != d:  # rows of d contiguous elements
+        tail_keys = tail_keys.contiguous()
+    if tail_values.stride(-1) != 1 or tail_values.stride(-2) != d:
+        tail_values = tail_values.contiguous()
+    if tail_positions is not None and tail_positions.stride(-1) != 1:
+        tail_positions = tail_positions.contiguous()
+    if not (flat_keys.is_contiguous() and flat_values.is_contiguous()):
+        raise ValueError("flat keys/values must be contiguous")
+    total = flat_keys.shape[0] + b * h * t
+    chunk = chunk or split_size(total, query.device)
+    flat_splits = -(-max_seg // chunk)
+    tail_splits = -(-t // chunk)
+    splits = max(1, flat_splits + tail_splits)
+    partial_out = torch.empty((b * h, splits, group, d), dtype=torch.float32, device=query.device)
+    partial_lse = torch.empty((b * h, splits, group), dtype=torch.float32, device=query.device)
+    if out is None:
+        out = torch.empty((b, num_heads, d), dtype=query.dtype, device=query.device)
+    mask = tail_positions is not None
+    tp = tail_positions if mask else seg_lens  # any int tensor: never read without TAIL_MASK
+    partial_kernel, reduce_kernel = _kernels(interpreting())
+    partial_kernel[(b * h, splits)](
+        query,
+        flat_keys,
+        flat_values,
+        seg_offsets,
+        seg_lens,
+        tail_keys,
+        tail_values,
+        tp,
+        partial_out,
+        partial_lse,
+        query.stride(0),
+        query.stride(1),
+        tail_keys.stride(0),
+        tail_keys.stride(1),
+        tail_values.stride(0),
+        tail_values.stride(1),
+        tail_positions.stride(0) if mask else 0,
+        tail_positions.stride(1) if mask else 0,
+        h,
+        t,
+        flat_splits,
+        splits,
+        chunk,
+        scaling * LOG2E,
+        G=group,
+        BLOCK_G=max(16, _next_pow2(group)),
+        D=d,
+        BLOCK_N=block_n,
+        TAIL_MASK=mask,
+        IEEE=query.dtype == torch.float32,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    reduce_kernel[(b * num_heads,)](partial_out, partial_lse, out, splits, G=group, D=d, num_warps=1)
+    return out
+
+
+def ragged_decode_reference(
+    query: torch.Tensor,
+    flat_keys: torch.Tensor,
+    flat_values: torch.Tensor,
+    seg_lens: torch.Tensor,
+    tail_keys: torch.Tensor,
+    tail_values: torch.Tensor,
+    tail_positions: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """The kernel's function in float32 plain torch, one (row, kv head) at a time: [b, H, d].
+
+    seg_lens [b, h] (or [b * h]); segments lie back to back in (row, head) order.
+    """
+    b, num_heads, d = query.shape
+    h = tail_keys.shape[1]
+    group = num_heads // h
+    lens = seg_lens.reshape(-1).tolist()
+    out = torch.zeros((b, num_heads, tail_values.shape[-1]), dtype=torch.float32, device=query.device)
+    start = 0
+    for i, n in enumerate(lens):
+        row, head = divmod(i, h)
+        keys = [flat_keys[start : start + n].float()]
+        values = [flat_values[start : start + n].float()]
+        start += n
+        keep = slice(None)
+        if tail_positions is not None:
+            keep = tail_positions[row, head] != EMPTY
+        keys.append(tail_keys[row, head][keep].float())
+        values.append(tail_values[row, head][keep].float())
+        k, v = torch.cat(keys), torch.cat(values)
+        if k.shape[0] == 0:
+            continue
+        q = query[row, head * group : (head + 1) * group].float()  # [group, d]
+        weights = torch.softmax(q @ k.T * scaling, dim=-1)
+        out[row, head * group : (head + 1) * group] = weights @ v
+    return out

@@ -1,0 +1,448 @@
+"""KIVI decode attention straight from the packed store: a fused Triton kernel and its reference.
+
+One decode query per query head attends over every token a (row, kv head) stores (decode
+queries are the newest tokens, so no mask is needed beyond the lengths). The store
+(`KiviStore`) is what `policies.kivi.QuantizedKVLayer` holds:
+
+- token j of a (row, kv head) with j < nk: its key is quantised per channel in key group
+  j // G (`kq` [b, h, groups, d, G*bits/8] uint8, token t of a group in byte t // per at bit
+  (t % per) * bits, per = 8 // bits; `kscale`/`kzero` [b, h, groups, d]); else it is
+  `kres[j % Wk]` (full precision, a ring of Wk slots);
+- j < nv: its value is quantised per token (`vq` [b, h, tokens, d*bits/8], channel c in byte
+  c // per at bit (c % per) * bits; `vscale`/`vzero` [b, h, tokens, d / gv]); else `vres[j % Wv]`;
+- x' = q * scale + zero.
+
+`decode_attention` (CUDA, or the Triton interpreter on CPU tensors) is flash decoding: the
+token axis is split among programs, each program takes one (row, kv head, split) with all
+`group` query heads of that kv head (so the packed bytes are read once), de-quantises blocks
+of tokens in registers and keeps an online softmax; a second small kernel merges the splits.
+Within a block the tokens are visited in the order the key bytes hold them (all tokens at bit
+offset 0 of their byte, then offset `bits`, ...): softmax attention does not depend on the
+order of the tokens, and this way a loaded key byte tile is shifted, never gathered.
+
+`decode_attention_reference` computes the same function in float32 with plain torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+try:  # triton is optional: without it (or without CUDA) the layer uses its reference path
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+
+BLOCK_N = 64  # tokens a program de-quantises per step (a multiple of the key group)
+
+
+@dataclass
+class KiviStore:
+    """The tensors of a KIVI layer's packed store (see the module docstring); dims 2 may have spare."""
+
+    n: torch.Tensor  # [b, h] tokens stored
+    nk: torch.Tensor  # [b, h] quantised keys (a multiple of group_size)
+    nv: torch.Tensor  # [b, h] quantised values
+    kq: torch.Tensor  # [b, h, groups, d, G*bits/8] uint8
+    kscale: torch.Tensor  # [b, h, groups, d]
+    kzero: torch.Tensor
+    kres: torch.Tensor  # [b, h, Wk, d]: key of token j >= nk at slot j % Wk
+    vq: torch.Tensor  # [b, h, tokens, d*bits/8] uint8
+    vscale: torch.Tensor  # [b, h, tokens, d/gv]
+    vzero: torch.Tensor
+    vres: torch.Tensor  # [b, h, Wv, d]: value of token j >= nv at slot j % Wv
+    bits: int
+    group_size: int
+
+
+def kernel_supports(store: KiviStore, query: torch.Tensor) -> bool:
+    """Whether the fused kernel handles these shapes (powers of two that tile into BLOCK_N)."""
+    d = store.kres.shape[-1]
+    g = store.group_size
+    gv = d // store.vscale.shape[-1]
+    group = query.shape[1] // store.n.shape[1]
+
+    def pow2(x: int) -> bool:
+        return x > 0 and x & (x - 1) == 0
+
+    return (
+        triton is not None
+        and pow2(d)
+        and 16 <= d <= 256
+        and pow2(g)
+        and g <= BLOCK_N
+        and pow2(gv)
+        and store.bits in (2, 4)
+        and group <= 64
+        and query.shape[2] == 1
+    )
+
+
+# -- reference (float32, plain torch) ----------------------------------------------------------
+
+
+def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    per = 8 // bits
+    shifts = torch.arange(per, device=packed.device, dtype=torch.uint8) * bits
+    vals = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return vals.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+def dequantized(
+    store: KiviStore, slots: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [b, h, slots, d] (`dtype`, float32 by default) of each (row, head)'s tokens
+    (zero past its length)."""
+    b, h = store.n.shape
+    d = store.kres.shape[-1]
+    dev = store.n.device
+    j = torch.arange(slots, device=dev)
+
+    def token_major(x: torch.Tensor) -> torch.Tensor:  # [b, h, m, d] -> exactly `slots` tokens
+        m = x.shape[2]
+        if m >= slots:
+            return x[:, :, :slots]
+        return torch.cat([x, x.new_zeros((b, h, slots - m, d))], dim=2)
+
+    kdq = _unpack(store.kq, store.bits).to(dtype) * store.kscale.to(dtype)[..., None]
+    kdq = kdq + store.kzero.to(dtype)[..., None]
+    kdq = token_major(kdq.transpose(-1, -2).reshape(b, h, -1, d))
+    ngv = store.vscale.shape[-1]
+    vq = store.vq.reshape(*store.vq.shape[:3], ngv, store.vq.shape[-1] // ngv)
+    vdq = _unpack(vq, store.bits).to(dtype) * store.vscale.to(dtype)[..., None]
+    vdq = vdq + store.vzero.to(dtype)[..., None]
+    vdq = token_major(vdq.reshape(b, h, -1, d))
+    kres = store.kres.to(dtype)[:, :, j % store.kres.shape[2]]
+    vres = store.vres.to(dtype)[:, :, j % store.vres.shape[2]]
+    keys = torch.where((j < store.nk[..., None])[..., None], kdq, kres)
+    values = torch.where((j < store.nv[..., None])[..., None], vdq, vres)
+    inside = (j < store.n[..., None])[..., None]
+    return keys.where(inside, 0.0), values.where(inside, 0.0)
+
+
+def decode_attention_reference(
+    query: torch.Tensor, store: KiviStore, scaling: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Attention [b, H, 1, d] (`dtype`, float32 by default) of decode queries [b, H, 1, d] over
+    every stored token."""
+    b, num_heads, _, d = query.shape
+    h = store.n.shape[1]
+    slots = int(store.n.max())
+    keys, values = dequantized(store, slots, dtype)
+    q = query.to(dtype).reshape(b, h, num_heads // h, d)
+    scores = torch.einsum("bhgd,bhsd->bhgs", q, keys) * scaling
+    scores = scores.masked_fill(~(torch.arange(slots, device=q.device) < store.n[..., None, None]), -math.inf)
+    out = torch.einsum("bhgs,bhsd->bhgd", scores.softmax(-1), values)
+    return out.reshape(b, num_heads, 1, d)
+
+
+# -- the fused kernel --------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _kivi_decode_split(
+        Q,
+        N,
+        NK,
+        NV,
+        KQ,
+        KS,
+        KZ,
+        KR,
+        VQ,
+        VS,
+        VZ,
+        VR,
+        OP,
+        MP,
+        LP,
+        sqb,
+        sqh,
+        skb,
+        skh,
+        skg,
+        ssb,
+        ssh,
+        ssg,
+        srb,
+        srh,
+        srt,
+        svb,
+        svh,
+        svt,
+        sub,
+        suh,
+        sut,
+        swb,
+        swh,
+        swt,
+        Wk,
+        Wv,
+        H: tl.constexpr,
+        per_split,
+        num_splits,
+        qk_scale,
+        D: tl.constexpr,
+        G: tl.constexpr,
+        GV: tl.constexpr,
+        BITS: tl.constexpr,
+        GROUP: tl.constexpr,
+        M: tl.constexpr,
+        BN: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        PER: tl.constexpr = 8 // BITS
+        GB: tl.constexpr = G // PER  # bytes per channel of a key group
+        NB: tl.constexpr = BN // PER  # tokens per sub-tile (one bit offset)
+        MASK: tl.constexpr = (1 << BITS) - 1
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        n = tl.load(N + bh)
+        nk = tl.load(NK + bh)
+        nv = tl.load(NV + bh)
+
+        rm = tl.arange(0, M)
+        c = tl.arange(0, D)
+        r = tl.arange(0, NB)
+        qmask = rm < GROUP
+        q = tl.load(
+            Q + b * sqb + (h * GROUP + rm)[:, None] * sqh + c[None, :], mask=qmask[:, None], other=0.0
+        )
+        dt = q.dtype
+
+        m_i = tl.full([M], -float("inf"), tl.float32)
+        l_i = tl.zeros([M], tl.float32)
+        acc = tl.zeros([M, D], tl.float32)
+
+        kq_base = KQ + b * skb + h * skh
+        ks_base = KS + b * ssb + h * ssh
+        kz_base = KZ + b * ssb + h * ssh
+        kr_base = KR + b * srb + h * srh
+        vq_base = VQ + b * svb + h * svh
+        vs_base = VS + b * sub + h * suh
+        vz_base = VZ + b * sub + h * suh
+        vr_base = VR + b * swb + h * swh
+        grp_local = r // GB  # key group of each sub-tile row, within the block
+        byte_in = r % GB  # its byte within the group's channel
+
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, n)
+        for start in range(lo, hi, BN):
+            gidx = start // G + grp_local  # [NB]
+            first = start + grp_local * G + byte_in * PER  # token at bit offset 0 of each row's byte
+            kq_ok = (first < nk)[None, :]
+            kbytes = tl.load(
+                kq_base + gidx[None, :] * skg + c[:, None] * GB + byte_in[None, :], mask=kq_ok, other=0
+            )
+            kscale = tl.load(ks_base + gidx[None, :] * ssg + c[:, None], mask=kq_ok, other=0.0).to(tl.float32)
+            kzero = tl.load(kz_base + gidx[None, :] * ssg + c[:, None], mask=kq_ok, other=0.0).to(tl.float32)
+            for s in tl.static_range(PER):
+                tok = first + s  # [NB]
+                inside = tok < n
+                # keys [D, NB]: quantised rows, else the residual ring
+                kint = ((kbytes >> (s * BITS)) & MASK).to(tl.float32)
+                kres = tl.load(
+                    kr_base + (tok % Wk)[None, :] * srt + c[:, None],
+                    mask=((tok >= nk) & inside)[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                kt = tl.where(kq_ok, kint * kscale + kzero, kres).to(dt)
+                if IEEE:
+                    scores = tl.dot(q, kt, input_precision="ieee")
+                else:
+                    scores = tl.dot(q, kt)
+                scores = tl.where(inside[None, :], scores * qk_scale, -float("inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, 1))
+                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(scores - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                # values [NB, D]: quantised tokens, else the residual ring
+                vq_ok = (tok < nv)[:, None]
+                vbytes = tl.load(vq_base + tok[:, None] * svt + (c // PER)[None, :], mask=vq_ok, other=0)
+                vint = ((vbytes >> ((c % PER) * BITS)[None, :]) & MASK).to(tl.float32)
+                vscale = tl.load(vs_base + tok[:, None] * sut + (c // GV)[None, :], mask=vq_ok, other=0.0)
+                vzero = tl.load(vz_base + tok[:, None] * sut + (c // GV)[None, :], mask=vq_ok, other=0.0)
+                vres = tl.load(
+                    vr_base + (tok % Wv)[:, None] * swt + c[None, :],
+                    mask=((tok >= nv) & inside)[:, None],
+                    other=0.0,
+                ).to(tl.float32)
+                v = tl.where(vq_ok, vint * vscale.to(tl.float32) + vzero.to(tl.float32), vres).to(dt)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
+                m_i = m_new
+
+        part = bh * num_splits + split
+        tl.store(OP + (part * M + rm)[:, None] * D + c[None, :], acc)
+        tl.store(MP + part * M + rm, m_i)
+        tl.store(LP + part * M + rm, l_i)
+
+    @triton.jit
+    def _kivi_decode_merge(
+        OP,
+        MP,
+        LP,
+        OUT,
+        sob,
+        soh,
+        H: tl.constexpr,
+        num_splits,
+        D: tl.constexpr,
+        GROUP: tl.constexpr,
+        M: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        b = bh // H
+        h = bh % H
+        rm = tl.arange(0, M)
+        c = tl.arange(0, D)
+        m_i = tl.full([M], -float("inf"), tl.float32)
+        l_i = tl.zeros([M], tl.float32)
+        acc = tl.zeros([M, D], tl.float32)
+        for split in range(0, num_splits):
+            part = bh * num_splits + split
+            m_s = tl.load(MP + part * M + rm)
+            l_s = tl.load(LP + part * M + rm)
+            o_s = tl.load(OP + (part * M + rm)[:, None] * D + c[None, :])
+            m_new = tl.maximum(m_i, m_s)
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            a_old = tl.exp2(m_i - m_safe)
+            a_new = tl.exp2(m_s - m_safe)
+            l_i = l_i * a_old + l_s * a_new
+            acc = acc * a_old[:, None] + o_s * a_new[:, None]
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        qmask = rm < GROUP
+        ptr = OUT + b * sob + (h * GROUP + rm)[:, None] * soh + c[None, :]
+        tl.store(ptr, out.to(OUT.dtype.element_ty), mask=qmask[:, None])
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _programs_wanted(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return 4 * _SM_COUNT[idx]
+
+
+def decode_attention(
+    query: torch.Tensor,
+    store: KiviStore,
+    scaling: float,
+    max_tokens: int,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused decode attention [b, H, 1, d] (query's dtype) over the packed store.
+
+    `max_tokens` is a host-side upper bound of `store.n` (no device sync here); `num_splits`
+    overrides how many programs share one (row, kv head)'s tokens.
+    """
+    if triton is None:
+        raise RuntimeError("kivi decode kernel needs triton")
+    b, num_heads, q_len, d = query.shape
+    h = store.n.shape[1]
+    group = num_heads // h
+    assert q_len == 1 and num_heads == group * h
+    m = max(16, triton.next_power_of_2(group))
+    bn = BLOCK_N
+    blocks = max(1, triton.cdiv(max(max_tokens, 1), bn))
+    if num_splits is None:
+        num_splits = max(1, min(blocks, triton.cdiv(_programs_wanted(query.device), b * h)))
+    per_split = triton.cdiv(blocks, num_splits) * bn
+    num_splits = triton.cdiv(blocks * bn, per_split)
+    dev = query.device
+    o_part = torch.empty((b * h * num_splits, m, d), dtype=torch.float32, device=dev)
+    m_part = torch.empty((b * h * num_splits, m), dtype=torch.float32, device=dev)
+    l_part = torch.empty_like(m_part)
+    if out is None:
+        out = torch.empty((b, num_heads, 1, d), dtype=query.dtype, device=dev)
+    assert out.shape == query.shape and out.dtype == query.dtype and out.stride(-1) == 1
+    n, nk, nv = (x.contiguous() for x in (store.n, store.nk, store.nv))
+    kq, ks, kz, kr = store.kq, store.kscale, store.kzero, store.kres
+    vq, vs, vz, vr = store.vq, store.vscale, store.vzero, store.vres
+    assert ks.stride() == kz.stride() and vs.stride() == vz.stride()
+    for t in (kq, ks, kr, vq, vs, vr):
+        assert t.stride(-1) == 1
+    assert kq.stride(3) == kq.shape[4] and query.stride(-1) == 1
+    gv = d // vs.shape[-1]
+    _kivi_decode_split[(b * h, num_splits)](
+        query,
+        n,
+        nk,
+        nv,
+        kq,
+        ks,
+        kz,
+        kr,
+        vq,
+        vs,
+        vz,
+        vr,
+        o_part,
+        m_part,
+        l_part,
+        query.stride(0),
+        query.stride(1),
+        kq.stride(0),
+        kq.stride(1),
+        kq.stride(2),
+        ks.stride(0),
+        ks.stride(1),
+        ks.stride(2),
+        kr.stride(0),
+        kr.stride(1),
+        kr.stride(2),
+        vq.stride(0),
+        vq.stride(1),
+        vq.stride(2),
+        vs.stride(0),
+        vs.stride(1),
+        vs.stride(2),
+        vr.stride(0),
+        vr.stride(1),
+        vr.stride(2),
+        kr.shape[2],
+        vr.shape[2],
+        H=h,
+        per_split=per_split,
+        num_splits=num_splits,
+        qk_scale=scaling * math.log2(math.e),
+        D=d,
+        G=store.group_size,
+        GV=gv,
+        BITS=store.bits,
+        GROUP=group,
+        M=m,
+        BN=bn,
+        IEEE=query.dtype == torch.float32,
+        num_warps=4,
+    )
+    _kivi_decode_merge[(b * h,)](
+        o_part,
+        m_part,
+        l_part,
+        out,
+        out.stride(0),
+        out.stride(1),
+        H=h,
+        num_splits=num_splits,
+        D=d,
+        GROUP=group,
+        M=m,
+    )
+    return out

@@ -38,14 +38,17 @@ with their new neighbours (a second rounding of those tokens).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 
 from pipeline.kv_cache import EMPTY, KVLayer
+from policies import kivi_kernels
 from policies.base import Policy
+from policies.kivi_kernels import KiviStore, dequantized
 from policies.registry import register
-from policies.seqstore import compact, drop_front, front_mask, ragged_append, take_front
+from policies.seqstore import _expand_index, compact, front_mask, ragged_append
 
 # -- quantisation primitives (pure tensor code) ------------------------------------------------
 
@@ -122,10 +125,22 @@ def kivi_bytes(
 class QuantizedKVLayer(KVLayer):
     """KIVI storage: packed per-channel keys, packed per-token values, full-precision residuals.
 
-    Every (row, head) holds its own token sequence, left-aligned, `_n` tokens long; its first
-    `_nk` keys and first `_nv` values are quantised, the rest are in the residuals. `keys`,
-    `values` and `positions` are the de-quantised view over slots [0, max n) (slot j of a
-    (row, head) = its j-th token; slots past its length are EMPTY).
+    Every (row, head) holds its own token sequence, `_n` tokens long; its first `_nk` keys and
+    first `_nv` values are quantised, the rest are in the residual rings (`_kres`/`_vres`
+    [b, h, W + 1, d]: the key of token j >= nk is in slot j % Wk, the value of token j >= nv
+    in slot j % Wv; slot W is a dump for padding). Nothing moves when a token leaves a
+    residual: it is quantised and written after the packed tokens, in place.
+
+    The packed stores and the positions live in buffers with spare capacity (the last slot of
+    each is a dump for the writes of (row, head)s that have nothing to write), grown
+    geometrically or to what `reserve` asks, so a decode step copies nothing already stored.
+    The host mirrors the counts (`_hn`, `_hnk`, `_hnv`, CPU): a forward without padding
+    (`note_padding(False)`) advances them without a device sync; after one with padding they
+    are read back once, when next needed.
+
+    `keys`, `values` and `positions` are the de-quantised view over slots [0, max n) (slot j of
+    a (row, head) = its j-th token; slots past its length are EMPTY) - the reference path, used
+    for prefill and eviction; decode attention (`attend`) reads the packed store directly.
     """
 
     def __init__(self, bits: int = 2, group_size: int = 32, residual: int = 128) -> None:
@@ -165,6 +180,70 @@ class QuantizedKVLayer(KVLayer):
         if value is not None:
             raise AttributeError("QuantizedKVLayer.positions is derived from its storage")
 
+    # used parts of the buffers
+    @property
+    def _pos(self) -> torch.Tensor:
+        return self._pos_buf[:, :, : self._slots()]
+
+    @property
+    def _kq(self) -> torch.Tensor:
+        return self._kq_buf[:, :, : self._key_groups()]
+
+    @property
+    def _kscale(self) -> torch.Tensor:
+        return self._ks_buf[:, :, : self._key_groups()]
+
+    @property
+    def _kzero(self) -> torch.Tensor:
+        return self._kz_buf[:, :, : self._key_groups()]
+
+    @property
+    def _vq(self) -> torch.Tensor:
+        return self._vq_buf[:, :, : self._value_tokens()]
+
+    @property
+    def _vscale(self) -> torch.Tensor:
+        return self._vs_buf[:, :, : self._value_tokens()]
+
+    @property
+    def _vzero(self) -> torch.Tensor:
+        return self._vz_buf[:, :, : self._value_tokens()]
+
+    @property
+    def _kres(self) -> torch.Tensor:  # the key ring without its dump slot
+        return self._kring[:, :, :-1]
+
+    @property
+    def _vres(self) -> torch.Tensor:
+        return self._vring[:, :, :-1]
+
+    # -- host mirror of the counts -----------------------------------------------------------
+    def _host(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(n, nk, nv) on the host, exact; reads them back (one sync) only when they are unknown."""
+        if self._hn is None or self._pending is not None:
+            self._hn, self._hnk, self._hnv = torch.stack([self._n, self._nk, self._nv]).cpu().unbind(0)
+            self._pending = None
+        return self._hn, self._hnk, self._hnv
+
+    def note_padding(self, padded: bool) -> None:
+        super().note_padding(padded)
+        if self._ready and self._pending is not None and self._hn is not None and not padded:
+            self._hn = self._hn + self._pending  # every row and head stored all the new tokens
+            self._pending = None
+
+    @staticmethod
+    def _max(x: torch.Tensor) -> int:
+        return int(x.max()) if x.numel() else 0
+
+    def _slots(self) -> int:
+        return self._max(self._host()[0])
+
+    def _key_groups(self) -> int:
+        return self._max(self._host()[1]) // self.group_size
+
+    def _value_tokens(self) -> int:
+        return self._max(self._host()[2])
+
     # -- storage ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
@@ -180,58 +259,73 @@ class QuantizedKVLayer(KVLayer):
         dev, dt = key_states.device, key_states.dtype
         zeros = torch.zeros((b, h), dtype=torch.int64, device=dev)
         self._n, self._nk, self._nv = zeros.clone(), zeros.clone(), zeros.clone()
-        self._pos = torch.empty((b, h, 0), dtype=torch.int32, device=dev)
+        self._hn = self._hnk = self._hnv = torch.zeros((b, h), dtype=torch.int64)
+        self._pending: int | None = None
+        self._pos_buf = torch.full((b, h, 1), EMPTY, dtype=torch.int32, device=dev)
         # keys: groups of g tokens, per channel -> packed [b, h, groups, d, g*bits/8]
-        self._kq = torch.empty((b, h, 0, d, g * self.bits // 8), dtype=torch.uint8, device=dev)
-        self._kscale = torch.empty((b, h, 0, d), dtype=dt, device=dev)
-        self._kzero = torch.empty((b, h, 0, d), dtype=dt, device=dev)
-        self._kres = torch.empty((b, h, 0, d), dtype=dt, device=dev)
+        self._kq_buf = torch.zeros((b, h, 1, d, g * self.bits // 8), dtype=torch.uint8, device=dev)
+        self._ks_buf = torch.zeros((b, h, 1, d), dtype=dt, device=dev)
+        self._kz_buf = torch.zeros((b, h, 1, d), dtype=dt, device=dev)
         # values: per token, groups of gv channels -> packed [b, h, tokens, d*bits/8]
-        self._vq = torch.empty((b, h, 0, d * self.bits // 8), dtype=torch.uint8, device=dev)
-        self._vscale = torch.empty((b, h, 0, d // self.gv), dtype=dt, device=dev)
-        self._vzero = torch.empty((b, h, 0, d // self.gv), dtype=dt, device=dev)
-        self._vres = torch.empty((b, h, 0, d), dtype=dt, device=dev)
+        self._vq_buf = torch.zeros((b, h, 1, d * self.bits // 8), dtype=torch.uint8, device=dev)
+        self._vs_buf = torch.zeros((b, h, 1, d // self.gv), dtype=dt, device=dev)
+        self._vz_buf = torch.zeros((b, h, 1, d // self.gv), dtype=dt, device=dev)
+        self._kring = torch.zeros((b, h, self._ring_min("k") + 1, d), dtype=dt, device=dev)
+        self._vring = torch.zeros((b, h, self._ring_min("v") + 1, d), dtype=dt, device=dev)
         self._ready = True
         self.is_initialized = True
 
     def get_seq_length(self) -> int:
-        return self._pos.shape[-1] if self._ready else 0
+        return self._slots() if self._ready else 0
 
-    def _slots(self) -> int:
-        return self._pos.shape[-1]
+    def _unit(self) -> int:
+        return self.residual if self.residual > 0 else self.group_size
+
+    def _ring_min(self, which: str) -> int:
+        """Ring slots a decode step needs: the most residual tokens after a flush, plus one."""
+        return self._unit() if which == "k" else self.residual + 1
+
+    def _grow(self, name: str, need: int, fill=0) -> None:
+        """Make buffer `name` hold at least `need` items (+ its dump slot), keeping the stored ones."""
+        buf = getattr(self, name)
+        cap = buf.shape[2] - 1
+        if need <= cap:
+            return
+        new_cap = need + max(self.spare, need // 8, 16)
+        new = buf.new_full((*buf.shape[:2], new_cap + 1, *buf.shape[3:]), fill)
+        new[:, :, :cap] = buf[:, :, :cap]
+        setattr(self, name, new)
+
+    def _resize_ring(self, which: str, size: int) -> None:
+        """Re-place ring `which` into `size` slots (live tokens [count, n) of each (row, head))."""
+        ring = self._kring if which == "k" else self._vring
+        old = ring.shape[2] - 1
+        if size == old:
+            return
+        count = self._nk if which == "k" else self._nv
+        b, h, _, d = ring.shape
+        new = ring.new_zeros((b, h, size + 1, d))
+        live = min(old, size)
+        if live:
+            tok = count[..., None] + torch.arange(live, device=ring.device)  # [b, h, live]
+            src = torch.gather(ring, 2, _expand_index(tok % old, ring))
+            dst = torch.where(tok < self._n[..., None], tok % size, torch.full_like(tok, size))
+            new.scatter_(2, _expand_index(dst, new), src)
+        if which == "k":
+            self._kring = new
+        else:
+            self._vring = new
+
+    def _store(self) -> KiviStore:
+        return KiviStore(
+            self._n, self._nk, self._nv, self._kq, self._kscale, self._kzero, self._kres,
+            self._vq, self._vscale, self._vzero, self._vres, self.bits, self.group_size,
+        )  # fmt: skip
 
     def _assemble(self, which: str) -> torch.Tensor:
         """De-quantised keys or values [b, h, slots, d] in the per-(row, head) token order."""
-        s, d = self._slots(), self.head_dim
-        if which == "k":
-            b, h, ng = self._kq.shape[:3]
-            deq = dequantize_groups(
-                self._kq, self._kscale, self._kzero, self.bits, self.dtype
-            )  # [b,h,ng,d,g]
-            deq = deq.transpose(-1, -2).reshape(b, h, ng * self.group_size, d)
-            nq, res = self._nk, self._kres
-        else:
-            b, h, nt = self._vq.shape[:3]
-            deq = dequantize_groups(
-                self._vq.reshape(b, h, nt, d // self.gv, self.gv * self.bits // 8),
-                self._vscale,
-                self._vzero,
-                self.bits,
-                self.dtype,
-            ).reshape(b, h, nt, d)
-            nq, res = self._nv, self._vres
-        b, h = nq.shape
-        out = deq.new_zeros((b, h, s + 1, d))
-        m = min(deq.shape[2], s)
-        out[:, :, :m] = deq[:, :, :m]
-        r = res.shape[2]
-        if r:  # residual tokens follow each sequence's quantised ones
-            j = torch.arange(r, device=res.device)
-            idx = torch.where(
-                j < (self._n - nq)[..., None], nq[..., None] + j, torch.full_like(nq[..., None], s)
-            )
-            out.scatter_(2, idx[..., None].expand(b, h, r, d), res)
-        return out[:, :, :s]
+        keys, values = dequantized(self._store(), self._slots())
+        return (keys if which == "k" else values).to(self.dtype)
 
     def _flush(self) -> None:
         """Quantise every complete key block and every value that left the residual window."""
@@ -240,54 +334,133 @@ class QuantizedKVLayer(KVLayer):
         g, bits = self.group_size, self.bits
         b, h = self._n.shape
         d = self.head_dim
-        unit = self.residual if self.residual > 0 else g
+        unit = self._unit()
+        hn, hnk, hnv = self._host()
         # keys: blocks of `unit` tokens (a multiple of g), per channel within groups of g tokens
-        rk = self._n - self._nk
-        mk = torch.div(rk, unit, rounding_mode="floor") * unit
-        m = int(mk.max()) if mk.numel() else 0
+        mk_host = torch.div(hn - hnk, unit, rounding_mode="floor") * unit
+        m = self._max(mk_host)
         if m > 0:
-            block = take_front(self._kres, m).reshape(b, h, m // g, g, d).transpose(-1, -2)
+            mk = torch.div(self._n - self._nk, unit, rounding_mode="floor") * unit
+            tok = self._nk[..., None] + torch.arange(m, device=self._n.device)
+            wk = self._kring.shape[2] - 1
+            block = torch.gather(self._kring, 2, _expand_index(tok % wk, self._kring))
+            block = block.reshape(b, h, m // g, g, d).transpose(-1, -2)
             packed, scale, zero = quantize_groups(block, bits, self.dtype)
-            valid = front_mask(mk // g, m // g)
-            ngroups = self._nk // g
-            self._kq, _ = ragged_append(self._kq, ngroups, packed, valid)
-            self._kscale, _ = ragged_append(self._kscale, ngroups, scale, valid)
-            self._kzero, _ = ragged_append(self._kzero, ngroups, zero, valid)
-            self._kres, _ = drop_front(self._kres, rk, mk)
+            grp = torch.arange(m // g, device=self._n.device)
+            self._grow("_kq_buf", self._max(hnk + mk_host) // g)
+            self._grow("_ks_buf", self._max(hnk + mk_host) // g)
+            self._grow("_kz_buf", self._max(hnk + mk_host) // g)
+            dump = self._kq_buf.shape[2] - 1
+            idx = torch.where(grp < (mk // g)[..., None], (self._nk // g)[..., None] + grp, dump)
+            self._kq_buf.scatter_(2, _expand_index(idx, packed), packed)
+            self._ks_buf.scatter_(2, _expand_index(idx, scale), scale)
+            self._kz_buf.scatter_(2, _expand_index(idx, zero), zero)
             self._nk = self._nk + mk
+            self._hnk = hnk = hnk + mk_host
         # values: everything older than the newest `residual` tokens, per token
-        rv = self._n - self._nv
-        mv = (rv - self.residual).clamp(min=0)
-        m = int(mv.max()) if mv.numel() else 0
+        mv_host = (hn - hnv - self.residual).clamp(min=0)
+        m = self._max(mv_host)
         if m > 0:
-            tokens = take_front(self._vres, m).reshape(b, h, m, d // self.gv, self.gv)
-            packed, scale, zero = quantize_groups(tokens, bits, self.dtype)
-            valid = front_mask(mv, m)
-            self._vq, _ = ragged_append(self._vq, self._nv, packed.reshape(b, h, m, -1), valid)
-            self._vscale, _ = ragged_append(self._vscale, self._nv, scale, valid)
-            self._vzero, _ = ragged_append(self._vzero, self._nv, zero, valid)
-            self._vres, _ = drop_front(self._vres, rv, mv)
+            mv = (self._n - self._nv - self.residual).clamp(min=0)
+            j = torch.arange(m, device=self._n.device)
+            tok = self._nv[..., None] + j
+            wv = self._vring.shape[2] - 1
+            tokens = torch.gather(self._vring, 2, _expand_index(tok % wv, self._vring))
+            packed, scale, zero = quantize_groups(
+                tokens.reshape(b, h, m, d // self.gv, self.gv), bits, self.dtype
+            )
+            packed = packed.reshape(b, h, m, -1)
+            need = self._max(hnv + mv_host)
+            for name in ("_vq_buf", "_vs_buf", "_vz_buf"):
+                self._grow(name, need)
+            dump = self._vq_buf.shape[2] - 1
+            idx = torch.where(j < mv[..., None], tok, dump)
+            self._vq_buf.scatter_(2, _expand_index(idx, packed), packed)
+            self._vs_buf.scatter_(2, _expand_index(idx, scale), scale)
+            self._vz_buf.scatter_(2, _expand_index(idx, zero), zero)
             self._nv = self._nv + mv
+            self._hnv = hnv = hnv + mv_host
+        # rings larger than a decode step needs (after a prefill) go back to that size
+        for which, count in (("k", hnk), ("v", hnv)):
+            ring = self._kring if which == "k" else self._vring
+            size = max(self._ring_min(which), self._max(hn - count))
+            if ring.shape[2] - 1 > size:
+                self._resize_ring(which, size)
 
     def flush(self) -> None:
         self._flush()
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
+        """Store new tokens in the residual rings (in place); returns (None, None): attention reads
+        the layer's own storage (`attend`)."""
         if not self._ready:
             self.lazy_initialization(keys, values)
-        self._flush()  # tokens of earlier forwards that completed a group
-        b, h, q, _ = keys.shape
+        self._flush()  # tokens of earlier forwards that completed a group; the host counts are exact
+        b, h, q, d = keys.shape
+        hn, hnk, hnv = self._host()
         valid = (positions != EMPTY)[:, None, :].expand(b, h, q)
+        rank = valid.long().cumsum(-1) - 1
+        tok = self._n[..., None] + rank  # the (row, head)'s own index of each new token
+        for which, new, count in (("k", keys, hnk), ("v", values, hnv)):
+            need = self._max(hn - count) + q
+            ring = self._kring if which == "k" else self._vring
+            if ring.shape[2] - 1 < need:
+                self._resize_ring(which, max(need, self._ring_min(which)))
+            ring = self._kring if which == "k" else self._vring
+            w = ring.shape[2] - 1
+            idx = torch.where(valid, tok % w, w)
+            ring.scatter_(2, _expand_index(idx, new), new.to(ring.dtype))
+        self._grow("_pos_buf", self._max(hn) + q, fill=EMPTY)
+        dump = self._pos_buf.shape[2] - 1
         new_pos = positions.to(torch.int32)[:, None, :].expand(b, h, q)
-        self._kres, _ = ragged_append(self._kres, self._n - self._nk, keys, valid)
-        self._vres, _ = ragged_append(self._vres, self._n - self._nv, values, valid)
-        pos, _ = ragged_append(self._pos, self._n, new_pos, valid)
+        self._pos_buf.scatter_(2, torch.where(valid, tok, dump), new_pos)
         for name, stat in self.slot_stats.items():
             self.slot_stats[name], _ = ragged_append(stat, self._n, stat.new_zeros((b, h, q)), valid)
-        n = self._n + valid.sum(-1)
-        self._pos = torch.where(front_mask(n, pos.shape[-1]), pos, torch.full_like(pos, EMPTY))
-        self._n = n
-        return self.keys, self.values
+        self._n = self._n + valid.sum(-1)
+        self._pending = q  # `note_padding(False)` will confirm that every (row, head) took all q
+        if self.slot_stats:  # stats are sized to the longest sequence: follow the positions view
+            s = self._slots()
+            self.slot_stats = {x: t[:, :, :s] for x, t in self.slot_stats.items()}
+        return None, None
+
+    def reserve(self, extra: int) -> None:
+        """Capacity for `extra` more tokens per (row, head) (decoding appends in place, copies nothing)."""
+        if not self._ready:
+            return
+        hn, hnk, hnv = self._host()
+        top = self._max(hn) + extra
+        g = self.group_size
+        for name, need, fill in (
+            ("_pos_buf", top, EMPTY),
+            ("_kq_buf", -(-top // g), 0),
+            ("_ks_buf", -(-top // g), 0),
+            ("_kz_buf", -(-top // g), 0),
+            ("_vq_buf", top, 0),
+            ("_vs_buf", top, 0),
+            ("_vz_buf", top, 0),
+        ):
+            buf = getattr(self, name)
+            if buf.shape[2] - 1 != need:  # exactly what decoding will use (+ the dump slot)
+                keep = min(buf.shape[2] - 1, need)
+                new = buf.new_full((*buf.shape[:2], need + 1, *buf.shape[3:]), fill)
+                new[:, :, :keep] = buf[:, :, :keep]
+                setattr(self, name, new)
+
+    def attend(self, query: torch.Tensor, step, scaling: float) -> torch.Tensor:
+        """Decode (one query, no padding) on CUDA: the fused kernel over the packed store; else the
+        de-quantising reference path (`KVLayer.attend` over `keys`/`values` and a mask)."""
+        if query.shape[2] == 1 and not step.padded and (query.is_cuda or kernel_on_cpu()):
+            store = self._store_for_kernel()
+            if kivi_kernels.kernel_supports(store, query):
+                return kivi_kernels.decode_attention(query, store, scaling, max_tokens=self._slots())
+        return super().attend(query, step, scaling)
+
+    def _store_for_kernel(self) -> KiviStore:
+        """The store over whole buffers (no host counts needed: the kernel reads the lengths)."""
+        return KiviStore(
+            self._n, self._nk, self._nv, self._kq_buf, self._ks_buf, self._kz_buf, self._kres,
+            self._vq_buf, self._vs_buf, self._vz_buf, self._vres, self.bits, self.group_size,
+        )  # fmt: skip
 
     def _load_dense(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, stats) -> None:
         """Replace the storage by full-precision tokens (compacted per (row, head))."""
@@ -295,18 +468,20 @@ class QuantizedKVLayer(KVLayer):
         names = list(stats)
         n, (k, v, pos, *st) = compact(filled, keys, values, positions, *[stats[x] for x in names])
         b, h = n.shape
-        d = self.head_dim
+        s = k.shape[2]
         self._n = n
         self._nk = torch.zeros_like(n)
         self._nv = torch.zeros_like(n)
-        self._pos = torch.where(front_mask(n, pos.shape[-1]), pos, torch.full_like(pos, EMPTY))
-        self._kres, self._vres = k.contiguous(), v.contiguous()
-        self._kq = self._kq.new_empty((b, h, 0, *self._kq.shape[3:]))
-        self._kscale = self._kscale.new_empty((b, h, 0, d))
-        self._kzero = self._kzero.new_empty((b, h, 0, d))
-        self._vq = self._vq.new_empty((b, h, 0, *self._vq.shape[3:]))
-        self._vscale = self._vscale.new_empty((b, h, 0, d // self.gv))
-        self._vzero = self._vzero.new_empty((b, h, 0, d // self.gv))
+        self._hn = n.cpu()
+        self._hnk = self._hnv = torch.zeros_like(self._hn)
+        self._pending = None
+        pos = torch.where(front_mask(n, s), pos, torch.full_like(pos, EMPTY))
+        self._pos_buf = torch.full((b, h, s + self.spare + 1), EMPTY, dtype=torch.int32, device=n.device)
+        self._pos_buf[:, :, :s] = pos
+        for which, x in (("k", k), ("v", v)):  # token j in slot j (s >= every length)
+            ring = x.new_zeros((b, h, max(s, self._ring_min(which)) + 1, x.shape[-1]))
+            ring[:, :, :s] = x
+            setattr(self, "_kring" if which == "k" else "_vring", ring)
         self.slot_stats = {x: t.masked_fill(~front_mask(n, t.shape[-1]), 0) for x, t in zip(names, st)}
 
     def keep(self, index: torch.Tensor, filled: torch.Tensor) -> None:
@@ -323,20 +498,13 @@ class QuantizedKVLayer(KVLayer):
     def select_rows(self, rows: torch.Tensor) -> None:
         if not self._ready:
             return
+        self._host()
+        host_rows = rows.cpu()
+        self._hn, self._hnk, self._hnv = self._hn[host_rows], self._hnk[host_rows], self._hnv[host_rows]
         for name in (
-            "_n",
-            "_nk",
-            "_nv",
-            "_pos",
-            "_kq",
-            "_kscale",
-            "_kzero",
-            "_kres",
-            "_vq",
-            "_vscale",
-            "_vzero",
-            "_vres",
-        ):
+            "_n", "_nk", "_nv", "_pos_buf", "_kq_buf", "_ks_buf", "_kz_buf",
+            "_kring", "_vq_buf", "_vs_buf", "_vz_buf", "_vring",
+        ):  # fmt: skip
             setattr(self, name, getattr(self, name)[rows])
         for name, stat in self.slot_stats.items():
             self.slot_stats[name] = stat[rows]
@@ -354,18 +522,34 @@ class QuantizedKVLayer(KVLayer):
         def per_item(*tensors: torch.Tensor) -> int:  # bytes of one item along dim 2, all tensors
             return sum(math.prod(t.shape[3:]) * t.element_size() for t in tensors)
 
-        key_group = per_item(self._kq, self._kscale, self._kzero)
-        value_token = per_item(self._vq, self._vscale, self._vzero)
-        fp_token = per_item(self._kres)
+        key_group = per_item(self._kq_buf, self._ks_buf, self._kz_buf)
+        value_token = per_item(self._vq_buf, self._vs_buf, self._vz_buf)
+        fp_token = per_item(self._kring)
         kb = (self._nk // g) * key_group + (self._n - self._nk) * fp_token
         vb = self._nv * value_token + (self._n - self._nv) * fp_token
         return (kb + vb).sum(-1)
 
     def stored_bytes(self) -> int:
+        """Bytes of every buffer this layer holds: spare capacity, dump slots and positions included."""
         if not self._ready:
             return 0
-        names = ("_pos", "_kq", "_kscale", "_kzero", "_kres", "_vq", "_vscale", "_vzero", "_vres")
+        names = (
+            "_pos_buf",
+            "_kq_buf",
+            "_ks_buf",
+            "_kz_buf",
+            "_kring",
+            "_vq_buf",
+            "_vs_buf",
+            "_vz_buf",
+            "_vring",
+        )
         return sum(getattr(self, x).numel() * getattr(self, x).element_size() for x in names)
+
+
+def kernel_on_cpu() -> bool:
+    """Run the fused decode kernel on CPU tensors too (only under Triton's interpreter, for tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and kivi_kernels.triton is not None
 
 
 @register

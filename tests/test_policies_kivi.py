@@ -80,8 +80,9 @@ def test_exact_bytes_and_storage_dtypes():
     assert kivi_bytes(n, d, 2, 32, 128, 4) == (keys, values)
     assert layer._kq.dtype == torch.uint8 and layer._kq.shape == (1, 2, 8, 64, 8)
     assert layer._vq.dtype == torch.uint8 and layer._vq.shape == (1, 2, 128, 16)
-    assert layer._kscale.dtype == torch.float32 and layer._kres.shape[2] == 0
-    assert layer._vres.shape[2] == 128
+    assert layer._kscale.dtype == torch.float32 and layer._kres.dtype == torch.float32
+    # every key quantised, the newest 128 values in the (ring) residual
+    assert (layer._n - layer._nk).tolist() == [[0, 0]] and (layer._n - layer._nv).tolist() == [[128, 128]]
     full = 2 * n * d * 4 * 2
     assert layer.kept_bytes_per_row().item() / full == pytest.approx(
         make_policy("kivi", bits=2).target_ratio(n, dtype_bytes=4, head_dim=d)

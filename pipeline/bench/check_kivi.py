@@ -1,0 +1,254 @@
+"""KIVI decode on a GPU: the fused kernel's correctness and speed (`python -m pipeline.bench.check_kivi`).
+
+Correctness: the fused kernel against the float64 reference (`decode_attention_reference`) on
+fresh random ragged stores (bits 2 and 4, GQA groups 1 and 4, head_dim 64 and 128) and on
+stores a real `QuantizedKVLayer` built at Llama-8B shapes; outputs are poisoned (NaN) first and
+must be fully written. Timing (CUDA events, median; `triton.testing.do_bench`) at Llama-8B
+shapes (32 query heads, 8 kv heads, head_dim 128, bf16), 32K tokens, batch 4 and 32:
+
+- fused: the Triton kernel over the packed store;
+- deq+sdpa: the layer's de-quantised keys/values (its reference path), then SDPA's flash kernel
+  (GQA folded into the query axis, no mask);
+- sdpa-bf16: SDPA's flash kernel over a full-precision bf16 cache of the same length;
+- step: one layer's whole decode step (append + flush + attend) with the fused kernel.
+
+Bytes are the fewest each must move (inputs read once; deq+sdpa also writes and reads back
+bf16 keys/values). Full numbers go to $OUT/check_kivi.json (or ./check_kivi.json); a table last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.kv_cache import StepContext
+from policies.kivi import QuantizedKVLayer
+from policies.kivi_kernels import KiviStore, decode_attention, decode_attention_reference
+
+H, HKV, D = 32, 8, 128
+DT = torch.bfloat16
+DEV = "cuda"  # a CPU smoke test under TRITON_INTERPRET=1 sets "cpu" (and DT float16)
+
+
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _empty() -> None:
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def rows(store: KiviStore, sl: slice) -> KiviStore:
+    fields = {k: v[sl] if isinstance(v, torch.Tensor) else v for k, v in vars(store).items()}
+    return KiviStore(**fields)
+
+
+def reference64(q: torch.Tensor, store: KiviStore, scaling: float, chunk: int = 2) -> torch.Tensor:
+    """float64 reference, a few rows at a time (bounded memory)."""
+    outs = [
+        decode_attention_reference(q[i : i + chunk], rows(store, slice(i, i + chunk)), scaling, torch.float64)
+        for i in range(0, q.shape[0], chunk)
+    ]
+    return torch.cat(outs)
+
+
+def random_store(b, h, d, bits, g, max_n, gen) -> KiviStore:
+    gv = min(g, d)
+    dev = DEV
+    n = torch.randint(1, max_n + 1, (b, h), generator=gen)
+    n[0, 0] = max_n
+    nk = (torch.rand((b, h), generator=gen) * n / g).floor().long() * g
+    nv = (torch.rand((b, h), generator=gen) * (n + 1)).floor().long().clamp(max=n)
+    groups = -(-max_n // g) + 1
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen) * scale).to(DT).to(dev)
+
+    def u8(*shape):
+        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(dev)
+
+    return KiviStore(
+        n.to(dev), nk.to(dev), nv.to(dev),
+        u8(b, h, groups, d, g * bits // 8), rnd(b, h, groups, d, scale=0.3).abs(), rnd(b, h, groups, d),
+        rnd(b, h, 97, d), u8(b, h, max_n + 3, d * bits // 8),
+        rnd(b, h, max_n + 3, d // gv, scale=0.3).abs(), rnd(b, h, max_n + 3, d // gv), rnd(b, h, 161, d),
+        bits, g,
+    )  # fmt: skip
+
+
+def check_random(results: list) -> bool:
+    ok = True
+    gen = torch.Generator().manual_seed(1234)
+    for bits in (2, 4):
+        for group, d in ((1, 64), (4, 128), (4, 64), (1, 128)):
+            b, h, max_n = 3, 4, 5000
+            store = random_store(b, h, d, bits, 32, max_n, gen)
+            q = torch.randn((b, group * h, 1, d), generator=gen).to(DT).to(DEV)
+            out = torch.full_like(q, float("nan"))
+            decode_attention(q, store, d**-0.5, max_tokens=max_n, out=out)
+            _sync()
+            err = rel_err(out, reference64(q, store, d**-0.5))
+            good = bool(torch.isfinite(out).all()) and err < 1e-2
+            ok &= good
+            results.append(dict(check="random", bits=bits, group=group, d=d, rel_err=err, ok=good))
+            verdict = "ok" if good else "FAIL"
+            print(f"random ragged store bits={bits} group={group} d={d}: rel err {err:.2e} {verdict}")
+    return ok
+
+
+def build_layer(b: int, n: int, bits: int, extra: int) -> QuantizedKVLayer:
+    """A layer holding `n` prompt tokens per row (prefill + flush), sized for `extra` decode tokens."""
+    layer = QuantizedKVLayer(bits, 32, 128)
+    pos = torch.arange(n, device=DEV)[None].expand(b, n)
+    chunk = 8192
+    for lo in range(0, n, chunk):  # chunked appends bound the float32 temporaries of quantisation
+        k = torch.randn((b, HKV, min(chunk, n - lo), D), device=DEV, dtype=DT)
+        v = torch.randn_like(k)
+        layer.append(k, v, pos[:, lo : lo + chunk])
+        layer.note_padding(False)
+        layer.flush()
+        del k, v
+    layer.reserve(extra)
+    return layer
+
+
+def bench(fn) -> float:
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def time_config(b: int, n: int, bits: int, results: list, copy_gbs: float) -> bool:
+    _empty()
+    scaling = D**-0.5
+    layer = build_layer(b, n, bits, extra=64)
+    store = layer._store_for_kernel()
+    q = torch.randn((b, H, 1, D), device=DEV, dtype=DT)
+    # correctness on the real layer's store (float64 reference, two rows at a time)
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, store, scaling, max_tokens=n, out=out)
+    _sync()
+    err = rel_err(out, reference64(q, layer._store(), scaling))
+    ok = bool(torch.isfinite(out).all()) and err < 1e-2
+    print(f"layer store b={b} n={n} bits={bits}: rel err {err:.2e} {'ok' if ok else 'FAIL'}")
+
+    packed = int(layer.kept_bytes_per_row().sum())
+    kv16 = b * HKV * n * D * 2 * 2
+    t_fused = bench(lambda: decode_attention(q, store, scaling, max_tokens=n, out=out))
+    folded = q.reshape(b, HKV, H // HKV, D)
+
+    def deq_sdpa():
+        k, v = layer.keys, layer.values
+        return F.scaled_dot_product_attention(folded, k, v, scale=scaling)
+
+    flash = (
+        torch.nn.attention.SDPBackend.FLASH_ATTENTION if DEV == "cuda" else torch.nn.attention.SDPBackend.MATH
+    )
+    with torch.nn.attention.sdpa_kernel(flash):
+        t_deq = bench(deq_sdpa)
+        kf = torch.randn((b, HKV, n, D), device=DEV, dtype=DT)
+        vf = torch.randn_like(kf)
+        t_sdpa = bench(lambda: F.scaled_dot_product_attention(folded, kf, vf, scale=scaling))
+        ref16 = F.scaled_dot_product_attention(folded, layer.keys, layer.values, scale=scaling)
+    err_deq = rel_err(out.reshape(b, HKV, H // HKV, D), ref16)
+    kf = vf = None
+    _empty()
+
+    # one layer's whole decode step: append (+ flush) + attend, the way the cache calls it
+    times = []
+    next_pos = torch.full((b, 1), n, device=DEV)
+    for i in range(40):
+        kn = torch.randn((b, HKV, 1, D), device=DEV, dtype=DT)
+        vn = torch.randn_like(kn)
+        step = StepContext(cache=None, positions=next_pos + i, padded=False)
+        _sync()
+        if DEV == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        layer.append(kn, vn, step.positions)
+        layer.note_padding(False)
+        layer.attend(q, step, scaling)
+        if DEV == "cuda":
+            end.record()
+            _sync()
+            if i >= 5:
+                times.append(start.elapsed_time(end))
+        else:
+            times.append(1.0)
+    t_step = sorted(times)[len(times) // 2]
+    assert layer._hn.tolist() == layer._n.cpu().tolist()
+
+    for name, ms, nbytes in (
+        ("fused", t_fused, packed),
+        ("deq+sdpa", t_deq, packed + 2 * kv16),
+        ("sdpa-bf16", t_sdpa, kv16),
+        ("step(append+attend)", t_step, packed),
+    ):
+        results.append(
+            dict(
+                check="time",
+                name=name,
+                batch=b,
+                tokens=n,
+                bits=bits,
+                ms=ms,
+                bytes=nbytes,
+                gbs=nbytes / ms / 1e6,
+                floor_ms=nbytes / copy_gbs / 1e6,
+                rel_err=err,
+                rel_err_vs_bf16=err_deq,
+            )  # fmt: skip
+        )
+    layer = store = None
+    _empty()
+    return ok
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("check_kivi needs a CUDA GPU")
+        return 2
+    import triton
+
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    results: list = []
+    ok = check_random(results)
+    buf = torch.empty(2**28, dtype=torch.float32, device=DEV)  # 1 GiB
+    dst = torch.empty_like(buf)
+    copy_ms = bench(lambda: dst.copy_(buf))
+    copy_gbs = 2 * 2**28 * 4 / copy_ms / 1e6
+    buf = dst = None
+    print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
+    configs = [(4, 32768, 2), (32, 32768, 2), (4, 32768, 4)]
+    for b, n, bits in configs:
+        ok &= time_config(b, n, bits, results, copy_gbs)
+    out_dir = os.environ.get("OUT", ".")
+    with open(os.path.join(out_dir, "check_kivi.json"), "w") as f:
+        json.dump(dict(copy_gbs=copy_gbs, results=results), f, indent=1)
+    print(
+        f"\n{'what':<22}{'batch':>6}{'tokens':>8}{'bits':>5}{'ms':>10}{'MB':>10}{'GB/s':>8}{'floor ms':>10}"
+    )
+    for r in results:
+        if r["check"] == "time":
+            print(
+                f"{r['name']:<22}{r['batch']:>6}{r['tokens']:>8}{r['bits']:>5}{r['ms']:>10.4f}"
+                f"{r['bytes'] / 1e6:>10.1f}{r['gbs']:>8.0f}{r['floor_ms']:>10.4f}"
+            )
+    errs = [r["rel_err"] for r in results]
+    print(f"correctness: {'all ok' if ok else 'FAILED'}; max rel err vs float64 {max(errs):.2e}")
+    return 0 if ok and all(math.isfinite(e) for e in errs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -93,6 +93,7 @@ def test_environment_baselines_targets_and_markdown(tiny_run):
     assert result["micro"]["prefill_chunk"]["ms"]["kvpipe_bool_mask"] is not None
     hf = result["baselines"]["hf_generate"]
     assert {h["context"] for h in hf} == set(CONTEXTS) and all(h["step_ms"] is not None for h in hf)
+    assert {h["sdpa"] for h in hf} == {"default", "no-cudnn"}  # the target takes the faster one
     kinds = {t["target"] for t in result["targets"]}
     assert kinds == {"overhead", "throughput", "roofline", "memory", "hf"}
     assert all(t["pass"] in (True, False, None) for t in result["targets"])

@@ -319,9 +319,30 @@ def search_max_batch(
 # -- baselines ---------------------------------------------------------------------------------
 
 
-def hf_generate(bm: BenchModel, batch: int, context: int, steps: int, seed: int) -> dict:
-    """transformers `generate` (DynamicCache, sdpa): step = (t(N+1 tokens) - t(1 token)) / N."""
+HF_SDPA_VARIANTS = ("default", "no-cudnn")
+
+
+def hf_generate(
+    bm: BenchModel, batch: int, context: int, steps: int, seed: int, sdpa: str = "default"
+) -> dict:
+    """transformers `generate` (DynamicCache, sdpa): step = (t(N+1 tokens) - t(1 token)) / N.
+
+    `sdpa`: "default" (PyTorch picks the backend: cuDNN on Hopper, which plans anew for every
+    cache length) or "no-cudnn" (flash / memory-efficient / math only, as kvpipe decodes); the
+    targets compare with the faster of the two.
+    """
+    import contextlib
     import time
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if sdpa not in HF_SDPA_VARIANTS:
+        raise ValueError(f"sdpa variant must be one of {HF_SDPA_VARIANTS}")
+
+    def backends():  # a fresh context manager per use
+        if sdpa == "no-cudnn":
+            return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+        return contextlib.nullcontext()
 
     device = bm.device
     use_sdpa_attention(bm)
@@ -331,9 +352,15 @@ def hf_generate(bm: BenchModel, batch: int, context: int, steps: int, seed: int)
     def run(n: int, x: torch.Tensor, m: torch.Tensor) -> tuple[float, int]:
         gpu.sync(device)
         t0 = time.perf_counter()
-        out = bm.model.generate(
-            input_ids=x, attention_mask=m, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
-        )
+        with backends():
+            out = bm.model.generate(
+                input_ids=x,
+                attention_mask=m,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
         gpu.sync(device)
         return time.perf_counter() - t0, out.shape[1] - x.shape[1]
 
@@ -348,6 +375,7 @@ def hf_generate(bm: BenchModel, batch: int, context: int, steps: int, seed: int)
     out = {
         "batch": batch,
         "context": context,
+        "sdpa": sdpa,
         "steps": nn - n1,
         "t_1_token_s": t1,
         "t_n_tokens_s": tn,
@@ -355,8 +383,8 @@ def hf_generate(bm: BenchModel, batch: int, context: int, steps: int, seed: int)
         "tokens_per_s": batch / step if step > 0 else None,
         "reliable": step > 0,  # t(N+1) <= t(1) only happens when noise swamps N steps
         "peak_bytes": gpu.peak_bytes(device),
-        "method": "model.generate(max_new_tokens=min_new_tokens=n, greedy), attn sdpa, DynamicCache; "
-        "step = (t(N+1) - t(1)) / N",
+        "method": f"model.generate(max_new_tokens=min_new_tokens=n, greedy), attn sdpa ({sdpa} backends), "
+        "DynamicCache; step = (t(N+1) - t(1)) / N",
     }
     del ids, mask
     gpu.cleanup(device)

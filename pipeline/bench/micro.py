@@ -1,9 +1,10 @@
 """Attention micro-benchmarks at one decode shape: what kvpipe's attention path costs per layer.
 
-For the hot-path notes: the mask kvpipe builds every step (with its host sync), the SDPA call
-as kvpipe makes it (boolean mask; shared mask with `enable_gqa`, or per-head mask with folded
-query heads), the same attention with no mask, the `torch.cat` that grows a layer per step,
-and which SDPA backends accept each call form. Each is compared with the bytes it must read.
+For the hot-path notes: the engine's decode attention (`KVLayer.attend` on a cache without
+empty slots), the mask kvpipe builds where slots are empty, the SDPA call forms with a mask
+(shared mask with `enable_gqa`, or per-head mask with folded query heads), the same attention
+with no mask, the `torch.cat` a layer would cost per step without spare capacity, and which
+SDPA backends accept each call form. Each is compared with the bytes it must read.
 """
 
 from __future__ import annotations
@@ -82,7 +83,13 @@ def attention_micro(config, device: torch.device, dtype: torch.dtype, batch: int
     mask_heads = per_head.attention_mask(qpos)  # [b, h, 1, s]
     folded = q.reshape(batch, kv_heads, group, d)
 
+    from pipeline.kv_cache import StepContext
+
+    decode_step = StepContext(cache=None, positions=qpos, padded=False)
     calls = {
+        "kvpipe_attend (decode, no empty slot: the engine's path)": lambda: shared.attend(
+            q, decode_step, scale
+        ),
         "kvpipe_shared_mask_gqa": lambda: grouped_attention(q, k, v, mask_shared, scale),
         "kvpipe_per_head_mask_folded": lambda: grouped_attention(q, k, v, mask_heads, scale),
         "sdpa_no_mask_gqa": lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True),
@@ -103,9 +110,7 @@ def attention_micro(config, device: torch.device, dtype: torch.dtype, batch: int
             out["ms"][name] = None
             out.setdefault("errors", {})[name] = str(exc).splitlines()[0][:200]
         out["backends"][name] = _eligible(fn)
-    out["ms"]["mask_build_shared (with .all() host sync)"] = _time(
-        lambda: shared.attention_mask(qpos), device, reps
-    )
+    out["ms"]["mask_build_shared"] = _time(lambda: shared.attention_mask(qpos), device, reps)
     out["ms"]["mask_build_per_head"] = _time(lambda: per_head.attention_mask(qpos), device, reps)
     out["ms"]["cat_append_one_token (keys+values)"] = _time(
         lambda: (torch.cat([k, k_new], dim=-2), torch.cat([v, k_new], dim=-2)), device, reps

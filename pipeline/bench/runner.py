@@ -448,17 +448,20 @@ class Bench:
         )
         batches = [given] + ([largest] if s.hf_at_max_batch and largest and largest != given else [])
         for batch in batches:
-            self.check_time()
-            self.log(f"HF generate ctx {full['context']} batch {batch} ...")
-            out, err = self.attempt(
-                "hf generate",
-                lambda b=batch: measure.hf_generate(self.bm, b, full["context"], s.decode_steps, s.seed),
-            )
-            measure.use_kvpipe_attention(self.bm)
-            entry = out or {"context": full["context"], "batch": batch, "error": err}
-            self.result["baselines"]["hf_generate"].append(entry)
-            if out:
-                self.log(f"  HF step {out['step_ms']:.2f} ms at batch {batch}")
+            for sdpa in measure.HF_SDPA_VARIANTS:
+                self.check_time()
+                self.log(f"HF generate ctx {full['context']} batch {batch} ({sdpa} sdpa) ...")
+                out, err = self.attempt(
+                    "hf generate",
+                    lambda b=batch, v=sdpa: measure.hf_generate(
+                        self.bm, b, full["context"], s.decode_steps, s.seed, v
+                    ),
+                )
+                measure.use_kvpipe_attention(self.bm)
+                entry = out or {"context": full["context"], "batch": batch, "sdpa": sdpa, "error": err}
+                self.result["baselines"]["hf_generate"].append(entry)
+                if out:
+                    self.log(f"  HF step {out['step_ms']:.2f} ms at batch {batch} ({sdpa})")
 
 
 def _gib(n) -> str:

@@ -204,9 +204,12 @@ if triton is not None:
         split = tl.program_id(1)
         b = bh // H
         h = bh % H
-        n = tl.load(N + bh)
-        nk = tl.load(NK + bh)
-        nv = tl.load(NV + bh)
+        # 32-bit token arithmetic (64-bit division and modulo are emulated, and slow); 64-bit bases
+        n = tl.load(N + bh).to(tl.int32)
+        nk = tl.load(NK + bh).to(tl.int32)
+        nv = tl.load(NV + bh).to(tl.int32)
+        b = b.to(tl.int64)
+        h = h.to(tl.int64)
 
         rm = tl.arange(0, M)
         c = tl.arange(0, D)

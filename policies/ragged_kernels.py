@@ -186,13 +186,19 @@ def _kernels(interpret: bool):
     import triton.language
 
     tl = triton.language
-    return triton.jit(_partial_kernel), triton.jit(_reduce_kernel)
+    # per-step values (the tail grows by one token a step): not specialized, so that a tail of
+    # 1 or of a multiple of 16 tokens does not compile another variant in the middle of decoding
+    varying = ["tail_len", "flat_splits", "total_splits", "chunk"]
+    return (
+        triton.jit(_partial_kernel, do_not_specialize=varying),
+        triton.jit(_reduce_kernel, do_not_specialize=["total_splits"]),
+    )
 
 
 @functools.lru_cache(maxsize=8)
 def _num_sms(index: int | None) -> int:
     if index is None or not torch.cuda.is_available():
-        return 8
+        return 8  # the interpreter on CPU: a small figure keeps the test grids small
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
@@ -202,7 +208,10 @@ def _next_pow2(x: int) -> int:
 
 def split_size(total_tokens: int, device: torch.device) -> int:
     """Tokens per split: about 8 splits per multiprocessor over the whole store, 128..4096."""
-    sms = _num_sms(device.index if device.type == "cuda" else None)
+    index = None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    sms = _num_sms(index)
     return min(4096, max(2 * BLOCK_N, _next_pow2(-(-total_tokens // (8 * sms)))))
 
 

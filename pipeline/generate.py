@@ -8,6 +8,7 @@ Finished rows leave the batch, so their cache stops costing memory and compute.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline import attention
+from pipeline.attention_math import decode_backends
 from pipeline.kv_cache import EMPTY, CompressedCache, StepContext
 from policies.base import Budget, Policy, row_budgets
 
@@ -87,6 +89,8 @@ class Generator:
         self.dtype = next(model.parameters()).dtype
         model.set_attn_implementation(attention.ATTN_NAME)
         self._cache_kw = _cache_kwarg(model)
+        # A ready 4D mask keeps transformers from building one (one element, expanded per call).
+        self._ready_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
 
     # -- helpers ----------------------------------------------------------------------------
     def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,12 +113,11 @@ class Generator:
         )
         cache.step = step
         b, q = ids.shape
-        rope_positions = positions.clamp(min=0)  # padding's rotary angle is irrelevant
-        ready_mask = torch.ones((b, 1, q, 1), dtype=torch.bool, device=ids.device)  # never read
+        rope_positions = positions.clamp(min=0) if padded else positions  # padding's angle is irrelevant
         out = self.model(
             input_ids=ids,
             position_ids=rope_positions,
-            attention_mask=ready_mask,
+            attention_mask=self._ready_mask.expand(b, 1, q, 1),  # never read: the cache masks
             use_cache=True,
             logits_to_keep=1,
             **{self._cache_kw: cache, attention.CTX_KWARG: step},
@@ -183,7 +186,8 @@ class Generator:
     def decode_step(self, cache, tokens: torch.Tensor, next_pos: torch.Tensor, budgets) -> torch.Tensor:
         """One decode step: `tokens` [b] at `next_pos` [b]; next logits [b, vocab]."""
         compress = self.budget is not None and self.policy.compress_during_decode
-        return self._forward(cache, tokens[:, None], next_pos[:, None], compress, budgets, padded=False)
+        with decode_backends() if self.device.type == "cuda" else contextlib.nullcontext():
+            return self._forward(cache, tokens[:, None], next_pos[:, None], compress, budgets, padded=False)
 
     # -- the batch --------------------------------------------------------------------------
     @torch.inference_mode()

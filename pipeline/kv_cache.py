@@ -35,6 +35,13 @@ class StepContext:
     extras: dict = field(default_factory=dict)  # policy-specific per-step data
     padded: bool = True  # some new token is padding (EMPTY); the engine knows it without a device sync
 
+    @property
+    def slot_positions(self) -> torch.Tensor:
+        """`positions` as the int32 the cache stores (converted once per forward, not per layer)."""
+        if "_slot_positions" not in self.extras:
+            self.extras["_slot_positions"] = self.positions.to(torch.int32)
+        return self.extras["_slot_positions"]
+
 
 class SlotBuffer:
     """A tensor that grows along its slot dimension (2) with spare capacity; `view` is the used part."""
@@ -165,7 +172,11 @@ class KVLayer(CacheLayerMixin):
 
     # -- kvpipe ----------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
-        """Store new tokens ([b, h, q, d]) at `positions` ([b, q]); return all stored keys/values."""
+        """Store new tokens ([b, h, q, d]) at `positions` ([b, q]).
+
+        Returns the stored keys/values for direct callers; the cache ignores it (attention reads
+        the layer through `attend`), so storage forms may return None.
+        """
         if not self.is_initialized:
             self.lazy_initialization(keys, values)
         b, h, q, _ = keys.shape
@@ -262,7 +273,7 @@ class CompressedCache(Cache):
         if self.step is None:
             raise RuntimeError("CompressedCache.update called without a StepContext")
         layer = self.layers[layer_idx]
-        layer.append(key_states, value_states, self.step.positions)
+        layer.append(key_states, value_states, self.step.slot_positions)
         layer.note_padding(self.step.padded)
         # attention reads the layer's own storage (`KVLayer.attend`), not these
         return key_states, value_states

@@ -145,44 +145,94 @@ def decode_attention_reference(
 if triton is not None:
 
     @triton.jit
+    def _kivi_block(
+        q, m_i, l_i, acc, start, n, nk, nv, qk_scale,
+        kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
+        skg, ssg, srt, svt, sut, swt, Wk, Wv,
+        D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr,
+        IEEE: tl.constexpr, FAST: tl.constexpr,
+    ):  # fmt: skip
+        """One block of BN tokens from `start`; FAST: every token's key and value is quantised
+        (no residual loads, no length masks)."""
+        PER: tl.constexpr = 8 // BITS
+        GB: tl.constexpr = G // PER  # bytes per channel of a key group
+        NB: tl.constexpr = BN // PER  # tokens per sub-tile (one bit offset)
+        MASK: tl.constexpr = (1 << BITS) - 1
+        c = tl.arange(0, D)
+        r = tl.arange(0, NB)
+        dt = q.dtype
+        grp_local = r // GB  # key group of each sub-tile row, within the block
+        byte_in = r % GB  # its byte within the group's channel
+        gidx = start // G + grp_local  # [NB]
+        first = start + grp_local * G + byte_in * PER  # token at bit offset 0 of each row's byte
+        if FAST:
+            kbytes = tl.load(kq_base + gidx[None, :] * skg + c[:, None] * GB + byte_in[None, :])
+            kscale = tl.load(ks_base + gidx[None, :] * ssg + c[:, None]).to(tl.float32)
+            kzero = tl.load(kz_base + gidx[None, :] * ssg + c[:, None]).to(tl.float32)
+        else:
+            kq_ok = (first < nk)[None, :]
+            kbytes = tl.load(
+                kq_base + gidx[None, :] * skg + c[:, None] * GB + byte_in[None, :], mask=kq_ok, other=0
+            )
+            kscale = tl.load(ks_base + gidx[None, :] * ssg + c[:, None], mask=kq_ok, other=0.0).to(tl.float32)
+            kzero = tl.load(kz_base + gidx[None, :] * ssg + c[:, None], mask=kq_ok, other=0.0).to(tl.float32)
+        for s in tl.static_range(PER):
+            tok = first + s  # [NB]
+            # keys [D, NB]: quantised rows, else the residual ring
+            kint = ((kbytes >> (s * BITS)) & MASK).to(tl.float32)
+            if FAST:
+                kt = (kint * kscale + kzero).to(dt)
+            else:
+                inside = tok < n
+                kres = tl.load(
+                    kr_base + (tok % Wk)[None, :] * srt + c[:, None],
+                    mask=((tok >= nk) & inside)[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                kt = tl.where(kq_ok, kint * kscale + kzero, kres).to(dt)
+            if IEEE:
+                scores = tl.dot(q, kt, input_precision="ieee")
+            else:
+                scores = tl.dot(q, kt)
+            scores = scores * qk_scale
+            if not FAST:
+                scores = tl.where(inside[None, :], scores, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(scores - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            # values [NB, D]: quantised tokens, else the residual ring
+            if FAST:
+                vbytes = tl.load(vq_base + tok[:, None] * svt + (c // PER)[None, :])
+                vscale = tl.load(vs_base + tok[:, None] * sut + (c // GV)[None, :])
+                vzero = tl.load(vz_base + tok[:, None] * sut + (c // GV)[None, :])
+                vint = ((vbytes >> ((c % PER) * BITS)[None, :]) & MASK).to(tl.float32)
+                v = (vint * vscale.to(tl.float32) + vzero.to(tl.float32)).to(dt)
+            else:
+                vq_ok = (tok < nv)[:, None]
+                vbytes = tl.load(vq_base + tok[:, None] * svt + (c // PER)[None, :], mask=vq_ok, other=0)
+                vint = ((vbytes >> ((c % PER) * BITS)[None, :]) & MASK).to(tl.float32)
+                vscale = tl.load(vs_base + tok[:, None] * sut + (c // GV)[None, :], mask=vq_ok, other=0.0)
+                vzero = tl.load(vz_base + tok[:, None] * sut + (c // GV)[None, :], mask=vq_ok, other=0.0)
+                vres = tl.load(
+                    vr_base + (tok % Wv)[:, None] * swt + c[None, :],
+                    mask=((tok >= nv) & inside)[:, None],
+                    other=0.0,
+                ).to(tl.float32)
+                v = tl.where(vq_ok, vint * vscale.to(tl.float32) + vzero.to(tl.float32), vres).to(dt)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
+            m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
     def _kivi_decode_split(
-        Q,
-        N,
-        NK,
-        NV,
-        KQ,
-        KS,
-        KZ,
-        KR,
-        VQ,
-        VS,
-        VZ,
-        VR,
-        OP,
-        MP,
-        LP,
-        sqb,
-        sqh,
-        skb,
-        skh,
-        skg,
-        ssb,
-        ssh,
-        ssg,
-        srb,
-        srh,
-        srt,
-        svb,
-        svh,
-        svt,
-        sub,
-        suh,
-        sut,
-        swb,
-        swh,
-        swt,
-        Wk,
-        Wv,
+        Q, N, NK, NV, KQ, KS, KZ, KR, VQ, VS, VZ, VR, OP, MP, LP,
+        sqb, sqh, skb, skh, skg, ssb, ssh, ssg, srb, srh, srt, svb, svh, svt, sub, suh, sut, swb, swh, swt,
+        Wk, Wv,
         H: tl.constexpr,
         per_split,
         num_splits,
@@ -195,11 +245,7 @@ if triton is not None:
         M: tl.constexpr,
         BN: tl.constexpr,
         IEEE: tl.constexpr,
-    ):
-        PER: tl.constexpr = 8 // BITS
-        GB: tl.constexpr = G // PER  # bytes per channel of a key group
-        NB: tl.constexpr = BN // PER  # tokens per sub-tile (one bit offset)
-        MASK: tl.constexpr = (1 << BITS) - 1
+    ):  # fmt: skip
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // H
@@ -213,12 +259,10 @@ if triton is not None:
 
         rm = tl.arange(0, M)
         c = tl.arange(0, D)
-        r = tl.arange(0, NB)
         qmask = rm < GROUP
         q = tl.load(
             Q + b * sqb + (h * GROUP + rm)[:, None] * sqh + c[None, :], mask=qmask[:, None], other=0.0
         )
-        dt = q.dtype
 
         m_i = tl.full([M], -float("inf"), tl.float32)
         l_i = tl.zeros([M], tl.float32)
@@ -232,58 +276,24 @@ if triton is not None:
         vs_base = VS + b * sub + h * suh
         vz_base = VZ + b * sub + h * suh
         vr_base = VR + b * swb + h * swh
-        grp_local = r // GB  # key group of each sub-tile row, within the block
-        byte_in = r % GB  # its byte within the group's channel
 
         lo = split * per_split
         hi = tl.minimum(lo + per_split, n)
-        for start in range(lo, hi, BN):
-            gidx = start // G + grp_local  # [NB]
-            first = start + grp_local * G + byte_in * PER  # token at bit offset 0 of each row's byte
-            kq_ok = (first < nk)[None, :]
-            kbytes = tl.load(
-                kq_base + gidx[None, :] * skg + c[:, None] * GB + byte_in[None, :], mask=kq_ok, other=0
-            )
-            kscale = tl.load(ks_base + gidx[None, :] * ssg + c[:, None], mask=kq_ok, other=0.0).to(tl.float32)
-            kzero = tl.load(kz_base + gidx[None, :] * ssg + c[:, None], mask=kq_ok, other=0.0).to(tl.float32)
-            for s in tl.static_range(PER):
-                tok = first + s  # [NB]
-                inside = tok < n
-                # keys [D, NB]: quantised rows, else the residual ring
-                kint = ((kbytes >> (s * BITS)) & MASK).to(tl.float32)
-                kres = tl.load(
-                    kr_base + (tok % Wk)[None, :] * srt + c[:, None],
-                    mask=((tok >= nk) & inside)[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                kt = tl.where(kq_ok, kint * kscale + kzero, kres).to(dt)
-                if IEEE:
-                    scores = tl.dot(q, kt, input_precision="ieee")
-                else:
-                    scores = tl.dot(q, kt)
-                scores = tl.where(inside[None, :], scores * qk_scale, -float("inf"))
-                m_new = tl.maximum(m_i, tl.max(scores, 1))
-                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(scores - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                # values [NB, D]: quantised tokens, else the residual ring
-                vq_ok = (tok < nv)[:, None]
-                vbytes = tl.load(vq_base + tok[:, None] * svt + (c // PER)[None, :], mask=vq_ok, other=0)
-                vint = ((vbytes >> ((c % PER) * BITS)[None, :]) & MASK).to(tl.float32)
-                vscale = tl.load(vs_base + tok[:, None] * sut + (c // GV)[None, :], mask=vq_ok, other=0.0)
-                vzero = tl.load(vz_base + tok[:, None] * sut + (c // GV)[None, :], mask=vq_ok, other=0.0)
-                vres = tl.load(
-                    vr_base + (tok % Wv)[:, None] * swt + c[None, :],
-                    mask=((tok >= nv) & inside)[:, None],
-                    other=0.0,
-                ).to(tl.float32)
-                v = tl.where(vq_ok, vint * vscale.to(tl.float32) + vzero.to(tl.float32), vres).to(dt)
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
-                m_i = m_new
+        # blocks whose every key and value is quantised: no residual, no masks
+        quant = tl.minimum(hi, tl.minimum(nk, nv))
+        fast_end = tl.maximum(lo, lo + ((quant - lo) // BN) * BN)
+        for start in range(lo, fast_end, BN):
+            m_i, l_i, acc = _kivi_block(
+                q, m_i, l_i, acc, start, n, nk, nv, qk_scale,
+                kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
+                skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, True,
+            )  # fmt: skip
+        for start in range(fast_end, hi, BN):
+            m_i, l_i, acc = _kivi_block(
+                q, m_i, l_i, acc, start, n, nk, nv, qk_scale,
+                kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
+                skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, False,
+            )  # fmt: skip
 
         part = bh * num_splits + split
         tl.store(OP + (part * M + rm)[:, None] * D + c[None, :], acc)
@@ -349,11 +359,14 @@ def decode_attention(
     max_tokens: int,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    block_n: int = BLOCK_N,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Fused decode attention [b, H, 1, d] (query's dtype) over the packed store.
 
     `max_tokens` is a host-side upper bound of `store.n` (no device sync here); `num_splits`
-    overrides how many programs share one (row, kv head)'s tokens.
+    overrides how many programs share one (row, kv head)'s tokens; `block_n` (a multiple of the
+    key group and of 8 // bits, a power of two) and `num_warps` tune the split kernel.
     """
     if triton is None:
         raise RuntimeError("kivi decode kernel needs triton")
@@ -362,7 +375,8 @@ def decode_attention(
     group = num_heads // h
     assert q_len == 1 and num_heads == group * h
     m = max(16, triton.next_power_of_2(group))
-    bn = BLOCK_N
+    bn = block_n
+    assert bn % store.group_size == 0 and bn & (bn - 1) == 0
     blocks = max(1, triton.cdiv(max(max_tokens, 1), bn))
     if num_splits is None:
         num_splits = max(1, min(blocks, triton.cdiv(_programs_wanted(query.device), b * h)))
@@ -433,7 +447,7 @@ def decode_attention(
         M=m,
         BN=bn,
         IEEE=query.dtype == torch.float32,
-        num_warps=4,
+        num_warps=num_warps,
     )
     _kivi_decode_merge[(b * h,)](
         o_part,

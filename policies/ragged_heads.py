@@ -38,6 +38,7 @@ class RaggedKVLayer(KVLayer):
         # computed once per compression (`_index_segments`), read by every decode step
         self.seg_offsets: torch.Tensor | None = None  # [b * h] int64: exclusive cumsum of seg_lens
         self.seg_lens32: torch.Tensor | None = None  # [b * h] int32
+        self.seg_cu: torch.Tensor | None = None  # [b * h + 1] int32: inclusive cumsum with a leading 0
         self.max_seg = 0  # host int: the longest segment (no device read per step)
 
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -53,33 +54,51 @@ class RaggedKVLayer(KVLayer):
         lens = self.seg_lens.reshape(-1)
         self.seg_offsets = torch.cumsum(lens, 0) - lens
         self.seg_lens32 = lens.to(torch.int32)
+        self.seg_cu = torch.cat([lens.new_zeros(1), torch.cumsum(lens, 0)]).to(torch.int32)
         self.max_seg = max_seg
 
     # -- dense view (transient) -------------------------------------------------------------
-    def _segment_mask(self) -> torch.Tensor:
-        width = self.max_seg
-        return torch.arange(width, device=self.seg_lens.device) < self.seg_lens[..., None]  # [b, h, M]
+    def _dense_rows(self, width: int) -> torch.Tensor:
+        """[N] row of each flat token in a [b * h * width, ...] padded form (segment i at rows i * width...).
 
-    @staticmethod
-    def _unpack(flat: torch.Tensor, fill, mask: torch.Tensor) -> torch.Tensor:
-        out = flat.new_full((*mask.shape, *flat.shape[1:]), fill)
-        out[mask] = flat
+        Built from the segment lengths without a device sync (`output_size` is the host N)."""
+        lens = self.seg_lens.reshape(-1)
+        n = self.flat_keys.shape[0]
+        seg = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens, output_size=n)
+        return seg * width + (torch.arange(n, device=lens.device) - self.seg_offsets[seg])
+
+    def _padded(self, flat: torch.Tensor, tail: torch.Tensor, fill, rows: torch.Tensor) -> torch.Tensor:
+        """[b, h, max_seg + t, ...]: each (row, head)'s segment, `fill` after it, then the tail (one copy)."""
+        b, h, t = tail.shape[:3]
+        width = self.max_seg + t
+        out = tail.new_full((b, h, width, *tail.shape[3:]), fill)
+        if flat.shape[0]:
+            out.view(b * h * width, -1)[rows] = flat.reshape(flat.shape[0], -1)
+        out[:, :, self.max_seg :] = tail
         return out
 
     def dense_positions(self) -> torch.Tensor:
-        mask = self._segment_mask()
-        return torch.cat([self._unpack(self.flat_positions, EMPTY, mask), self.positions], dim=-1)
+        if self.max_seg == 0:
+            return self.positions
+        rows = self._dense_rows(self.max_seg + self.positions.shape[-1])
+        return self._padded(self.flat_positions, self.positions, EMPTY, rows)
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(keys, values, positions) of every slot, padded per (row, head): a transient copy."""
-        mask = self._segment_mask()
-        keys = torch.cat([self._unpack(self.flat_keys, 0, mask), self.keys], dim=-2)
-        values = torch.cat([self._unpack(self.flat_values, 0, mask), self.values], dim=-2)
-        positions = torch.cat([self._unpack(self.flat_positions, EMPTY, mask), self.positions], dim=-1)
+        """(keys, values, positions) of every slot, padded per (row, head): a transient copy
+        (the tail itself, not a copy, while nothing was compressed)."""
+        if self.max_seg == 0:
+            return self.keys, self.values, self.positions
+        rows = self._dense_rows(self.max_seg + self.keys.shape[-2])
+        keys = self._padded(self.flat_keys, self.keys, 0, rows)
+        values = self._padded(self.flat_values, self.values, 0, rows)
+        positions = self._padded(self.flat_positions, self.positions, EMPTY, rows)
         return keys, values, positions
 
     def as_dense(self) -> KVLayer:
-        """A plain `KVLayer` over the dense view (for scoring and `keep_topk`); see `store_dense`."""
+        """A plain `KVLayer` over the dense view (for scoring and `keep_topk`); see `store_dense`.
+
+        Its `keep` replaces the view's tensors and never writes into them, so a view sharing the
+        layer's tail (nothing compressed yet) leaves the layer intact."""
         view = KVLayer()
         view.keys, view.values, view.positions = self.dense()
         view.device = self.device
@@ -89,12 +108,15 @@ class RaggedKVLayer(KVLayer):
     def store_dense(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Replace the layer's content by the filled slots of a dense [b, h, k, ...] form."""
         filled = positions != EMPTY
-        self.flat_keys = keys[filled].contiguous()
-        self.flat_values = values[filled].contiguous()
-        self.flat_positions = positions[filled].to(torch.int32).contiguous()
         self.seg_lens = filled.sum(-1)
-        # one device sync per compression: the longest segment sizes views and the decode grid
-        self._index_segments(int(self.seg_lens.max()) if self.seg_lens.numel() else 0)
+        longest = self.seg_lens.max() if self.seg_lens.numel() else None
+        # one device sync per compression (the nonzero): the flat token count sizes the store;
+        # the longest segment (sizes views and the decode grid) is read right after it
+        index = filled.reshape(-1).nonzero().squeeze(1)
+        self.flat_keys = keys.reshape(-1, keys.shape[-1]).index_select(0, index)
+        self.flat_values = values.reshape(-1, values.shape[-1]).index_select(0, index)
+        self.flat_positions = positions.reshape(-1).index_select(0, index).to(torch.int32)
+        self._index_segments(int(longest) if longest is not None else 0)
         b, h, _, d = keys.shape
         self.keys = keys.new_empty((b, h, 0, d))
         self.values = values.new_empty((b, h, 0, values.shape[-1]))
@@ -128,7 +150,25 @@ class RaggedKVLayer(KVLayer):
             return self.attend_decode(query, scaling)
         if self.max_seg == 0:  # nothing compressed yet: the whole layer is the dense tail
             return super().attend(query, step, scaling)
+        if not step.padded and not self.has_empty and ragged_kernels.prefill_usable(query):
+            return self.attend_prefill(query, scaling)
         return self.attend_masked(query, step, scaling)
+
+    def attend_prefill(self, query: torch.Tensor, scaling: float, attn=None) -> torch.Tensor:
+        """A prefill chunk (no padding, no EMPTY tail slot) over the flat store in place plus the tail:
+        flash over each (row, head)'s segment and causal flash over the tail, merged by their
+        log-sum-exps (`ragged_kernels.ragged_prefill_attention`); `attn` replaces flash in tests."""
+        return ragged_kernels.ragged_prefill_attention(
+            query,
+            self.flat_keys,
+            self.flat_values,
+            self.seg_cu,
+            self.max_seg,
+            self.keys,
+            self.values,
+            scaling,
+            attn=attn,
+        )
 
     def attend_decode(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """One query per row ([b, H, 1, d]) over the flat store in place plus the tail (the kernel)."""
@@ -164,10 +204,10 @@ class RaggedKVLayer(KVLayer):
     def select_rows(self, rows: torch.Tensor) -> None:
         if not self.is_initialized:
             return
-        mask = self._segment_mask()
-        keys = self._unpack(self.flat_keys, 0, mask)[rows]
-        values = self._unpack(self.flat_values, 0, mask)[rows]
-        positions = self._unpack(self.flat_positions, EMPTY, mask)[rows]
+        index = self._dense_rows(self.max_seg)  # the padded store alone (an empty tail below)
+        keys = self._padded(self.flat_keys, self.keys[:, :, :0], 0, index)[rows]
+        values = self._padded(self.flat_values, self.values[:, :, :0], 0, index)[rows]
+        positions = self._padded(self.flat_positions, self.positions[:, :, :0], EMPTY, index)[rows]
         tail = (self.keys[rows], self.values[rows], self.positions[rows])
         has_empty = self.has_empty  # (of the tail, which stays)
         self.store_dense(keys, values, positions)

@@ -341,3 +341,125 @@ def ragged_decode_reference(
         weights = torch.softmax(q @ k.T * scaling, dim=-1)
         out[row, head * group : (head + 1) * group] = weights @ v
     return out
+
+
+# -- prefill: a chunk of queries over the ragged store plus the chunk itself ------------------------
+# A prefill chunk's queries see every compressed token (they all precede the chunk) and the
+# chunk's own tokens causally. The two parts are computed apart and merged by their
+# log-sum-exps, so no padded copy of the store and no [b, h, q, s] mask is ever built:
+# (a) the store through flash attention's variable-length mode, one "sequence" per (row, kv
+#     head): its keys are the head's flat segment in place (the flat store is exactly the
+#     packed varlen layout, `seg_cu` its cumulative lengths) and its queries are the chunk's
+#     queries of that head's GQA group (flash does GQA natively: group query heads, one kv head);
+# (b) the tail (the chunk's tokens, possibly after earlier uncompressed ones) through flash with
+#     lower-right causality (flash aligns the causal diagonal bottom-right when q < k).
+
+
+def prefill_usable(query: torch.Tensor) -> bool:
+    """Whether `ragged_prefill_attention` with the flash op can serve this call (CUDA, fp16/bf16)."""
+    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    d = query.shape[-1]
+    return d % 8 == 0 and d <= 256 and torch.cuda.get_device_capability(query.device)[0] >= 8
+
+
+def flash_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scaling: float):
+    """(out, lse) of flash attention (`aten._flash_attention_forward`): q [tokens, H, d] and k/v
+    [tokens, h, d] with cumulative lengths (varlen), or [b, s, heads, d] without (cu_* None).
+    lse is natural-log: [H, total_q] or [b, H, q] (older builds: [n, H, max_q] for varlen);
+    a query over no key gets out 0 and lse +inf."""
+    res = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scaling
+    )
+    return res[0], res[1]
+
+
+def flash_forward_reference(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scaling: float):
+    """`flash_forward`'s function in float32 plain torch (tests on CPU): same shapes, same empty rules."""
+    if cu_q is None:  # dense [b, s, heads, d]: every batch entry is one sequence
+        b, sq, hq, d = q.shape
+        sk = k.shape[1]
+        cu_q = torch.arange(0, (b + 1) * sq, sq, device=q.device)
+        cu_k = torch.arange(0, (b + 1) * sk, sk, device=q.device)
+        out, lse = flash_forward_reference(
+            q.reshape(b * sq, hq, d), k.reshape(b * sk, -1, d), v.reshape(b * sk, -1, v.shape[-1]),
+            cu_q, cu_k, max_q, max_k, causal, scaling,
+        )  # fmt: skip
+        return out.reshape(b, sq, hq, -1), lse.reshape(hq, b, sq).transpose(0, 1)
+    hq, hk = q.shape[1], k.shape[1]
+    out = torch.zeros((q.shape[0], hq, v.shape[-1]), dtype=torch.float32, device=q.device)
+    lse = torch.full((hq, q.shape[0]), float("inf"), dtype=torch.float32, device=q.device)
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(bounds_q) - 1):
+        q0, q1, k0, k1 = bounds_q[i], bounds_q[i + 1], bounds_k[i], bounds_k[i + 1]
+        if k1 == k0 or q1 == q0:
+            continue
+        qi = q[q0:q1].float().transpose(0, 1)  # [H, n, d]
+        ki = k[k0:k1].float().transpose(0, 1).repeat_interleave(hq // hk, 0)
+        vi = v[k0:k1].float().transpose(0, 1).repeat_interleave(hq // hk, 0)
+        logits = qi @ ki.transpose(-1, -2) * scaling  # [H, n, m]
+        if causal:  # lower-right: query j sees keys up to m - n + j
+            n, m = logits.shape[-2:]
+            allowed = (
+                torch.arange(m, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None] + m - n
+            )
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        row_lse = torch.logsumexp(logits, -1)  # [H, n]
+        seen = torch.isfinite(row_lse)
+        probs = torch.exp(logits - torch.where(seen, row_lse, 0.0)[..., None]).nan_to_num(0.0)
+        out[q0:q1] = (probs @ vi).transpose(0, 1)
+        lse[:, q0:q1] = torch.where(seen, row_lse, float("inf"))
+    return out.to(q.dtype), lse
+
+
+def ragged_prefill_attention(
+    query: torch.Tensor,
+    flat_keys: torch.Tensor,
+    flat_values: torch.Tensor,
+    seg_cu: torch.Tensor,
+    max_seg: int,
+    tail_keys: torch.Tensor,
+    tail_values: torch.Tensor,
+    scaling: float,
+    attn=None,
+) -> torch.Tensor:
+    """Attention [b, H, q, d] of a prefill chunk's queries [b, H, q, d] over a ragged store plus
+    its dense tail (no EMPTY slot, no padding query; the chunk is the tail's last q tokens).
+
+    flat_keys/values [N, d] (segments back to back in (row, kv head) order); seg_cu [b*h + 1]
+    int32 cumulative segment lengths; `max_seg` the longest segment (host int, > 0);
+    tail_keys/values [b, h, t, d] (t >= q; any strides with unit stride on d). `attn`: the
+    attention function (default `flash_forward`; tests pass `flash_forward_reference`).
+    The result is a [b, q, H, d]-contiguous tensor seen as [b, H, q, d] (the attention hook's
+    transpose back is then free).
+    """
+    attn = attn or flash_forward
+    b, num_heads, q_len, d = query.shape
+    h, t = tail_keys.shape[1], tail_keys.shape[2]
+    g = num_heads // h
+    dv = tail_values.shape[-1]
+    dev = query.device
+    # (a) the store: the queries of (row, kv head) i are entries i*q .. (i+1)*q of the varlen batch
+    q_seg = query.reshape(b, h, g, q_len, d).transpose(2, 3).reshape(b * h * q_len, g, d)
+    cu_q = torch.arange(0, (b * h + 1) * q_len, q_len, dtype=torch.int32, device=dev)
+    out_a, lse_a = attn(
+        q_seg, flat_keys[:, None], flat_values[:, None], cu_q, seg_cu, q_len, max_seg, False, scaling
+    )
+    if lse_a.dim() == 2:  # [g, b*h*q]
+        lse_a = lse_a.reshape(g, b, h, q_len).permute(1, 3, 2, 0)  # [b, q, h, g]
+    else:  # [b*h, g, >= q]
+        lse_a = lse_a[..., :q_len].reshape(b, h, g, q_len).permute(0, 3, 1, 2)
+    lse_a = lse_a.masked_fill(lse_a == float("inf"), float("-inf"))  # an empty segment: no weight
+    out_a = out_a.reshape(b, h, q_len, g, dv).transpose(1, 2)  # [b, q, h, g, dv]
+    # (b) the tail, causal (lower-right), GQA in the kernel
+    out_b, lse_b = attn(
+        query.transpose(1, 2), tail_keys.transpose(1, 2), tail_values.transpose(1, 2),
+        None, None, q_len, t, True, scaling,
+    )  # fmt: skip
+    lse_b = lse_b[..., :q_len].reshape(b, h, g, q_len).permute(0, 3, 1, 2)  # [b, q, h, g]
+    out_b = out_b.reshape(b, q_len, h, g, dv)
+    # merge: weights exp(lse_x - lse) (the tail always has a finite lse: a query sees itself)
+    lse = torch.logaddexp(lse_a, lse_b)
+    merged = out_b.float().mul_(torch.exp(lse_b - lse)[..., None])
+    merged.add_(out_a.float().mul_(torch.exp(lse_a - lse)[..., None]))
+    return merged.to(query.dtype).reshape(b, q_len, num_heads, dv).transpose(1, 2)

@@ -1,0 +1,281 @@
+"""`python -m pipeline.bench.check_ragged_prefill`: AdaKV's prefill on the GPU, new path vs old.
+
+One layer at Llama-8B shapes (32 query heads, 8 kv heads, head_dim 128, bf16), one row: a
+`RaggedKVLayer` as AdaKV leaves it after compressing a 32K prompt's first chunks ((row, head)
+segments of `avg` tokens +-50%), plus a prefill chunk of 4096 tokens in its tail.
+
+- attention: `attend` (flash varlen over the flat store + causal flash over the tail, merged
+  by log-sum-exp) vs `attend_masked` (the old path: padded copy + [b, h, q, s] mask + SDPA)
+  vs SDPA over a dense cache of the same average size (what snapkv's layer costs)
+- compression: `AdaKV.compress_layer` on the chunked layer and on a one-shot 32K layer, new
+  layer code vs the old (`OldRaggedKVLayer` below: the code before this change); the kept
+  positions must be identical
+- model: chunked (4096) and one-shot prefill of a 32K prompt through an 8-layer random
+  Llama-8B (`--layers`), full / snapkv / adakv-old / adakv-new: seconds and peak memory.
+
+Time: median of `reps` after a warm-up (synchronised wall clock); peak: the allocator's peak
+above what was allocated before the call. A short table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from pipeline.attention_math import dense_bias, grouped_attention
+from pipeline.kv_cache import EMPTY, StepContext
+from policies import make_policy
+from policies.ragged_heads import RaggedKVLayer
+
+GIB = 2**30
+DEV = torch.device("cuda")  # `--device cpu`: a small smoke run of this script's own code
+
+
+class OldRaggedKVLayer(RaggedKVLayer):
+    """The layer before this change: masked attention for q > 1, per-tensor unpack + cat, three
+    boolean-mask copies in `store_dense` (kept to compare time, memory and kept tokens)."""
+
+    def _mask(self):
+        return torch.arange(self.max_seg, device=self.seg_lens.device) < self.seg_lens[..., None]
+
+    @staticmethod
+    def _unpack(flat, fill, mask):
+        out = flat.new_full((*mask.shape, *flat.shape[1:]), fill)
+        out[mask] = flat
+        return out
+
+    def dense_positions(self):
+        return torch.cat([self._unpack(self.flat_positions, EMPTY, self._mask()), self.positions], dim=-1)
+
+    def dense(self):
+        mask = self._mask()
+        keys = torch.cat([self._unpack(self.flat_keys, 0, mask), self.keys], dim=-2)
+        values = torch.cat([self._unpack(self.flat_values, 0, mask), self.values], dim=-2)
+        positions = torch.cat([self._unpack(self.flat_positions, EMPTY, mask), self.positions], dim=-1)
+        return keys, values, positions
+
+    def store_dense(self, keys, values, positions):
+        filled = positions != EMPTY
+        self.flat_keys = keys[filled].contiguous()
+        self.flat_values = values[filled].contiguous()
+        self.flat_positions = positions[filled].to(torch.int32).contiguous()
+        self.seg_lens = filled.sum(-1)
+        self._index_segments(int(self.seg_lens.max()) if self.seg_lens.numel() else 0)
+        b, h, _, d = keys.shape
+        self.keys = keys.new_empty((b, h, 0, d))
+        self.values = values.new_empty((b, h, 0, values.shape[-1]))
+        self.positions = torch.empty((b, h, 0), dtype=torch.int32, device=positions.device)
+        self.has_empty = False
+        self.heads_differ = True
+
+    def attend(self, query, step, scaling):
+        if self.max_seg == 0 or query.shape[2] == 1:
+            return super().attend(query, step, scaling)
+        return self.attend_masked(query, step, scaling)
+
+
+def measure(fn, reps=3):
+    """(median seconds, peak bytes above the start, result of the last call)."""
+    cuda = DEV.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    out = fn()  # warm-up (compiles, allocator)
+    del out
+    sync()
+    times = []
+    base = torch.cuda.memory_allocated() if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+        if i < reps - 1:
+            del out
+    peak = torch.cuda.max_memory_allocated() - base if cuda else 0
+    return statistics.median(times), peak, out
+
+
+def build_state(b, h, d, avg, chunk, prefix_end, g, dtype, dev):
+    lens = torch.randint(avg // 2, avg * 3 // 2 + 1, (b, h), generator=g)
+    flat_pos = torch.cat(
+        [torch.randperm(prefix_end, generator=g)[: int(n)].sort().values for n in lens.view(-1)]
+    )
+    n = int(lens.sum())
+    return dict(
+        lens=lens.to(dev),
+        fk=torch.randn(n, d, generator=g).to(dev, dtype),
+        fv=torch.randn(n, d, generator=g).to(dev, dtype),
+        fp=flat_pos.to(dev, torch.int32),
+        tk=torch.randn(b, h, chunk, d, generator=g).to(dev, dtype),
+        tv=torch.randn(b, h, chunk, d, generator=g).to(dev, dtype),
+        tpos=torch.arange(prefix_end, prefix_end + chunk, device=dev)[None].expand(b, chunk),
+    )
+
+
+def make_layer(cls, st):
+    layer = cls()
+    b, h, t, d = st["tk"].shape
+    layer.lazy_initialization(st["tk"][:, :, :0], st["tv"][:, :, :0])
+    if st["fk"].shape[0]:
+        layer.flat_keys, layer.flat_values, layer.flat_positions = st["fk"], st["fv"], st["fp"]
+        layer.seg_lens = st["lens"]
+        layer._index_segments(int(st["lens"].max()))
+    layer.append(st["tk"], st["tv"], st["tpos"])
+    layer.note_padding(False)
+    return layer
+
+
+def kept(layer):
+    return layer.seg_lens.cpu(), layer.flat_positions.cpu()
+
+
+def head_position_set(seg_lens, flat_positions) -> set:
+    lens = seg_lens.reshape(-1)
+    seg = torch.repeat_interleave(torch.arange(lens.numel()), lens)
+    return set((seg * 2**32 + flat_positions.long()).tolist())
+
+
+def same_kept(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(kept(a), kept(b)))
+
+
+def compress_rows(label, st, q, step, policy, scaling):
+    """AdaKV's compression of the same layer, new code vs old: time, peak, identical kept tokens."""
+
+    def run(cls):
+        layer = make_layer(cls, st)
+        policy.compress_layer(layer, q, step, 0, 1, scaling)
+        return layer
+
+    t_new, m_new, new = measure(lambda: run(RaggedKVLayer))
+    t_old, m_old, old = measure(lambda: run(OldRaggedKVLayer))
+    return [(f"{label} new", t_new, m_new, f"same={same_kept(new, old)}"), (f"{label} old", t_old, m_old, "")]
+
+
+def layer_rows(b, args, g, policy) -> list:
+    dev, dtype = DEV, torch.bfloat16 if DEV.type == "cuda" else torch.float32
+    h, group, d, chunk = 8, 4, 128, args.chunk
+    scaling = d**-0.5
+    # -- attention of one chunk ----------------------------------------------------------
+    st = build_state(b, h, d, args.avg, chunk, args.context - chunk, g, dtype, dev)
+    new, old = make_layer(RaggedKVLayer, st), make_layer(OldRaggedKVLayer, st)
+    q = torch.randn(b, chunk, h * group, d, generator=g).to(dev, dtype).transpose(1, 2)
+    step = StepContext(cache=None, positions=st["tpos"], padded=False)
+    t_new, m_new, o_new = measure(lambda: new.attend(q, step, scaling))
+    t_old, m_old, o_old = measure(lambda: old.attend(q, step, scaling))
+    ref = old.attend_masked(q.float(), step, scaling)
+    err_new = float((o_new.float() - ref).norm() / ref.norm())
+    err_old = float((o_old.float() - ref).norm() / ref.norm())
+    del ref, o_new, o_old
+    s = args.avg + chunk
+    dk = torch.randn(b, h, s, d, generator=g).to(dev, dtype)
+    t_fl, m_fl, _ = measure(lambda: grouped_attention(q, dk, dk, dense_bias(chunk, s), scaling))
+    print(f"attention b={b}: rel err vs fp32 masked: new {err_new:.2e} old {err_old:.2e}", flush=True)
+    rows = [
+        (f"chunk attn b={b} new", t_new, m_new, f"err {err_new:.1e}"),
+        (f"chunk attn b={b} old (masked)", t_old, m_old, f"err {err_old:.1e}"),
+        (f"chunk attn b={b} dense flash", t_fl, m_fl, f"s={s}"),
+    ]
+    # -- compression of that layer (chunked mode), and of a one-shot layer -----------------
+    budget = torch.full((b,), args.avg, device=dev)
+    cstep = StepContext(cache=None, positions=st["tpos"], compress=True, row_budgets=budget, padded=False)
+    rows += compress_rows(f"compress chunked b={b}", st, q, cstep, policy, scaling)
+    one = dict(st, fk=st["fk"][:0], fv=st["fv"][:0], fp=st["fp"][:0])
+    one["tk"] = torch.randn(b, h, args.context, d, generator=g).to(dev, dtype)
+    one["tv"] = torch.randn(b, h, args.context, d, generator=g).to(dev, dtype)
+    one["tpos"] = torch.arange(args.context, device=dev)[None].expand(b, args.context)
+    q1 = torch.randn(b, 64, h * group, d, generator=g).to(dev, dtype).transpose(1, 2)
+    ostep = StepContext(
+        cache=None, positions=one["tpos"][:, -64:], compress=True, row_budgets=budget, padded=False
+    )
+    rows += compress_rows(f"compress one-shot b={b}", one, q1, ostep, policy, scaling)
+    print("\n".join(f"{r[0]}: {r[1] * 1e3:.2f} ms {r[2] / GIB:.3f} GiB {r[3]}" for r in rows), flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--avg", type=int, default=8192)
+    ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args(argv)
+    global DEV
+    DEV = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    policy = make_policy("adakv")
+    table = []
+    with torch.inference_mode():
+        for b in (1, 2):
+            table += layer_rows(b, args, g, policy)
+            if DEV.type == "cuda":
+                torch.cuda.empty_cache()
+        if not args.skip_model:
+            table += model_rows(args)
+    print(f"\n{'case':34s} {'ms':>9s} {'peak GiB':>9s}  note")
+    for name, t, m, note in table:
+        print(f"{name:34s} {t * 1e3:9.2f} {m / GIB:9.3f}  {note}")
+
+
+def model_rows(args):
+    from pipeline.bench import gpu
+    from pipeline.bench import measure as bm_measure
+    from pipeline.bench.settings import LLAMA_8B, BenchSettings
+    from policies import Budget
+
+    dev = DEV
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    bm_measure.MODEL_SHAPES["llama8b-check"] = dict(LLAMA_8B, num_hidden_layers=args.layers)
+    settings = BenchSettings(model="llama8b-check", contexts=(args.context,))
+    bm = bm_measure.build_model(settings, dev, dtype)
+    bm_measure.use_kvpipe_attention(bm)
+    ids = bm_measure.random_ids(bm, 1, args.context, 0)
+    rows, kept_by = [], {}
+    for chunk in (args.chunk, None):
+        for name in ("full", "snapkv", "adakv-old", "adakv"):
+            policy = make_policy(name.split("-")[0])
+            if name == "adakv-old":
+                policy.make_layer = OldRaggedKVLayer
+            gen = bm_measure.make_generator(bm, policy, Budget(ratio=0.25) if policy.compresses else None)
+            gpu.cleanup(dev)
+            base = gpu.allocated_bytes(dev) or 0
+            pre = bm_measure.kvpipe_prefill(gen, ids, chunk)  # warm-up
+            del pre
+            gpu.cleanup(dev)
+            gpu.reset_peak(dev)
+            gpu.sync(dev)
+            t0 = time.perf_counter()
+            pre = bm_measure.kvpipe_prefill(gen, ids, chunk)
+            gpu.sync(dev)
+            sec = time.perf_counter() - t0
+            peak = (gpu.peak_bytes(dev) or 0) - base
+            _, stored = bm_measure.kv_bytes(pre.cache)
+            note = f"cache {stored / GIB:.3f} GiB"
+            if name.startswith("adakv"):
+                kept_by[name] = [kept(layer) for layer in pre.cache.layers]
+            if name == "adakv":
+                pairs = list(zip(kept_by["adakv"], kept_by["adakv-old"]))
+                same = [all(torch.equal(x, y) for x, y in zip(a, o)) for a, o in pairs]
+                overlap = []  # of the (row, head, position)s kept, per layer
+                for a, o in pairs:
+                    sa, so = head_position_set(*a), head_position_set(*o)
+                    overlap.append(len(sa & so) / max(1, len(so)))
+                first = same.index(False) if False in same else "-"
+                note += f" layers same as old {sum(same)}/{len(same)}, first differing {first}"
+                note += f" min overlap {min(overlap):.3f}"
+            label = f"model {'chunked' if chunk else 'one-shot'} {name}"
+            rows.append((label, sec, peak, note))
+            print(label, f"{sec:.3f} s", f"{peak / GIB:.2f} GiB", note, flush=True)
+            del pre, gen
+    return rows
+
+
+if __name__ == "__main__":
+    main()

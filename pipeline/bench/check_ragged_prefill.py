@@ -231,7 +231,8 @@ def model_rows(args):
     from policies import Budget
 
     dev = DEV
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    cuda = dev.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
     bm_measure.MODEL_SHAPES["llama8b-check"] = dict(LLAMA_8B, num_hidden_layers=args.layers)
     settings = BenchSettings(model="llama8b-check", contexts=(args.context,))
     bm = bm_measure.build_model(settings, dev, dtype)
@@ -270,6 +271,18 @@ def model_rows(args):
                 first = same.index(False) if False in same else "-"
                 note += f" layers same as old {sum(same)}/{len(same)}, first differing {first}"
                 note += f" min overlap {min(overlap):.3f}"
+            if name == "adakv" and cuda:  # where its time goes now
+                from torch.profiler import ProfilerActivity, profile
+
+                from pipeline.bench.profile_decode import _top_kernels
+
+                del pre
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    pre = bm_measure.kvpipe_prefill(gen, ids, chunk)
+                    gpu.sync(dev)
+                print(f"top kernels, adakv prefill chunk={chunk}:")
+                for key, ms, count in _top_kernels(prof, 10):
+                    print(f"  {ms:8.3f} ms  x{count:<5d} {key}")
             label = f"model {'chunked' if chunk else 'one-shot'} {name}"
             rows.append((label, sec, peak, note))
             print(label, f"{sec:.3f} s", f"{peak / GIB:.2f} GiB", note, flush=True)

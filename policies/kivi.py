@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.attention_math import dense_bias, grouped_attention
 from pipeline.kv_cache import EMPTY, KVLayer
 from policies import kivi_kernels
 from policies.base import Policy
@@ -57,8 +58,18 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integers in [0, 2**bits) along the last dim (a multiple of 8 // bits) into uint8."""
     per = 8 // bits
     q = q.to(torch.uint8).reshape(*q.shape[:-1], q.shape[-1] // per, per)
-    shifts = torch.arange(per, device=q.device, dtype=torch.uint8) * bits
-    return (q << shifts).sum(-1, dtype=torch.uint8)
+    return (q << _shifts(bits, q.device)).sum(-1, dtype=torch.uint8)
+
+
+_SHIFTS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _shifts(bits: int, device) -> torch.Tensor:
+    """[8 // bits] uint8 bit offsets of the values packed in a byte (cached per device)."""
+    key = (bits, str(device))
+    if key not in _SHIFTS:
+        _SHIFTS[key] = torch.arange(8 // bits, device=device, dtype=torch.uint8) * bits
+    return _SHIFTS[key]
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -77,8 +88,7 @@ def quantize_groups(x: torch.Tensor, bits: int, store_dtype: torch.dtype):
     so de-quantising with them is exact up to the integer rounding.
     """
     xf = x.float()
-    lo = xf.amin(-1)
-    hi = xf.amax(-1)
+    lo, hi = torch.aminmax(xf, dim=-1)
     levels = (1 << bits) - 1
     zero = lo.to(store_dtype)
     scale = ((hi - lo) / levels).to(store_dtype)
@@ -223,12 +233,28 @@ class QuantizedKVLayer(KVLayer):
         if self._hn is None or self._pending is not None:
             self._hn, self._hnk, self._hnv = torch.stack([self._n, self._nk, self._nv]).cpu().unbind(0)
             self._pending = None
+            self._uni = _UNKNOWN
         return self._hn, self._hnk, self._hnv
+
+    def _uniform(self) -> tuple[int, int, int] | None:
+        """(n, nk, nv) as ints when every (row, head) holds the same counts (host-known), else None.
+
+        Equal counts let decode steps address the storage with host integers (slices, no index
+        tensors) and let a forward without padding attend densely (flash, no mask)."""
+        if self._uni is _UNKNOWN or self._pending is not None:
+            hn, hnk, hnv = self._host()
+            flat = [x.flatten() for x in (hn, hnk, hnv)]
+            same = hn.numel() > 0 and all(bool((x == x[0]).all()) for x in flat)
+            self._uni = tuple(int(x[0]) for x in flat) if same else None
+        return self._uni
 
     def note_padding(self, padded: bool) -> None:
         super().note_padding(padded)
         if self._ready and self._pending is not None and self._hn is not None and not padded:
             self._hn = self._hn + self._pending  # every row and head stored all the new tokens
+            if self._uni is not None and self._uni is not _UNKNOWN:
+                n, nk, nv = self._uni
+                self._uni = (n + self._pending, nk, nv)
             self._pending = None
 
     @staticmethod
@@ -236,7 +262,8 @@ class QuantizedKVLayer(KVLayer):
         return int(x.max()) if x.numel() else 0
 
     def _slots(self) -> int:
-        return self._max(self._host()[0])
+        u = self._uniform()
+        return u[0] if u is not None else self._max(self._host()[0])
 
     def _key_groups(self) -> int:
         return self._max(self._host()[1]) // self.group_size
@@ -261,6 +288,7 @@ class QuantizedKVLayer(KVLayer):
         self._n, self._nk, self._nv = zeros.clone(), zeros.clone(), zeros.clone()
         self._hn = self._hnk = self._hnv = torch.zeros((b, h), dtype=torch.int64)
         self._pending: int | None = None
+        self._uni = (0, 0, 0)
         self._pos_buf = torch.full((b, h, 1), EMPTY, dtype=torch.int32, device=dev)
         # keys: groups of g tokens, per channel -> packed [b, h, groups, d, g*bits/8]
         self._kq_buf = torch.zeros((b, h, 1, d, g * self.bits // 8), dtype=torch.uint8, device=dev)
@@ -331,6 +359,9 @@ class QuantizedKVLayer(KVLayer):
         """Quantise every complete key block and every value that left the residual window."""
         if not self._ready:
             return
+        if self._uniform() is not None:
+            self._flush_uniform()
+            return
         g, bits = self.group_size, self.bits
         b, h = self._n.shape
         d = self.head_dim
@@ -357,6 +388,7 @@ class QuantizedKVLayer(KVLayer):
             self._kz_buf.scatter_(2, _expand_index(idx, zero), zero)
             self._nk = self._nk + mk
             self._hnk = hnk = hnk + mk_host
+            self._uni = _UNKNOWN
         # values: everything older than the newest `residual` tokens, per token
         mv_host = (hn - hnv - self.residual).clamp(min=0)
         m = self._max(mv_host)
@@ -380,10 +412,45 @@ class QuantizedKVLayer(KVLayer):
             self._vz_buf.scatter_(2, _expand_index(idx, zero), zero)
             self._nv = self._nv + mv
             self._hnv = hnv = hnv + mv_host
+            self._uni = _UNKNOWN
         # rings larger than a decode step needs (after a prefill) go back to that size
         for which, count in (("k", hnk), ("v", hnv)):
             ring = self._kring if which == "k" else self._vring
             size = max(self._ring_min(which), self._max(hn - count))
+            if ring.shape[2] - 1 > size:
+                self._resize_ring(which, size)
+
+    def _flush_uniform(self) -> None:
+        """`_flush` when every (row, head) holds the same counts: host-integer slices, no index tensors."""
+        n, nk, nv = self._uni
+        g, bits, d = self.group_size, self.bits, self.head_dim
+        b, h = self._n.shape
+        mk = (n - nk) // self._unit() * self._unit()
+        if mk > 0:  # complete key blocks: per channel within groups of g tokens
+            block = _ring_range(self._kring, nk, nk + mk).reshape(b, h, mk // g, g, d).transpose(-1, -2)
+            packed, scale, zero = quantize_groups(block, bits, self.dtype)
+            lo, hi = nk // g, (nk + mk) // g
+            for name, x in (("_kq_buf", packed), ("_ks_buf", scale), ("_kz_buf", zero)):
+                self._grow(name, hi)
+                getattr(self, name)[:, :, lo:hi] = x
+            self._nk = self._nk + mk
+            self._hnk = self._hnk + mk
+            nk += mk
+        mv = n - nv - self.residual
+        if mv > 0:  # values that left the window: per token, groups of gv channels
+            tokens = _ring_range(self._vring, nv, nv + mv).reshape(b, h, mv, d // self.gv, self.gv)
+            packed, scale, zero = quantize_groups(tokens, bits, self.dtype)
+            packed = packed.reshape(b, h, mv, -1)
+            for name, x in (("_vq_buf", packed), ("_vs_buf", scale), ("_vz_buf", zero)):
+                self._grow(name, nv + mv)
+                getattr(self, name)[:, :, nv : nv + mv] = x
+            self._nv = self._nv + mv
+            self._hnv = self._hnv + mv
+            nv += mv
+        self._uni = (n, nk, nv)
+        for which, count in (("k", nk), ("v", nv)):  # rings larger than decoding needs shrink
+            ring = self._kring if which == "k" else self._vring
+            size = max(self._ring_min(which), n - count)
             if ring.shape[2] - 1 > size:
                 self._resize_ring(which, size)
 
@@ -397,6 +464,9 @@ class QuantizedKVLayer(KVLayer):
             self.lazy_initialization(keys, values)
         self._flush()  # tokens of earlier forwards that completed a group; the host counts are exact
         b, h, q, d = keys.shape
+        if q == 1 and not self.slot_stats and self._uniform() is not None:
+            self._append_one(keys, values, positions)
+            return None, None
         hn, hnk, hnv = self._host()
         valid = (positions != EMPTY)[:, None, :].expand(b, h, q)
         rank = valid.long().cumsum(-1) - 1
@@ -423,6 +493,23 @@ class QuantizedKVLayer(KVLayer):
             self.slot_stats = {x: t[:, :, :s] for x, t in self.slot_stats.items()}
         return None, None
 
+    def _append_one(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """A decode token when every (row, head) holds the same counts: written at host-known slots.
+
+        Slot n of every (row, head) is free (past its length, in the rings and the positions), so
+        a row whose position is EMPTY may be written there too: its length does not advance."""
+        n, nk, nv = self._uni
+        for which, new, count in (("k", keys, nk), ("v", values, nv)):
+            ring = self._kring if which == "k" else self._vring
+            if ring.shape[2] - 1 < n - count + 1:
+                self._resize_ring(which, max(n - count + 1, self._ring_min(which)))
+                ring = self._kring if which == "k" else self._vring
+            ring[:, :, n % (ring.shape[2] - 1)] = new[:, :, 0]
+        self._grow("_pos_buf", n + 1, fill=EMPTY)
+        self._pos_buf[:, :, n] = positions.to(torch.int32)  # [b, 1] over every head
+        self._n = self._n + (positions != EMPTY)
+        self._pending = 1  # `note_padding(False)` confirms that every row stored its token
+
     def reserve(self, extra: int) -> None:
         """Capacity for `extra` more tokens per (row, head) (decoding appends in place, copies nothing)."""
         if not self._ready:
@@ -447,13 +534,54 @@ class QuantizedKVLayer(KVLayer):
                 setattr(self, name, new)
 
     def attend(self, query: torch.Tensor, step, scaling: float) -> torch.Tensor:
-        """Decode (one query, no padding) on CUDA: the fused kernel over the packed store; else the
-        de-quantising reference path (`KVLayer.attend` over `keys`/`values` and a mask)."""
-        if query.shape[2] == 1 and not step.padded and (query.is_cuda or kernel_on_cpu()):
+        """This forward's attention over the stored tokens (the new ones included).
+
+        - decode (one query, no padding) on CUDA: the fused kernel over the packed store;
+        - a forward without padding over (row, head)s that all hold the same number of tokens (no
+          slot empty, the new tokens last): SDPA without a mask (causal; lower-right after earlier
+          tokens) over the de-quantised earlier tokens and the full-precision residual; a first
+          forward attends over its own tokens in the residual ring, assembling nothing;
+        - else the de-quantising reference path (`KVLayer.attend` over `keys`/`values` and a mask).
+        """
+        q = query.shape[2]
+        if q == 1 and not step.padded and (query.is_cuda or kernel_on_cpu()):
             store = self._store_for_kernel()
             if kivi_kernels.kernel_supports(store, query):
                 return kivi_kernels.decode_attention(query, store, scaling, max_tokens=self._slots())
+        if not step.padded and self._uniform() is not None:
+            n, nk, nv = self._uni
+            keys, values = self._dense("k", n, nk), self._dense("v", n, nv)
+            return grouped_attention(query, keys, values, dense_bias(q, n), scaling)
         return super().attend(query, step, scaling)
+
+    def _dense(self, which: str, n: int, count: int) -> torch.Tensor:
+        """Keys or values [b, h, n, d] (model dtype) when every (row, head) holds n tokens, the first
+        `count` quantised: a view of the residual ring when nothing is quantised (and it does not wrap)."""
+        ring = self._kring if which == "k" else self._vring
+        res = _ring_range(ring, count, n)
+        if count == 0:
+            return res
+        b, h, _, d = ring.shape
+        out = ring.new_empty((b, h, n, d))
+        g, bits = self.group_size, self.bits
+        table = _unpack_table(bits, ring.device)
+        step = max(g, (1 << 24) // max(1, b * h * d) // g * g)  # bounded float32 temporaries
+        for lo in range(0, count, step):
+            hi = min(count, lo + step)
+            if which == "k":  # [b, h, groups, d, g*bits/8] -> tokens of groups [lo/g, hi/g)
+                packed = self._kq_buf[:, :, lo // g : hi // g]
+                scale, zero = self._ks_buf[:, :, lo // g : hi // g], self._kz_buf[:, :, lo // g : hi // g]
+            else:  # [b, h, tokens, d*bits/8] -> groups of gv channels
+                packed = self._vq_buf[:, :, lo:hi].reshape(b, h, hi - lo, d // self.gv, -1)
+                scale, zero = self._vs_buf[:, :, lo:hi], self._vz_buf[:, :, lo:hi]
+            x = table[packed.long()].reshape(*packed.shape[:-1], -1)
+            x = (x * scale.float()[..., None] + zero.float()[..., None]).to(out.dtype)
+            if which == "k":
+                out[:, :, lo:hi].view(b, h, (hi - lo) // g, g, d).copy_(x.transpose(-1, -2))
+            else:
+                out[:, :, lo:hi] = x.reshape(b, h, hi - lo, d)
+        out[:, :, count:] = res
+        return out
 
     def _store_for_kernel(self) -> KiviStore:
         """The store over whole buffers (no host counts needed: the kernel reads the lengths)."""
@@ -475,6 +603,7 @@ class QuantizedKVLayer(KVLayer):
         self._hn = n.cpu()
         self._hnk = self._hnv = torch.zeros_like(self._hn)
         self._pending = None
+        self._uni = _UNKNOWN
         pos = torch.where(front_mask(n, s), pos, torch.full_like(pos, EMPTY))
         self._pos_buf = torch.full((b, h, s + self.spare + 1), EMPTY, dtype=torch.int32, device=n.device)
         self._pos_buf[:, :, :s] = pos
@@ -501,6 +630,7 @@ class QuantizedKVLayer(KVLayer):
         self._host()
         host_rows = rows.cpu()
         self._hn, self._hnk, self._hnv = self._hn[host_rows], self._hnk[host_rows], self._hnv[host_rows]
+        self._uni = _UNKNOWN
         for name in (
             "_n", "_nk", "_nv", "_pos_buf", "_kq_buf", "_ks_buf", "_kz_buf",
             "_kring", "_vq_buf", "_vs_buf", "_vz_buf", "_vring",
@@ -545,6 +675,18 @@ class QuantizedKVLayer(KVLayer):
             "_vring",
         )
         return sum(getattr(self, x).numel() * getattr(self, x).element_size() for x in names)
+
+
+_UNKNOWN = object()  # `QuantizedKVLayer._uni` not yet derived from the host counts
+
+
+def _ring_range(ring: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Tokens [lo, hi) of a ring ([b, h, W + 1, d], token j in slot j % W): a view unless they wrap."""
+    w = ring.shape[2] - 1
+    start = lo % w
+    if start + (hi - lo) <= w:
+        return ring[:, :, start : start + hi - lo]
+    return torch.cat([ring[:, :, start:w], ring[:, :, : hi - lo - (w - start)]], dim=2)
 
 
 def kernel_on_cpu() -> bool:

@@ -196,3 +196,89 @@ def test_composition_routes_parameters():
     assert {"kivi", "spindlekv", "snapkv+kivi", "streaming_llm+kivi", "h2o+kivi"} <= names
     row = next(r for r in describe() if r["name"] == "snapkv+kivi")
     assert row["params"]["kivi"]["bits"] == 2 and "window" in row["params"]["snapkv"]
+
+
+def _dense_layer_and_reference(bits, residual, chunks, d=32, h=2, group=2, seed=0):
+    """Chunked prefill of two rows of equal length: attention of every chunk through the layer's
+    dense path (no mask) and through the masked reference path over the same storage."""
+    from pipeline.kv_cache import KVLayer, StepContext
+
+    torch.manual_seed(seed)
+    b = 2
+    layer = QuantizedKVLayer(bits, 32, residual)
+    lo = 0
+    for q in chunks:
+        k, v = torch.randn(b, h, q, d), torch.randn(b, h, q, d)
+        pos = torch.arange(lo, lo + q)[None].expand(b, q)
+        step = StepContext(cache=None, positions=pos, padded=False)
+        layer.append(k, v, pos)
+        layer.note_padding(False)
+        query = torch.randn(b, h * group, q, d)
+        dense = layer.attend(query, step, d**-0.5)
+        reference = KVLayer.attend(layer, query, step, d**-0.5)
+        yield layer, lo, dense, reference
+        layer.flush()
+        lo += q
+
+
+@pytest.mark.parametrize("bits,residual", [(2, 128), (4, 32), (2, 0)])
+def test_prefill_attends_without_a_mask_and_matches_the_masked_path(bits, residual, monkeypatch):
+    from pipeline import kv_cache
+
+    seen = []
+    real = kv_cache.position_mask
+    monkeypatch.setattr(kv_cache, "position_mask", lambda *a: seen.append(1) or real(*a))
+    for layer, lo, dense, reference in _dense_layer_and_reference(bits, residual, [100, 64, 37, 160]):
+        assert torch.allclose(dense, reference, atol=1e-5), lo
+        assert len(seen) == 1  # only the reference path built a mask
+        seen.clear()
+        if lo == 0:  # a first forward attends over its own tokens: a view of the residual ring
+            assert layer._dense("k", 100, 0).data_ptr() == layer._kring.data_ptr()
+    assert layer._nk.min() > 0 and layer._nv.min() > 0
+
+
+def test_padded_or_ragged_forwards_keep_the_masked_path():
+    from pipeline.kv_cache import StepContext
+
+    torch.manual_seed(0)
+    layer = QuantizedKVLayer(2, 32, 32)
+    pos = torch.stack([torch.cat([torch.full((5,), EMPTY), torch.arange(35)]), torch.arange(40)])
+    layer.append(torch.randn(2, 2, 40, 32), torch.randn(2, 2, 40, 32), pos)
+    layer.note_padding(True)
+    assert layer._uniform() is None  # rows of 35 and 40 tokens
+    step = StepContext(cache=None, positions=torch.tensor([[35, 36], [40, 41]]), padded=False)
+    layer.append(torch.randn(2, 2, 2, 32), torch.randn(2, 2, 2, 32), step.positions)
+    layer.note_padding(False)
+    assert layer._uniform() is None
+    out = layer.attend(torch.randn(2, 4, 2, 32), step, 0.2)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("bits,residual", [(2, 32), (4, 0)])
+def test_uniform_decode_steps_store_what_the_general_path_stores(bits, residual):
+    """Equal counts everywhere: decode appends and flushes at host-known slots, and the storage
+    equals the general (index tensor) path's, bit for bit, with no device read-back."""
+    torch.manual_seed(0)
+    b, h, d = 2, 2, 64
+    fast, slow = QuantizedKVLayer(bits, 32, residual), QuantizedKVLayer(bits, 32, residual)
+    slow._uniform = lambda: None
+    k, v = torch.randn(b, h, 50, d), torch.randn(b, h, 50, d)
+    pos = torch.arange(50)[None].expand(b, 50)
+    for layer in (fast, slow):
+        layer.append(k, v, pos)
+        layer.note_padding(False)
+        layer.flush()
+    for t in range(50, 150):
+        k, v = torch.randn(b, h, 1, d), torch.randn(b, h, 1, d)
+        for layer in (fast, slow):
+            layer.append(k, v, torch.full((b, 1), t))
+            layer.note_padding(False)
+        assert fast._pending is None and fast._uni[0] == t + 1
+    for layer in (fast, slow):
+        layer.flush()
+    assert fast._uni == (150, fast._nk[0, 0].item(), fast._nv[0, 0].item())
+    for name in ("_n", "_nk", "_nv", "_hn", "_hnk", "_hnv", "_kq", "_kscale", "_kzero", "_vq", "_vscale"):
+        assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+    assert torch.equal(fast.keys, slow.keys) and torch.equal(fast.values, slow.values)
+    assert torch.equal(fast.positions, slow.positions)
+    assert torch.equal(fast.kept_bytes_per_row(), slow.kept_bytes_per_row())

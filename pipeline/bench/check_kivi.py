@@ -10,7 +10,11 @@ shapes (32 query heads, 8 kv heads, head_dim 128, bf16), 32K tokens, batch 4 and
 - deq+sdpa: the layer's de-quantised keys/values (its reference path), then SDPA's flash kernel
   (GQA folded into the query axis, no mask);
 - sdpa-bf16: SDPA's flash kernel over a full-precision bf16 cache of the same length;
-- step: one layer's whole decode step (append + flush + attend) with the fused kernel.
+- step: one layer's whole decode step (append + flush + attend) with the fused kernel;
+- sweep: the fused kernel's block size and warps (batch 4, 2-bit), the best one named;
+- prefill: one layer's attention at 32K tokens (batch 1): one-shot (append + attend: flash over
+  the forward's own tokens) and chunked (4096-token chunks: append + attend + flush each), time
+  and peak memory above the inputs, against flash over a bf16 cache (`prefill-bf16`).
 
 Bytes are the fewest each must move (inputs read once; deq+sdpa also writes and reads back
 bf16 keys/values). Full numbers go to $OUT/check_kivi.json (or ./check_kivi.json); a table last.
@@ -139,13 +143,21 @@ def time_config(b: int, n: int, bits: int, results: list, copy_gbs: float) -> bo
     out = torch.full_like(q, float("nan"))
     decode_attention(q, store, scaling, max_tokens=n, out=out)
     _sync()
-    err = rel_err(out, reference64(q, layer._store(), scaling))
+    few = slice(0, min(b, 4))  # the float64 reference over a few rows (time)
+    err = rel_err(out[few], reference64(q[few], rows(layer._store(), few), scaling))
     ok = bool(torch.isfinite(out).all()) and err < 1e-2
     print(f"layer store b={b} n={n} bits={bits}: rel err {err:.2e} {'ok' if ok else 'FAIL'}")
 
     packed = int(layer.kept_bytes_per_row().sum())
-    kv16 = b * HKV * n * D * 2 * 2
     t_fused = bench(lambda: decode_attention(q, store, scaling, max_tokens=n, out=out))
+    if b == 4 and bits == 2:  # block size / warps sweep
+        for bn in (64, 128, 256):
+            for warps in (4, 8):
+                kw = dict(max_tokens=n, out=out, block_n=bn, num_warps=warps)
+                ms = bench(lambda kw=kw: decode_attention(q, store, scaling, **kw))
+                results.append(dict(check="sweep", batch=b, bits=bits, block_n=bn, num_warps=warps, ms=ms))
+                print(f"sweep b={b} bits={bits} block_n={bn} warps={warps}: {ms:.4f} ms")
+    kv16 = b * HKV * n * D * 2 * 2
     folded = q.reshape(b, HKV, H // HKV, D)
 
     def deq_sdpa():
@@ -156,12 +168,14 @@ def time_config(b: int, n: int, bits: int, results: list, copy_gbs: float) -> bo
         torch.nn.attention.SDPBackend.FLASH_ATTENTION if DEV == "cuda" else torch.nn.attention.SDPBackend.MATH
     )
     with torch.nn.attention.sdpa_kernel(flash):
-        t_deq = bench(deq_sdpa)
+        t_deq = bench(deq_sdpa) if b <= 4 else float("nan")
         kf = torch.randn((b, HKV, n, D), device=DEV, dtype=DT)
         vf = torch.randn_like(kf)
         t_sdpa = bench(lambda: F.scaled_dot_product_attention(folded, kf, vf, scale=scaling))
-        ref16 = F.scaled_dot_product_attention(folded, layer.keys, layer.values, scale=scaling)
-    err_deq = rel_err(out.reshape(b, HKV, H // HKV, D), ref16)
+        lk, lv = layer.keys[few], layer.values[few]
+        ref16 = F.scaled_dot_product_attention(folded[few], lk, lv, scale=scaling)
+        lk = lv = None
+    err_deq = rel_err(out[few].reshape(-1, HKV, H // HKV, D), ref16)
     kf = vf = None
     _empty()
 
@@ -215,6 +229,90 @@ def time_config(b: int, n: int, bits: int, results: list, copy_gbs: float) -> bo
     return ok
 
 
+def _peak_run(fn) -> tuple[float, float]:
+    """(ms, peak GiB above what was allocated before) of one call of `fn`."""
+    _sync()
+    base = torch.cuda.memory_allocated() if DEV == "cuda" else 0
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    fn()
+    if DEV != "cuda":
+        return 0.0, 0.0
+    end.record()
+    _sync()
+    return start.elapsed_time(end), (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def time_prefill(n: int, bits: int, results: list, chunk: int = 4096) -> bool:
+    """One layer's prefill attention at `n` tokens, batch 1: one-shot and chunked, vs flash over bf16."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    _empty()
+    scaling = D**-0.5
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    k = torch.randn((1, HKV, n, D), device=DEV, dtype=DT, generator=gen)
+    v = torch.randn((1, HKV, n, D), device=DEV, dtype=DT, generator=gen)
+    q = torch.randn((1, H, n, D), device=DEV, dtype=DT, generator=gen)
+    pos = torch.arange(n, device=DEV)[None]
+    outs = {}
+
+    def oneshot():
+        layer = QuantizedKVLayer(bits, 32, 128)
+        layer.append(k, v, pos)
+        layer.note_padding(False)
+        outs["one"] = layer.attend(q, StepContext(cache=None, positions=pos, padded=False), scaling)
+        layer.flush()
+
+    def chunked():
+        layer = QuantizedKVLayer(bits, 32, 128)
+        parts = []
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            layer.append(k[:, :, lo:hi], v[:, :, lo:hi], pos[:, lo:hi])
+            layer.note_padding(False)
+            step = StepContext(cache=None, positions=pos[:, lo:hi], padded=False)
+            parts.append(layer.attend(q[:, :, lo:hi], step, scaling))
+            layer.flush()
+        outs["chunked"] = torch.cat(parts, dim=2)
+
+    def flash_one():
+        outs["flash"] = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scaling, enable_gqa=True
+        )
+
+    def flash_chunked():
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            bias = causal_lower_right(hi - lo, hi) if lo else None
+            F.scaled_dot_product_attention(
+                q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], attn_mask=bias, is_causal=not lo,
+                scale=scaling, enable_gqa=True,
+            )  # fmt: skip
+
+    ok = True
+    for name, fn in (
+        ("prefill-oneshot", oneshot),
+        ("prefill-bf16-oneshot", flash_one),
+        ("prefill-chunked", chunked),
+        ("prefill-bf16-chunked", flash_chunked),
+    ):
+        fn()  # warm-up
+        ms, peak = _peak_run(fn)
+        row = dict(check="prefill", name=name, tokens=n, bits=bits, chunk=chunk, ms=ms, peak_gib=peak)
+        results.append(row)
+        print(f"{name} n={n} bits={bits}: {ms:.2f} ms, peak {peak:.2f} GiB above the inputs")
+    ref = outs["flash"]
+    for name in ("one", "chunked"):
+        err = rel_err(outs[name], ref)
+        good = bool(torch.isfinite(outs[name]).all()) and err < (1e-2 if name == "one" else 0.5)
+        ok &= good
+        results.append(dict(check="prefill-err", name=name, bits=bits, rel_err_vs_bf16=err, ok=good))
+        print(f"prefill {name} vs flash bf16: rel err {err:.2e} {'ok' if good else 'FAIL'}")
+    return ok
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("check_kivi needs a CUDA GPU")
@@ -230,9 +328,10 @@ def main() -> int:
     copy_gbs = 2 * 2**28 * 4 / copy_ms / 1e6
     buf = dst = None
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
-    configs = [(4, 32768, 2), (32, 32768, 2), (4, 32768, 4)]
+    configs = [(4, 32768, 2), (32, 32768, 2), (4, 32768, 4), (32, 32768, 4)]
     for b, n, bits in configs:
         ok &= time_config(b, n, bits, results, copy_gbs)
+    ok &= time_prefill(32768, 2, results)
     out_dir = os.environ.get("OUT", ".")
     with open(os.path.join(out_dir, "check_kivi.json"), "w") as f:
         json.dump(dict(copy_gbs=copy_gbs, results=results), f, indent=1)
@@ -245,7 +344,16 @@ def main() -> int:
                 f"{r['name']:<22}{r['batch']:>6}{r['tokens']:>8}{r['bits']:>5}{r['ms']:>10.4f}"
                 f"{r['bytes'] / 1e6:>10.1f}{r['gbs']:>8.0f}{r['floor_ms']:>10.4f}"
             )
-    errs = [r["rel_err"] for r in results]
+    print(f"\n{'prefill (1 layer, batch 1)':<28}{'tokens':>8}{'bits':>5}{'ms':>10}{'peak GiB':>10}")
+    for r in results:
+        if r["check"] == "prefill":
+            print(f"{r['name']:<28}{r['tokens']:>8}{r['bits']:>5}{r['ms']:>10.2f}{r['peak_gib']:>10.2f}")
+    sweep = [r for r in results if r["check"] == "sweep"]
+    if sweep:
+        best = min(sweep, key=lambda r: r["ms"])
+        cfg = f"block_n={best['block_n']} warps={best['num_warps']}"
+        print(f"best kernel config (b=4, 2-bit): {cfg} {best['ms']:.4f} ms")
+    errs = [r["rel_err"] for r in results if "rel_err" in r]
     print(f"correctness: {'all ok' if ok else 'FAILED'}; max rel err vs float64 {max(errs):.2e}")
     return 0 if ok and all(math.isfinite(e) for e in errs) else 1
 

@@ -150,7 +150,11 @@ class RaggedKVLayer(KVLayer):
             return self.attend_decode(query, scaling)
         if self.max_seg == 0:  # nothing compressed yet: the whole layer is the dense tail
             return super().attend(query, step, scaling)
-        if not step.padded and not self.has_empty and ragged_kernels.prefill_usable(query):
+        if (
+            query.shape[2] > 1
+            and not (step.padded or self.has_empty)
+            and ragged_kernels.prefill_usable(query)
+        ):
             return self.attend_prefill(query, scaling)
         return self.attend_masked(query, step, scaling)
 

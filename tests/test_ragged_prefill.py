@@ -81,12 +81,14 @@ def test_attend_takes_the_masked_path_off_cuda():
 @pytest.mark.parametrize("d", [64, 128])
 def test_prefill_flash_matches_masked_path_cuda(group, d):
     b, h, chunk = 2, 4, 200
-    layer, qpos = ragged_layer(b, h, d, chunk, earlier=30, max_len=700, dtype=torch.bfloat16, device="cuda")
-    query = torch.randn(b, h * group, chunk, d, device="cuda", dtype=torch.bfloat16)
+    kw = dict(earlier=30, max_len=700, seed=group + d, device="cuda")
+    layer, qpos = ragged_layer(b, h, d, chunk, dtype=torch.bfloat16, **kw)
+    exact, _ = ragged_layer(b, h, d, chunk, dtype=torch.float32, **kw)  # the same values, unrounded
+    query = torch.randn(b, h * group, chunk, d, device="cuda")
     step = StepContext(cache=None, positions=qpos, padded=False)
-    ref = layer.attend_masked(query.float(), step, d**-0.5)
-    assert rk.prefill_usable(query)
-    out = layer.attend(query, step, d**-0.5)
+    ref = exact.attend_masked(query, step, d**-0.5)
+    assert rk.prefill_usable(query.bfloat16())
+    out = layer.attend(query.bfloat16(), step, d**-0.5)
     err = (out.float() - ref).norm() / ref.norm()
     assert err < 1e-2, err
 

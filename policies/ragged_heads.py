@@ -15,8 +15,16 @@ Decoding reads the flat store in place: on CUDA (with Triton) `attend` for one q
 runs `ragged_kernels.ragged_decode_attention` over each (row, head)'s segment plus the tail,
 with no padded copy and no device sync. What it needs beyond the flat tensors (segment
 offsets, int32 lengths, the longest segment as a host int) is computed once per compression
-in `store_dense`. Other calls (prefill, CPU, no Triton) take the exact masked path over the
-dense view, or the base layer's path while nothing was compressed yet.
+in `store_dense`. A prefill chunk (several queries, no padding, CUDA fp16/bf16) reads the
+flat store in place too: flash attention's varlen mode over each (row, head)'s segment (the
+flat store is its packed layout; `seg_cu` its cumulative lengths) plus causal flash over the
+tail, merged by their log-sum-exps (`ragged_kernels.ragged_prefill_attention`): no padded
+copy, no mask. Other calls (padded batches, CPU, no Triton) take the exact masked path over
+the dense view, or the base layer's path while nothing was compressed yet.
+
+The dense view is built in one copy per tensor (flat tokens scattered to their padded rows,
+indices from the segment lengths without a device sync); while nothing was compressed it is
+the tail itself. `store_dense` takes the filled slots with one nonzero (one sync).
 """
 
 from __future__ import annotations

@@ -689,9 +689,13 @@ def _ring_range(ring: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return torch.cat([ring[:, :, start:w], ring[:, :, : hi - lo - (w - start)]], dim=2)
 
 
+# Tests set this to run the fused decode kernel on CPU tensors under Triton's interpreter; the
+# pipeline never does (interpreted decode is far slower than the exact path).
+CPU_INTERPRET = False
+
+
 def kernel_on_cpu() -> bool:
-    """Run the fused decode kernel on CPU tensors too (only under Triton's interpreter, for tests)."""
-    return os.environ.get("TRITON_INTERPRET") == "1" and kivi_kernels.triton is not None
+    return CPU_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1" and kivi_kernels.triton is not None
 
 
 @register

@@ -160,9 +160,10 @@ def test_layer_decode_attend_uses_the_kernel_and_matches_the_reference_path(bits
     value-window boundaries: the layer's fused decode equals its de-quantising reference path,
     and the host's counts stay equal to the device's without a read-back."""
     from pipeline.kv_cache import EMPTY, KVLayer, StepContext
-    from policies import kivi_kernels
+    from policies import kivi, kivi_kernels
     from policies.kivi import QuantizedKVLayer
 
+    monkeypatch.setattr(kivi, "CPU_INTERPRET", True)  # the pipeline interprets nothing on its own
     calls = []
     kernel = kivi_kernels.decode_attention
     monkeypatch.setattr(kivi_kernels, "decode_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))

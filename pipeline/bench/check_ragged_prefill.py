@@ -15,6 +15,19 @@ segments of `avg` tokens +-50%), plus a prefill chunk of 4096 tokens in its tail
 
 Time: median of `reps` after a warm-up (synchronised wall clock); peak: the allocator's peak
 above what was allocated before the call. A short table is printed last.
+
+Measured 2026-11-25, H100 80GB HBM3, torch 2.11 (defaults: avg 8192 +-50%, chunk 4096, 32K):
+  chunk attention b=1: new 2.86 ms, 0.221 GiB peak; old masked 20.51 ms, 6.111 GiB; SDPA flash
+    over a dense 12288-slot cache 2.32 ms. b=2: 5.10 / 39.37 / 4.37 ms, 0.442 / 13.112 GiB.
+    Rel. error vs float32: new 2.8e-3, old 2.3e-3 (bf16); new vs old 3.6e-3.
+  compression (same kept tokens, new vs old code): chunked b=1 4.58 vs 4.24 ms (0.420 GiB both);
+    one-shot b=1 6.70 vs 8.47 ms, 0.877 vs 1.003 GiB.
+  model, 8 layers, one row: chunked full 0.453 s (1.46 GiB above weights), snapkv 0.582 s (0.85),
+    adakv old 1.308 s (5.51), adakv new 0.659 s (0.79); one-shot full 0.346 s, snapkv 0.370,
+    adakv old 0.393, new 0.392 (3.89 GiB). Kept tokens: one-shot identical in 8/8 layers;
+    chunked identical in layer 0, later layers >= 94.4% of (head, position)s in common (the
+    attention output differs from the masked path by bf16 rounding, 3.6e-3, and that feeds
+    the next layers' queries).
 """
 
 from __future__ import annotations

@@ -1,7 +1,18 @@
 """KV-cache compression policies, one per module; importing the package registers them all."""
 
-from policies import adakv, full, h2o, knorm, pyramidkv, snapkv, streaming_llm, tova  # noqa: F401  (registration side effects)
-from policies import kivi, spindlekv  # noqa: F401  (storage forms)
+# importing each method's module registers it (kivi and spindlekv are storage forms)
+from policies import (  # noqa: F401
+    adakv,
+    full,
+    h2o,
+    kivi,
+    knorm,
+    pyramidkv,
+    snapkv,
+    spindlekv,
+    streaming_llm,
+    tova,
+)
 from policies.base import Budget, Policy, ScorePolicy
 from policies.registry import describe, make_policy, policy_names, register
 

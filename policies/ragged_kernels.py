@@ -45,11 +45,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Tests set this to run the decode kernel on CPU tensors under Triton's interpreter; the
+# pipeline never does (interpreted decode is far slower than the exact path).
+CPU_INTERPRET = False
+
+
 def usable(query: torch.Tensor, head_dim: int) -> bool:
     """Whether the kernel can serve this call (else the caller takes its exact torch path)."""
     if not triton_available():
         return False
-    if not (query.is_cuda or interpreting()):
+    if not (query.is_cuda or (CPU_INTERPRET and interpreting())):
         return False
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# The policies' Triton kernels are tested on CPU tensors under Triton's interpreter, which is
+# chosen once, before triton is first imported in the process. The pipeline itself runs them on
+# CUDA only; a test opts in to the CPU path (each kernel module's CPU_INTERPRET flag).
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

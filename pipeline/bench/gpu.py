@@ -181,7 +181,8 @@ def environment(device: torch.device) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device_type": device.type,
         "alloc_conf": os.environ.get(ALLOC_CONF),
-        "git_commit": _git("rev-parse", "HEAD"),
+        # a copy without .git (e.g. a `git archive` sent to a GPU machine) names its commit here
+        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("KVPIPE_GIT_COMMIT"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "cpu_threads": torch.get_num_threads(),
     }

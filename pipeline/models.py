@@ -151,20 +151,26 @@ def load_tokenizer(spec: str):
     return AutoTokenizer.from_pretrained(str(source.path))
 
 
+# The shapes of the tiny GQA Llama (the `tiny-llama` test model and the benchmark's `tiny`).
+TINY_LLAMA_SHAPES = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    tie_word_embeddings=True,
+)
+
+
 def tiny_llama_config(vocab_size: int = 49152):
     """A 4-layer GQA Llama small enough to run in milliseconds on CPU."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        **TINY_LLAMA_SHAPES,
         max_position_embeddings=8192,
-        tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,

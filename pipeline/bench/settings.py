@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from pipeline.models import TINY_LLAMA_SHAPES
+
 # Llama-3.1-8B's shapes. rope_scaling ("llama3") only changes the rotary frequencies, not the
 # work, so it is left out.
 LLAMA_8B = dict(
@@ -39,18 +41,7 @@ SMOLLM2_135M = dict(
 )
 
 # A tiny GQA Llama for CPU smoke tests (milliseconds per forward).
-TINY = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
+TINY = dict(TINY_LLAMA_SHAPES, vocab_size=512, rope_theta=10000.0, rms_norm_eps=1e-5)
 
 MODEL_SHAPES = {"llama8b": LLAMA_8B, "smollm2": SMOLLM2_135M, "tiny": TINY}
 

@@ -35,12 +35,14 @@ class StepContext:
     extras: dict = field(default_factory=dict)  # policy-specific per-step data
     padded: bool = True  # some new token is padding (EMPTY); the engine knows it without a device sync
 
+    _slot_positions: torch.Tensor | None = field(default=None, init=False, repr=False)
+
     @property
     def slot_positions(self) -> torch.Tensor:
         """`positions` as the int32 the cache stores (converted once per forward, not per layer)."""
-        if "_slot_positions" not in self.extras:
-            self.extras["_slot_positions"] = self.positions.to(torch.int32)
-        return self.extras["_slot_positions"]
+        if self._slot_positions is None:
+            self._slot_positions = self.positions.to(torch.int32)
+        return self._slot_positions
 
 
 class SlotBuffer:

@@ -67,7 +67,7 @@ def register(subparsers) -> None:
     p.add_argument("--decode-batch", type=int, help="the given batch of the step-time comparison (default 4)")
     p.add_argument("--decode-steps", type=int, help="timed decode steps N (default 64)")
     p.add_argument("--decode-warmup", type=int, help="decode steps before timing (default 3)")
-    p.add_argument("--max-batch", type=int, help="cap of the largest-batch search (default 256)")
+    p.add_argument("--max-batch", type=int, help="cap of the largest-batch search (default 4096)")
     p.add_argument("--search-steps", type=int, help="decode steps per largest-batch probe (default 2)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
     p.add_argument(

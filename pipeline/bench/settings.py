@@ -73,7 +73,9 @@ class BenchSettings:
     decode_batch: int = 4  # the "given batch" of the step-time comparison (clamped to what fits)
     decode_steps: int = 64
     decode_warmup: int = 3
-    max_batch: int = 256  # cap of the largest-batch search
+    # cap of the largest-batch search: high enough that memory, not the cap, ends it (SmolLM2 at
+    # 8K with a quarter budget fits ~1600 rows; a cap of 256 stopped every cell there)
+    max_batch: int = 4096
     search_steps: int = 2  # decode steps of each largest-batch probe
     hf_baseline: bool = True
     hf_at_max_batch: bool = False  # also run HF generate at full's largest batch (slow: 2 prefills of it)

@@ -60,7 +60,7 @@ class KiviStore:
 
 
 def kernel_supports(store: KiviStore, query: torch.Tensor) -> bool:
-    """Whether the fused kernel handles these shapes (powers of two that tile into BLOCK_N)."""
+    """Whether the fused kernel handles these shapes (powers of two that tile into its blocks)."""
     d = store.kres.shape[-1]
     g = store.group_size
     gv = d // store.vscale.shape[-1]
@@ -69,14 +69,16 @@ def kernel_supports(store: KiviStore, query: torch.Tensor) -> bool:
     def pow2(x: int) -> bool:
         return x > 0 and x & (x - 1) == 0
 
+    per = 8 // store.bits if store.bits in (2, 4) else 0
     return (
         triton is not None
+        and per > 0
         and pow2(d)
-        and 16 <= d <= 256
+        and 16 * per <= d <= 256  # 16 <= d / per: the value sub-tiles' matrix products
         and pow2(g)
-        and g <= BLOCK_N
+        and g <= default_block_n(store.bits)
         and pow2(gv)
-        and store.bits in (2, 4)
+        and gv >= per
         and group <= 64
         and query.shape[2] == 1
     )
@@ -324,9 +326,11 @@ if triton is not None:
         acc = tl.zeros([M, D], tl.float32)
         for split in range(0, num_splits):
             part = bh * num_splits + split
-            m_s = tl.load(MP + part * M + rm)
-            l_s = tl.load(LP + part * M + rm)
-            o_s = tl.load(OP + (part * M + rm)[:, None] * D + c[None, :])
+            m_s = tl.load(MP + part * M + rm, mask=rm < GROUP, other=-float("inf"))
+            l_s = tl.load(LP + part * M + rm, mask=rm < GROUP, other=0.0)
+            o_s = tl.load(
+                OP + (part * M + rm)[:, None] * D + c[None, :], mask=(rm < GROUP)[:, None], other=0.0
+            )
             m_new = tl.maximum(m_i, m_s)
             m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
             a_old = tl.exp2(m_i - m_safe)
@@ -339,17 +343,331 @@ if triton is not None:
         ptr = OUT + b * sob + (h * GROUP + rm)[:, None] * soh + c[None, :]
         tl.store(ptr, out.to(OUT.dtype.element_ty), mask=qmask[:, None])
 
+    @triton.jit
+    def _v2_values(
+        vq_base, vs_base, vz_base, tok, nv, svt, sut,
+        D: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr,
+    ):  # fmt: skip
+        """Packed value bytes [NB, D/GV, GV/PER] of tokens `tok` [NB], scales/zeros [NB, D/GV, 1]
+        (each byte and each scale loaded once); FAST: every token's value is quantised."""
+        PER: tl.constexpr = 8 // BITS
+        NGV: tl.constexpr = D // GV
+        GVB: tl.constexpr = GV // PER
+        gi = tl.arange(0, NGV)
+        jv = tl.arange(0, GVB)
+        bptr = vq_base + tok[:, None, None] * svt + gi[None, :, None] * GVB + jv[None, None, :]
+        sptr = tok[:, None, None] * sut + gi[None, :, None]
+        if FAST:
+            vb = tl.load(bptr)
+            vs = tl.load(vs_base + sptr).to(tl.float32)
+            vz = tl.load(vz_base + sptr).to(tl.float32)
+        else:
+            ok = (tok < nv)[:, None, None]
+            vb = tl.load(bptr, mask=ok, other=0)
+            vs = tl.load(vs_base + sptr, mask=ok, other=0.0).to(tl.float32)
+            vz = tl.load(vz_base + sptr, mask=ok, other=0.0).to(tl.float32)
+        return vb, vs, vz
+
+    @triton.jit
+    def _v2_pv(
+        acc, p, vb, vs, vz, t: tl.constexpr, tok, n, nv, vr_base, swt, Wv, dt,
+        D: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
+    ):  # fmt: skip
+        """acc [M, D/PER] (channels j * PER + t) += p [M, NB] @ values of tokens `tok` there."""
+        PER: tl.constexpr = 8 // BITS
+        NGV: tl.constexpr = D // GV
+        GVB: tl.constexpr = GV // PER
+        MASK: tl.constexpr = (1 << BITS) - 1
+        NB: tl.constexpr = tok.shape[0]
+        v3 = ((vb >> (t * BITS)) & MASK).to(tl.float32) * vs + vz  # [NB, NGV, GVB]
+        if not FAST:
+            gi = tl.arange(0, NGV)
+            jv = tl.arange(0, GVB)
+            ch = (gi[None, :, None] * GVB + jv[None, None, :]) * PER + t
+            res = ((tok >= nv) & (tok < n))[:, None, None]
+            vres = tl.load(vr_base + (tok % Wv)[:, None, None] * swt + ch, mask=res, other=0.0)
+            v3 = tl.where((tok < nv)[:, None, None], v3, vres.to(tl.float32))
+        v = tl.reshape(v3, (NB, D // PER)).to(dt)
+        if IEEE:
+            return acc + tl.dot(p, v, input_precision="ieee")
+        return acc + tl.dot(p, v)
+
+    @triton.jit
+    def _v2_tile(
+        q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
+        kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
+        skg, ssg, srt, svt, sut, swt, Wk, Wv,
+        D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr,
+        IEEE: tl.constexpr, FAST: tl.constexpr,
+    ):  # fmt: skip
+        """One tile of BN tokens from `start` (a multiple of BN and G). Every load of the tile is
+        issued first (key bytes [D, BN/G, G/PER] and their per-group scales once, the value bytes of
+        each sub-tile once), then PER sub-tiles, one per bit offset of the key bytes: sub-tile s
+        holds the tokens at bit offset s (token = group start + byte * PER + s), so a key byte tile
+        is shifted, never gathered. Values are de-quantised per bit offset t of their bytes too,
+        into accumulator t (channels j * PER + t). FAST: every token's key and value is quantised
+        (no residual loads, no length masks)."""
+        PER: tl.constexpr = 8 // BITS
+        GB: tl.constexpr = G // PER  # bytes per channel of a key group
+        NG: tl.constexpr = BN // G  # key groups in the tile
+        NB: tl.constexpr = BN // PER  # tokens per sub-tile
+        MASK: tl.constexpr = (1 << BITS) - 1
+        dt = q.dtype
+        c = tl.arange(0, D)
+        gl = tl.arange(0, NG)
+        jb = tl.arange(0, GB)
+        grp = start // G + gl
+        kptr = kq_base + grp[None, :, None] * skg + c[:, None, None] * GB + jb[None, None, :]
+        sptr = grp[None, :, None] * ssg + c[:, None, None]
+        r = tl.arange(0, NB)
+        first = start + (r // GB) * G + (r % GB) * PER  # token at bit offset 0 of each column's byte
+        if FAST:
+            kb = tl.load(kptr)  # [D, NG, GB]
+            ks = tl.load(ks_base + sptr).to(tl.float32)  # [D, NG, 1]
+            kz = tl.load(kz_base + sptr).to(tl.float32)
+        else:
+            kok = ((start + gl * G) < nk)[None, :, None]  # nk is a multiple of G: whole groups
+            kb = tl.load(kptr, mask=kok, other=0)
+            ks = tl.load(ks_base + sptr, mask=kok, other=0.0).to(tl.float32)
+            kz = tl.load(kz_base + sptr, mask=kok, other=0.0).to(tl.float32)
+        vb0, vs0, vz0 = _v2_values(vq_base, vs_base, vz_base, first, nv, svt, sut, D, GV, BITS, FAST)
+        vb1, vs1, vz1 = _v2_values(vq_base, vs_base, vz_base, first + 1, nv, svt, sut, D, GV, BITS, FAST)
+        if PER == 4:
+            vb2, vs2, vz2 = _v2_values(vq_base, vs_base, vz_base, first + 2, nv, svt, sut, D, GV, BITS, FAST)
+            vb3, vs3, vz3 = _v2_values(vq_base, vs_base, vz_base, first + 3, nv, svt, sut, D, GV, BITS, FAST)
+        else:
+            vb2, vs2, vz2 = vb0, vs0, vz0
+            vb3, vs3, vz3 = vb1, vs1, vz1
+        for s in tl.static_range(PER):
+            tok = first + s
+            kt = tl.reshape(((kb >> (s * BITS)) & MASK).to(tl.float32) * ks + kz, (D, NB))
+            if not FAST:
+                inside = tok < n
+                kres = tl.load(
+                    kr_base + (tok % Wk)[None, :] * srt + c[:, None],
+                    mask=((tok >= nk) & inside)[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                kt = tl.where((tok < nk)[None, :], kt, kres)
+            if IEEE:
+                scores = tl.dot(q, kt.to(dt), input_precision="ieee")
+            else:
+                scores = tl.dot(q, kt.to(dt))
+            scores = scores * qk_scale
+            if not FAST:
+                scores = tl.where(inside[None, :], scores, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(scores - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            p = p.to(dt)
+            m_i = m_new
+            if s == 0:
+                vb, vs, vz = vb0, vs0, vz0
+            elif s == 1:
+                vb, vs, vz = vb1, vs1, vz1
+            elif s == 2:
+                vb, vs, vz = vb2, vs2, vz2
+            else:
+                vb, vs, vz = vb3, vs3, vz3
+            acc0 = _v2_pv(
+                acc0 * alpha[:, None],
+                p,
+                vb,
+                vs,
+                vz,
+                0,
+                tok,
+                n,
+                nv,
+                vr_base,
+                swt,
+                Wv,
+                dt,
+                D,
+                GV,
+                BITS,
+                IEEE,
+                FAST,
+            )
+            acc1 = _v2_pv(
+                acc1 * alpha[:, None],
+                p,
+                vb,
+                vs,
+                vz,
+                1,
+                tok,
+                n,
+                nv,
+                vr_base,
+                swt,
+                Wv,
+                dt,
+                D,
+                GV,
+                BITS,
+                IEEE,
+                FAST,
+            )
+            if PER == 4:
+                acc2 = _v2_pv(
+                    acc2 * alpha[:, None],
+                    p,
+                    vb,
+                    vs,
+                    vz,
+                    2,
+                    tok,
+                    n,
+                    nv,
+                    vr_base,
+                    swt,
+                    Wv,
+                    dt,
+                    D,
+                    GV,
+                    BITS,
+                    IEEE,
+                    FAST,
+                )
+                acc3 = _v2_pv(
+                    acc3 * alpha[:, None],
+                    p,
+                    vb,
+                    vs,
+                    vz,
+                    3,
+                    tok,
+                    n,
+                    nv,
+                    vr_base,
+                    swt,
+                    Wv,
+                    dt,
+                    D,
+                    GV,
+                    BITS,
+                    IEEE,
+                    FAST,
+                )
+        return m_i, l_i, acc0, acc1, acc2, acc3
+
+    @triton.jit
+    def _v2_store(
+        OP,
+        part,
+        acc,
+        t: tl.constexpr,
+        M: tl.constexpr,
+        D: tl.constexpr,
+        PER: tl.constexpr,
+        GROUP: tl.constexpr,
+    ):
+        rm = tl.arange(0, M)
+        j = tl.arange(0, D // PER)
+        ptr = OP + (part * M + rm)[:, None] * D + (j * PER + t)[None, :]
+        tl.store(ptr, acc, mask=(rm < GROUP)[:, None])
+
+    @triton.jit
+    def _kivi_decode_split_v2(
+        Q, N, NK, NV, KQ, KS, KZ, KR, VQ, VS, VZ, VR, OP, MP, LP,
+        sqb, sqh, skb, skh, skg, ssb, ssh, ssg, srb, srh, srt, svb, svh, svt, sub, suh, sut, swb, swh, swt,
+        Wk, Wv,
+        H: tl.constexpr, per_split, num_splits, qk_scale,
+        D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
+        GROUP: tl.constexpr, M: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        PER: tl.constexpr = 8 // BITS
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        n = tl.load(N + bh).to(tl.int32)  # 32-bit token arithmetic; 64-bit bases
+        nk = tl.load(NK + bh).to(tl.int32)
+        nv = tl.load(NV + bh).to(tl.int32)
+        b = b.to(tl.int64)
+        h = h.to(tl.int64)
+        rm = tl.arange(0, M)
+        c = tl.arange(0, D)
+        q = tl.load(
+            Q + b * sqb + (h * GROUP + rm)[:, None] * sqh + c[None, :], mask=(rm < GROUP)[:, None], other=0.0
+        )
+        m_i = tl.full([M], -float("inf"), tl.float32)
+        l_i = tl.zeros([M], tl.float32)
+        acc0 = tl.zeros([M, D // PER], tl.float32)
+        acc1 = tl.zeros([M, D // PER], tl.float32)
+        acc2 = tl.zeros([M, D // PER], tl.float32)
+        acc3 = tl.zeros([M, D // PER], tl.float32)
+        kq_base = KQ + b * skb + h * skh
+        ks_base = KS + b * ssb + h * ssh
+        kz_base = KZ + b * ssb + h * ssh
+        kr_base = KR + b * srb + h * srh
+        vq_base = VQ + b * svb + h * svh
+        vs_base = VS + b * sub + h * suh
+        vz_base = VZ + b * sub + h * suh
+        vr_base = VR + b * swb + h * swh
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, n)
+        quant = tl.minimum(hi, tl.minimum(nk, nv))
+        fast_end = tl.maximum(lo, lo + ((quant - lo) // BN) * BN)
+        for start in range(lo, fast_end, BN):
+            m_i, l_i, acc0, acc1, acc2, acc3 = _v2_tile(
+                q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
+                kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
+                skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, True,
+            )  # fmt: skip
+        for start in range(fast_end, hi, BN):
+            m_i, l_i, acc0, acc1, acc2, acc3 = _v2_tile(
+                q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
+                kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
+                skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, False,
+            )  # fmt: skip
+        part = bh * num_splits + split
+        _v2_store(OP, part, acc0, 0, M, D, PER, GROUP)
+        _v2_store(OP, part, acc1, 1, M, D, PER, GROUP)
+        if PER == 4:
+            _v2_store(OP, part, acc2, 2, M, D, PER, GROUP)
+            _v2_store(OP, part, acc3, 3, M, D, PER, GROUP)
+        tl.store(MP + part * M + rm, m_i, mask=rm < GROUP)
+        tl.store(LP + part * M + rm, l_i, mask=rm < GROUP)
+
 
 _SM_COUNT: dict[int, int] = {}
 
 
-def _programs_wanted(device: torch.device) -> int:
+def _sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (2 for CPU tensors: a few splits in tests)."""
     if device.type != "cuda":
-        return 8
+        return 2
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 4 * _SM_COUNT[idx]
+    return _SM_COUNT[idx]
+
+
+def _programs_wanted(device: torch.device) -> int:
+    return 8 if device.type != "cuda" else 4 * _sms(device)
+
+
+_WORKSPACE: dict[tuple, torch.Tensor] = {}
+
+
+def _workspace(device: torch.device, numel: int) -> torch.Tensor:
+    """A float32 scratch buffer reused by every call on `device` (kernels on one stream run in
+    order, so a layer's split kernel never overwrites what the previous layer's merge still reads)."""
+    key = (str(device),)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, 1 << 20), dtype=torch.float32, device=device)
+        _WORKSPACE[key] = buf
+    return buf
+
+
+def default_block_n(bits: int, version: int = 2) -> int:
+    """Tokens per tile: version 2 takes 32 tokens per sub-tile (128 at 2 bits, 64 at 4 bits)."""
+    return 32 * (8 // bits) if version == 2 else BLOCK_N
 
 
 def decode_attention(
@@ -359,14 +677,18 @@ def decode_attention(
     max_tokens: int,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
-    block_n: int = BLOCK_N,
+    block_n: int | None = None,
     num_warps: int = 4,
+    version: int = 2,
+    programs_per_sm: int = 8,
 ) -> torch.Tensor:
     """Fused decode attention [b, H, 1, d] (query's dtype) over the packed store.
 
     `max_tokens` is a host-side upper bound of `store.n` (no device sync here); `num_splits`
-    overrides how many programs share one (row, kv head)'s tokens; `block_n` (a multiple of the
-    key group and of 8 // bits, a power of two) and `num_warps` tune the split kernel.
+    overrides how many programs share one (row, kv head)'s tokens (default: enough for
+    `programs_per_sm` programs per SM); `block_n` (a multiple of the key group and of
+    16 * (8 // bits), a power of two) and `num_warps` tune the split kernel. `version` 1 is the
+    first kernel (kept for comparison in `pipeline.bench.check_kivi`).
     """
     if triton is None:
         raise RuntimeError("kivi decode kernel needs triton")
@@ -375,17 +697,25 @@ def decode_attention(
     group = num_heads // h
     assert q_len == 1 and num_heads == group * h
     m = max(16, triton.next_power_of_2(group))
-    bn = block_n
+    bn = block_n or default_block_n(store.bits, version)
     assert bn % store.group_size == 0 and bn & (bn - 1) == 0
     blocks = max(1, triton.cdiv(max(max_tokens, 1), bn))
     if num_splits is None:
-        num_splits = max(1, min(blocks, triton.cdiv(_programs_wanted(query.device), b * h)))
+        wanted = _programs_wanted(query.device) if version == 1 else _sms(query.device) * programs_per_sm
+        num_splits = max(1, min(blocks, triton.cdiv(wanted, b * h)))
     per_split = triton.cdiv(blocks, num_splits) * bn
     num_splits = triton.cdiv(blocks * bn, per_split)
     dev = query.device
-    o_part = torch.empty((b * h * num_splits, m, d), dtype=torch.float32, device=dev)
-    m_part = torch.empty((b * h * num_splits, m), dtype=torch.float32, device=dev)
-    l_part = torch.empty_like(m_part)
+    parts = b * h * num_splits
+    if version == 1:
+        o_part = torch.empty((parts, m, d), dtype=torch.float32, device=dev)
+        m_part = torch.empty((parts, m), dtype=torch.float32, device=dev)
+        l_part = torch.empty_like(m_part)
+    else:
+        ws = _workspace(dev, parts * m * (d + 2))
+        o_part = ws[: parts * m * d].view(parts, m, d)
+        m_part = ws[parts * m * d : parts * m * (d + 1)].view(parts, m)
+        l_part = ws[parts * m * (d + 1) : parts * m * (d + 2)].view(parts, m)
     if out is None:
         out = torch.empty((b, num_heads, 1, d), dtype=query.dtype, device=dev)
     assert out.shape == query.shape and out.dtype == query.dtype and out.stride(-1) == 1
@@ -397,69 +727,23 @@ def decode_attention(
         assert t.stride(-1) == 1
     assert kq.stride(3) == kq.shape[4] and query.stride(-1) == 1
     gv = d // vs.shape[-1]
-    _kivi_decode_split[(b * h, num_splits)](
-        query,
-        n,
-        nk,
-        nv,
-        kq,
-        ks,
-        kz,
-        kr,
-        vq,
-        vs,
-        vz,
-        vr,
-        o_part,
-        m_part,
-        l_part,
-        query.stride(0),
-        query.stride(1),
-        kq.stride(0),
-        kq.stride(1),
-        kq.stride(2),
-        ks.stride(0),
-        ks.stride(1),
-        ks.stride(2),
-        kr.stride(0),
-        kr.stride(1),
-        kr.stride(2),
-        vq.stride(0),
-        vq.stride(1),
-        vq.stride(2),
-        vs.stride(0),
-        vs.stride(1),
-        vs.stride(2),
-        vr.stride(0),
-        vr.stride(1),
-        vr.stride(2),
-        kr.shape[2],
-        vr.shape[2],
-        H=h,
-        per_split=per_split,
-        num_splits=num_splits,
-        qk_scale=scaling * math.log2(math.e),
-        D=d,
-        G=store.group_size,
-        GV=gv,
-        BITS=store.bits,
-        GROUP=group,
-        M=m,
-        BN=bn,
-        IEEE=query.dtype == torch.float32,
-        num_warps=num_warps,
-    )
+    kernel = _kivi_decode_split if version == 1 else _kivi_decode_split_v2
+    kernel[(b * h, num_splits)](
+        query, n, nk, nv, kq, ks, kz, kr, vq, vs, vz, vr, o_part, m_part, l_part,
+        query.stride(0), query.stride(1),
+        kq.stride(0), kq.stride(1), kq.stride(2),
+        ks.stride(0), ks.stride(1), ks.stride(2),
+        kr.stride(0), kr.stride(1), kr.stride(2),
+        vq.stride(0), vq.stride(1), vq.stride(2),
+        vs.stride(0), vs.stride(1), vs.stride(2),
+        vr.stride(0), vr.stride(1), vr.stride(2),
+        kr.shape[2], vr.shape[2],
+        H=h, per_split=per_split, num_splits=num_splits, qk_scale=scaling * math.log2(math.e),
+        D=d, G=store.group_size, GV=gv, BITS=store.bits, GROUP=group, M=m, BN=bn,
+        IEEE=query.dtype == torch.float32, num_warps=num_warps,
+    )  # fmt: skip
     _kivi_decode_merge[(b * h,)](
-        o_part,
-        m_part,
-        l_part,
-        out,
-        out.stride(0),
-        out.stride(1),
-        H=h,
-        num_splits=num_splits,
-        D=d,
-        GROUP=group,
-        M=m,
-    )
+        o_part, m_part, l_part, out, out.stride(0), out.stride(1),
+        H=h, num_splits=num_splits, D=d, GROUP=group, M=m,
+    )  # fmt: skip
     return out

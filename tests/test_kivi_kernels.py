@@ -15,7 +15,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-from policies.kivi_kernels import KiviStore, decode_attention, decode_attention_reference, dequantized
+from policies.kivi_kernels import (
+    KiviStore,
+    decode_attention,
+    decode_attention_reference,
+    dequantized,
+    kernel_supports,
+)
 
 try:
     import triton  # noqa: F401
@@ -131,12 +137,24 @@ def test_kernel_matches_reference(bits, group, d, dtype):
     store = random_store(b, h, d, bits, 32, max_n, dtype, DEVICE, seed=bits * 100 + group * 10 + d)
     q = torch.randn(b, group * h, 1, d, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEVICE)
     ref = decode_attention_reference(q, store, d**-0.5)
-    for splits in (None, 1, 3):
-        out = decode_attention(q, store, d**-0.5, max_tokens=max_n, num_splits=splits)
+    for version, splits, block_n in ((2, None, None), (2, 1, None), (2, 3, None), (1, 3, None), (2, 2, 256)):
+        out = decode_attention(
+            q, store, d**-0.5, max_tokens=max_n, num_splits=splits, version=version, block_n=block_n
+        )
         assert out.dtype == dtype and out.shape == (b, group * h, 1, d)
         assert torch.isfinite(out).all()
         tol = 1e-5 if dtype == torch.float32 else 2e-2
-        assert rel_err(out, ref) < tol, (splits, rel_err(out, ref))
+        assert rel_err(out, ref) < tol, (version, splits, block_n, rel_err(out, ref))
+
+
+@needs_kernel
+def test_kernel_supports_the_shapes_it_tiles():
+    """Version 2 needs d / (8 // bits) >= 16 (its value sub-tiles' matrix products) and G <= its block."""
+    q = torch.zeros(1, 4, 1, 32)
+    assert not kernel_supports(random_store(1, 1, 32, 2, 32, 10, torch.float32), q)  # 8 bytes a token
+    assert kernel_supports(random_store(1, 1, 32, 4, 32, 10, torch.float32), q)
+    q = torch.zeros(1, 4, 1, 64)
+    assert kernel_supports(random_store(1, 1, 64, 2, 32, 10, torch.float32), q)
 
 
 @needs_kernel

@@ -17,6 +17,7 @@ import torch
 
 from pipeline import attention
 from pipeline.attention_math import decode_backends
+from pipeline.decode_graph import DecodeRunner, default_mode
 from pipeline.kv_cache import EMPTY, CompressedCache, StepContext
 from policies.base import Budget, Policy, row_budgets
 
@@ -74,7 +75,11 @@ def _cache_kwarg(model) -> str:
 class Generator:
     """Runs batches through `model` (a HF causal LM, possibly wrapped by DeepSpeed) with `policy`."""
 
-    def __init__(self, model, tokenizer, policy: Policy, budget: Budget | None) -> None:
+    def __init__(
+        self, model, tokenizer, policy: Policy, budget: Budget | None, decode_mode: str | None = None
+    ) -> None:
+        """`decode_mode`: "graphs", "static" or "eager" (`pipeline.decode_graph`); None: the
+        `KVPIPE_DECODE` environment variable, else graphs on one CUDA device, eager elsewhere."""
         attention.register()
         self.model = model
         self.tokenizer = tokenizer
@@ -91,6 +96,7 @@ class Generator:
         self._cache_kw = _cache_kwarg(model)
         # A ready 4D mask keeps transformers from building one (one element, expanded per call).
         self._ready_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
+        self.decode = DecodeRunner(self._static_forward, decode_mode or default_mode(self.device))
 
     # -- helpers ----------------------------------------------------------------------------
     def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,13 +109,21 @@ class Generator:
                 filled[i, width - len(s) :] = True
         return ids.to(self.device), filled.to(self.device)
 
-    def _forward(self, cache, ids, positions, compress, budgets, padded: bool = True) -> torch.Tensor:
+    def _forward(
+        self, cache, ids, positions, compress, budgets, padded: bool = True, static_slots=None
+    ) -> torch.Tensor:
         """One forward over `ids` ([b, q]) at `positions` (EMPTY for padding); last logits [b, vocab].
 
-        `padded` False promises that no position is EMPTY (it lets attention skip the mask).
+        `padded` False promises that no position is EMPTY (it lets attention skip the mask);
+        `static_slots` makes it a static-shape decode step (`StepContext.static_slots`).
         """
         step = StepContext(
-            cache=cache, positions=positions, compress=compress, row_budgets=budgets, padded=padded
+            cache=cache,
+            positions=positions,
+            compress=compress,
+            row_budgets=budgets,
+            padded=padded,
+            static_slots=static_slots,
         )
         cache.step = step
         b, q = ids.shape
@@ -183,9 +197,21 @@ class Generator:
         cache.set_spare(0)
         return logits
 
+    def _static_forward(self, cache, ids, positions, budgets, static_slots) -> torch.Tensor:
+        """The static-shape decode forward the `DecodeRunner` runs eagerly or captures."""
+        return self._forward(cache, ids, positions, False, budgets, padded=False, static_slots=static_slots)
+
     def decode_step(self, cache, tokens: torch.Tensor, next_pos: torch.Tensor, budgets) -> torch.Tensor:
-        """One decode step: `tokens` [b] at `next_pos` [b]; next logits [b, vocab]."""
+        """One decode step: `tokens` [b] at `next_pos` [b]; next logits [b, vocab].
+
+        Static-shape (CUDA graph) where the cache and policy allow it (`pipeline.decode_graph`):
+        the logits are then the graph's output tensor, valid until the next step.
+        """
         compress = self.budget is not None and self.policy.compress_during_decode
+        if not compress:
+            logits = self.decode.step(cache, tokens, next_pos, budgets)
+            if logits is not None:
+                return logits
         with decode_backends() if self.device.type == "cuda" else contextlib.nullcontext():
             return self._forward(cache, tokens[:, None], next_pos[:, None], compress, budgets, padded=False)
 
@@ -272,6 +298,7 @@ class Generator:
             logits = self.decode_step(cache, tokens, next_pos, budgets)
             next_pos = next_pos + 1
 
+        self.decode.release()  # the batch's graph (its buffers are gone with the cache)
         if self.device.type == "cuda":
             stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.device)
         bytes_per_slot = 2 * self.head_dim * self.dtype.itemsize

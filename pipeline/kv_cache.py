@@ -22,6 +22,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from pipeline.attention_math import EMPTY, dense_bias, grouped_attention, position_mask
+from pipeline.decode_kernels import static_decode
 
 
 @dataclass
@@ -34,6 +35,12 @@ class StepContext:
     row_budgets: torch.Tensor | None = None  # [batch] tokens per head each row may keep
     extras: dict = field(default_factory=dict)  # policy-specific per-step data
     padded: bool = True  # some new token is padding (EMPTY); the engine knows it without a device sync
+    # The static-shape decode step (`pipeline.decode_graph`): per layer a 1-element int64 device
+    # tensor, the slot that layer writes this step's token to (its used count). When set, layers
+    # write at that device-side index and attend over their whole capacity with the count read
+    # on the device, so that one CUDA graph serves every step; host bookkeeping follows after
+    # the step (`CompressedCache.commit_static`).
+    static_slots: list[torch.Tensor] | None = None
 
     _slot_positions: torch.Tensor | None = field(default=None, init=False, repr=False)
 
@@ -117,6 +124,7 @@ class KVLayer(CacheLayerMixin):
         self.has_empty = False  # some (row, head) has an EMPTY slot
         self.heads_differ = False  # heads hold different positions
         self.spare = 0  # slots to allocate beyond what is needed whenever storage is (re)allocated
+        self._static_slot: torch.Tensor | None = None  # the slot of this static step's token (device)
 
     def __copy__(self):
         """A shallow copy with its own buffer bookkeeping (tensors shared until either side replaces them)."""
@@ -190,6 +198,52 @@ class KVLayer(CacheLayerMixin):
             self.slot_stats[name] = torch.cat([stat, stat.new_zeros((b, h, q))], dim=-1)
         return self.keys, self.values
 
+    # -- the static-shape decode step (graph-capturable; plain dense layers only) -------------
+    def static_decode_ready(self) -> bool:
+        """Whether this layer can take a static-shape decode step now: a plain dense layer (storage
+        forms override append/attend), no per-slot statistics to follow, room for one more token."""
+        return (
+            type(self) is KVLayer
+            and self.is_initialized
+            and not self.slot_stats
+            and self._k.used < self._k.capacity
+            and self._v.used < self._v.capacity
+            and self._p.used < self._p.capacity
+            and self._k.used == self._v.used == self._p.used
+        )
+
+    @property
+    def slots_used(self) -> int:
+        """Slots in use (host count; the static step's write index)."""
+        return self._k.used
+
+    def static_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whole key/value/position buffers (capacity included) a static step writes and reads."""
+        return self._k.buf, self._v.buf, self._p.buf
+
+    def append_static(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, slot) -> None:
+        """Write one decode token ([b, h, 1, d]) at slot `slot` (1-element int64 device tensor).
+
+        No host state changes: `commit_static` advances the used counts once the step ran.
+        """
+        b, h = keys.shape[:2]
+        self._k.buf.index_copy_(2, slot, keys)
+        self._v.buf.index_copy_(2, slot, values)
+        self._p.buf.index_copy_(2, slot, positions.to(torch.int32)[:, None, :].expand(b, h, 1))
+        self._static_slot = slot
+
+    def attend_static(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention [b, H, 1, d] of a decode query over slots 0..(the slot just written)."""
+        k, v, p = self.static_buffers()
+        out = static_decode(query[:, :, 0], k, v, p if self.has_empty else None, self._static_slot, scaling)
+        return out[:, :, None]
+
+    def commit_static(self, steps: int = 1) -> None:
+        """Host bookkeeping of `steps` static decode steps that ran (each stored one token)."""
+        self._k.used += steps
+        self._v.used += steps
+        self._p.used += steps
+
     def note_padding(self, padded: bool) -> None:
         """The last append stored padding (EMPTY) slots when `padded` is True."""
         self.has_empty = self.has_empty or padded
@@ -209,6 +263,8 @@ class KVLayer(CacheLayerMixin):
 
         Storage forms override this with attention over their own form (quantised, ragged).
         """
+        if step.static_slots is not None:
+            return self.attend_static(query, scaling)
         keys, values = self.keys, self.values
         if self.has_empty or step.padded:
             bias = self.attention_mask(step.positions)
@@ -275,10 +331,23 @@ class CompressedCache(Cache):
         if self.step is None:
             raise RuntimeError("CompressedCache.update called without a StepContext")
         layer = self.layers[layer_idx]
+        if self.step.static_slots is not None:
+            layer.append_static(
+                key_states, value_states, self.step.slot_positions, self.step.static_slots[layer_idx]
+            )
+            return key_states, value_states
         layer.append(key_states, value_states, self.step.slot_positions)
         layer.note_padding(self.step.padded)
         # attention reads the layer's own storage (`KVLayer.attend`), not these
         return key_states, value_states
+
+    def static_decode_ready(self) -> bool:
+        """Every layer can take a static-shape decode step (see `KVLayer.static_decode_ready`)."""
+        return all(layer.static_decode_ready() for layer in self.layers)
+
+    def commit_static(self, steps: int = 1) -> None:
+        for layer in self.layers:
+            layer.commit_static(steps)
 
     def set_spare(self, slots: int) -> None:
         """Spare slots every layer allocates beyond its need when it (re)allocates storage."""

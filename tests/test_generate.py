@@ -127,3 +127,89 @@ def test_compression_physically_shrinks_layers(tiny_llama):
     assert stats.cache_stored_bytes_after_prefill == layers * 2 * kv_heads * 20 * slot_bytes
     assert EMPTY == -1
     assert torch.is_tensor(torch.tensor(0))
+
+
+# -- the static-shape decode step (pipeline/decode_graph.py), run eagerly on CPU ----------------
+
+STATIC_PROMPTS = [list(range(300, 340)), list(range(400, 410)), list(range(500, 530))]  # left padding
+
+
+def _prefilled(gen, prompts, new_tokens):
+    from pipeline.kv_cache import CompressedCache
+    from policies.base import row_budgets
+
+    cache = CompressedCache(gen.num_layers, gen.policy)
+    ids, filled = gen._left_pad(prompts)
+    positions = torch.where(filled, filled.long().cumsum(-1) - 1, torch.full_like(ids, EMPTY))
+    lengths = [len(p) for p in prompts]
+    budgets = row_budgets(gen.budget, lengths, gen.device)
+    logits = gen.prefill(cache, ids, positions, budgets, None, new_tokens, ids.shape[1] - min(lengths))
+    return cache, logits, budgets, torch.tensor(lengths)
+
+
+@pytest.mark.parametrize(
+    "policy,budget", [("full", None), ("streaming_llm", Budget(tokens=24)), ("snapkv", Budget(tokens=16))]
+)
+@pytest.mark.parametrize("interpret_kernel", [False, True])
+def test_static_decode_step_equals_dynamic_step(tiny_llama, monkeypatch, policy, budget, interpret_kernel):
+    """Logits of every step and the tokens, with padded rows (EMPTY slots) and a compressed cache."""
+    from pipeline import decode_kernels as dk
+
+    if interpret_kernel:
+        if not (dk.triton_available() and dk.interpreting()):
+            pytest.skip("the Triton kernel runs on CPU under TRITON_INTERPRET=1 only")
+        monkeypatch.setattr(dk, "CPU_INTERPRET", True)
+    model, tok = tiny_llama
+    steps = 6
+    runs = {}
+    for mode in ("eager", "static"):
+        gen = Generator(model, tok, make_policy(policy), budget, decode_mode=mode)
+        cache, logits, budgets, next_pos = _prefilled(gen, STATIC_PROMPTS, steps)
+        assert cache.layers[0].has_empty  # the padded rows are masked by position
+        seen = []
+        with torch.inference_mode():
+            for _ in range(steps):
+                tokens = logits.argmax(-1)
+                logits = gen.decode_step(cache, tokens, next_pos, budgets).clone()
+                next_pos = next_pos + 1
+                seen.append(logits)
+        runs[mode] = (torch.stack(seen), cache, gen.decode.counts)
+    (dyn, dyn_cache, dyn_counts), (sta, sta_cache, sta_counts) = runs["eager"], runs["static"]
+    assert dyn_counts["eager"] == 0 and sta_counts["eager"] == steps  # each took its own path
+    torch.testing.assert_close(sta, dyn, rtol=1e-4, atol=1e-4)
+    assert torch.equal(sta.argmax(-1), dyn.argmax(-1))
+    for a, b in zip(sta_cache.layers, dyn_cache.layers):  # the same slots, written in place
+        assert a.get_seq_length() == b.get_seq_length()
+        assert torch.equal(a.positions, b.positions)
+        torch.testing.assert_close(a.keys, b.keys)
+
+
+def test_static_decode_generate_matches_eager_when_rows_leave(tiny_llama):
+    model, tok = tiny_llama
+    eager = Generator(model, tok, make_policy("full"), None, decode_mode="eager")
+    static = Generator(model, tok, make_policy("full"), None, decode_mode="static")
+    cfg = GenerationConfig(max_new_tokens=10)
+    first, _ = eager.generate(STATIC_PROMPTS, cfg)
+    stop = first[1].output_ids[3]  # row 1 stops after 3 tokens: the batch shrinks mid-decode
+    cfg = GenerationConfig(max_new_tokens=10, stop_token_ids=(stop,))
+    a, _ = eager.generate(STATIC_PROMPTS, cfg)
+    b, _ = static.generate(STATIC_PROMPTS, cfg)
+    assert [r.output_ids for r in b] == [r.output_ids for r in a]
+    reasons = [r.finish_reason for r in a]
+    assert [r.finish_reason for r in b] == reasons and "stop" in reasons
+    assert static.decode.counts["eager"] > 0
+
+
+def test_decode_mode_switch(tiny_llama, monkeypatch):
+    model, tok = tiny_llama
+    assert Generator(model, tok, make_policy("full"), None).decode.mode == "eager"  # CPU default
+    monkeypatch.setenv("KVPIPE_DECODE", "static")
+    assert Generator(model, tok, make_policy("full"), None).decode.mode == "static"
+    monkeypatch.setenv("KVPIPE_DECODE", "sometimes")
+    with pytest.raises(ValueError):
+        Generator(model, tok, make_policy("full"), None)
+    # a policy that compresses during decode never takes the static step
+    monkeypatch.delenv("KVPIPE_DECODE")
+    gen = Generator(model, tok, make_policy("h2o"), Budget(tokens=8), decode_mode="static")
+    gen.generate([list(range(100, 140))], GenerationConfig(max_new_tokens=4))
+    assert gen.decode.counts["eager"] == 0

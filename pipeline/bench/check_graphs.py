@@ -99,6 +99,45 @@ def check_kernel(batches, context: int, reps: int = 50) -> list[dict]:
     return rows
 
 
+def _one_step_agreement(gen, measure, pre, batch: int) -> dict:
+    """One decode step from the same tiled state in each form: relative logit error and top-1 match.
+
+    "torch" is the static step with the attention computed by `static_decode_torch` (float32
+    inside): a calibration of how far two correct bf16 steps lie apart on this random model.
+    """
+    from pipeline import decode_kernels as dk
+
+    logits = {}
+    for form in ("eager", "static", "torch"):
+        gen.decode.mode = "eager" if form == "eager" else "static"
+        gen.decode.release()
+        usable = dk.usable
+        if form == "torch":
+            dk.usable = lambda query: False
+        try:
+            state = measure.tile(pre, batch)
+            tok = state.logits.argmax(-1)
+            logits[form] = gen.decode_step(state.cache, tok, state.next_pos, state.budgets).float().clone()
+        finally:
+            dk.usable = usable
+        del state
+
+    def rel(a, b):
+        return float((logits[a] - logits[b]).norm() / logits[b].norm())
+
+    def top1(a, b):
+        return float((logits[a].argmax(-1) == logits[b].argmax(-1)).float().mean())
+
+    return {
+        "step1_rel_static_vs_eager": rel("static", "eager"),
+        "step1_rel_torch_vs_eager": rel("torch", "eager"),
+        "step1_rel_static_vs_torch": rel("static", "torch"),
+        "step1_top1_static_vs_eager": top1("static", "eager"),
+        "step1_top1_torch_vs_eager": top1("torch", "eager"),
+        "step1_top1_static_vs_torch": top1("static", "torch"),
+    }
+
+
 def check_model(args) -> list[dict]:
     from pipeline.bench import gpu, measure
     from pipeline.bench.settings import MODEL_SHAPES, BenchSettings
@@ -121,6 +160,7 @@ def check_model(args) -> list[dict]:
             measure.use_kvpipe_attention(bm)
             pre = measure.kvpipe_prefill(gen, ids, 4096, 3 + args.steps + 2)
             for batch in [int(x) for x in args.batches.split(",")]:
+                agreement = _one_step_agreement(gen, measure, pre, batch)
                 runs = {}
                 for mode in ("eager", "static", "graphs"):
                     gen.decode.mode = mode
@@ -128,8 +168,11 @@ def check_model(args) -> list[dict]:
                     gen.decode.counts = {"eager": 0, "captured": 0, "replayed": 0}
                     gpu.cleanup(device)
                     state = measure.tile(pre, batch)
-                    measure.decode_steps(gen, state, 3)
                     torch.cuda.synchronize()
+                    w0 = time.perf_counter()
+                    measure.decode_steps(gen, state, 3)  # graphs: 2 eager static steps, then the capture
+                    torch.cuda.synchronize()
+                    warm = (time.perf_counter() - w0) * 1e3
                     marks = gpu.Marks(device)
                     marks.mark()
                     tokens, logits = [], []
@@ -150,6 +193,7 @@ def check_model(args) -> list[dict]:
                         "tokens": torch.stack(tokens).cpu(),
                         "logits": torch.stack(logits).float().cpu(),
                         "counts": dict(gen.decode.counts),
+                        "warmup_ms": warm,
                     }
                     del state
                 gen.decode.release()
@@ -161,15 +205,14 @@ def check_model(args) -> list[dict]:
                     "layers": bm.config.num_hidden_layers,
                     **{f"{m}_step_ms": round(runs[m]["step_ms"], 3) for m in runs},
                     **{f"{m}_wall_ms": round(runs[m]["wall_step_ms"], 3) for m in runs},
+                    **{f"{m}_3_warmup_steps_ms": round(runs[m]["warmup_ms"], 1) for m in runs},
                     "graphs_counts": g["counts"],
                     "static_counts": s["counts"],
                     "tokens_static_vs_eager": float((s["tokens"] == e["tokens"]).float().mean()),
                     "tokens_graphs_vs_eager": float((g["tokens"] == e["tokens"]).float().mean()),
                     "tokens_graphs_vs_static": float((g["tokens"] == s["tokens"]).float().mean()),
                     "logit_maxdiff_graphs_vs_static": float((g["logits"] - s["logits"]).abs().max()),
-                    "logit_maxdiff_static_vs_eager_step0": float(
-                        (s["logits"][0] - e["logits"][0]).abs().max()
-                    ),
+                    **agreement,
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)

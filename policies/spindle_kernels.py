@@ -440,3 +440,172 @@ def spindle_decode(
         D=d, SP=triton.next_power_of_2(splits), num_warps=4,
     )  # fmt: skip
     return out
+
+
+# -- prefill / append: similarity counts and best matches (codebook layers) ----------------------
+# Cosine of tokens x_i, y_j is computed as (x_i . y_j) * rx_i * ry_j (rx = 1 / |x|, or 1 for unit
+# rows): products of bf16 inputs are exact in float32, so tensor cores give the float32 cosine up to
+# the accumulation order (the exact path, `unit @ unit.T` in float32, differs by ~1e-7).
+if HAVE_TRITON:
+
+    @triton.jit
+    def _count_kernel(
+        X, Y, RX, RY, NX, NY, YOK, CNT,
+        sx_p, sx_t, sy_p, sy_t, srx_p, sry_p, syok_p, scnt_p, theta,
+        D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, SKIP_DIAG: tl.constexpr,
+        HAS_YOK: tl.constexpr, DOT_IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """CNT[p, i] = #{j < NY[p]: cos(x_i, y_j) > theta} (j != i with SKIP_DIAG, j < i with CAUSAL,
+        YOK[p, j] with HAS_YOK) for i < NX[p]."""
+        p = tl.program_id(0).to(tl.int64)
+        pid_m = tl.program_id(1)
+        nx = tl.load(NX + p).to(tl.int32)
+        ny = tl.load(NY + p).to(tl.int32)
+        rows = pid_m * BM + tl.arange(0, BM)
+        rmask = rows < nx
+        dd = tl.arange(0, D)
+        x = tl.load(
+            X + p * sx_p + rows[:, None].to(tl.int64) * sx_t + dd[None, :], mask=rmask[:, None], other=0.0
+        )
+        rx = tl.load(RX + p * srx_p + rows, mask=rmask, other=0.0)
+        cnt = tl.zeros([BM], tl.int32)
+        hi = ny
+        if CAUSAL:
+            hi = tl.minimum(ny, pid_m * BM + BM)
+        if pid_m * BM < nx:
+            for j0 in range(0, hi, BN):
+                cols = j0 + tl.arange(0, BN)
+                cmask = cols < ny
+                y = tl.load(
+                    Y + p * sy_p + cols[:, None].to(tl.int64) * sy_t + dd[None, :],
+                    mask=cmask[:, None],
+                    other=0.0,
+                )
+                ry = tl.load(RY + p * sry_p + cols, mask=cmask, other=0.0)
+                if DOT_IEEE:
+                    s = tl.dot(x, tl.trans(y), input_precision="ieee")
+                else:
+                    s = tl.dot(x, tl.trans(y))
+                s = s * rx[:, None] * ry[None, :]
+                hit = (s > theta) & cmask[None, :]
+                if HAS_YOK:
+                    ok = tl.load(YOK + p * syok_p + cols, mask=cmask, other=0)
+                    hit = hit & (ok != 0)[None, :]
+                if SKIP_DIAG:
+                    hit = hit & (rows[:, None] != cols[None, :])
+                if CAUSAL:
+                    hit = hit & (cols[None, :] < rows[:, None])
+                cnt += tl.sum(hit.to(tl.int32), 1)
+        tl.store(CNT + p * scnt_p + rows, cnt, mask=rmask)
+
+    @triton.jit
+    def _match_kernel(
+        X, RX, B, NX, NB, BEST, ARG,
+        sx_p, sx_t, srx_p, sb_p, sb_t, sbest_p, QB, chunk,
+        D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT_IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """Over entries [split * chunk, +chunk) of book B[p] (first NB[p] live): per token i < NX[p] the
+        largest cos(x_i, b_j) (b unit rows) and its first index; -2 and 0 when no entry is live."""
+        p = tl.program_id(0).to(tl.int64)
+        pid_m = tl.program_id(1)
+        split = tl.program_id(2)
+        nx = tl.load(NX + p).to(tl.int32)
+        nb = tl.load(NB + p).to(tl.int32)
+        rows = pid_m * BM + tl.arange(0, BM)
+        rmask = rows < nx
+        dd = tl.arange(0, D)
+        best = tl.full([BM], -2.0, tl.float32)
+        arg = tl.zeros([BM], tl.int32)
+        start = split * chunk
+        end = tl.minimum(start + chunk, nb)
+        if pid_m * BM < nx:
+            x = tl.load(
+                X + p * sx_p + rows[:, None].to(tl.int64) * sx_t + dd[None, :], mask=rmask[:, None], other=0.0
+            )
+            rx = tl.load(RX + p * srx_p + rows, mask=rmask, other=0.0)
+            for j0 in range(start, end, BN):
+                cols = j0 + tl.arange(0, BN)
+                cmask = cols < end
+                b = tl.load(
+                    B + p * sb_p + cols[:, None].to(tl.int64) * sb_t + dd[None, :],
+                    mask=cmask[:, None],
+                    other=0.0,
+                )
+                if DOT_IEEE:
+                    s = tl.dot(x, tl.trans(b), input_precision="ieee")
+                else:
+                    s = tl.dot(x, tl.trans(b))
+                s = tl.where(cmask[None, :], s * rx[:, None], -2.0)
+                bm = tl.max(s, 1)
+                am = tl.min(tl.where(s == bm[:, None], cols[None, :], 2147483647), 1)
+                upd = bm > best
+                best = tl.where(upd, bm, best)
+                arg = tl.where(upd, am, arg)
+        out = p * sbest_p + split * QB + rows
+        tl.store(BEST + out, best, mask=rows < QB)
+        tl.store(ARG + out, arg, mask=rows < QB)
+
+
+def _dot_ieee(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 and x.device.type == "cuda"
+
+
+def pair_counts(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rx: torch.Tensor,
+    ry: torch.Tensor,
+    nx: torch.Tensor,
+    ny: torch.Tensor,
+    theta: float,
+    causal: bool = False,
+    skip_diag: bool = False,
+    y_ok: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[P, n] int32: per row i < nx[p] of x ([P, n, d]) the number of rows j < ny[p] of y ([P, m, d])
+    with (x_i . y_j) rx_i ry_j > theta (see `_count_kernel` for causal / skip_diag / y_ok)."""
+    P, n, d = x.shape
+    cnt = torch.zeros((P, n), dtype=torch.int32, device=x.device)
+    if P == 0 or n == 0 or y.shape[1] == 0:
+        return cnt
+    bm, bn = (64, 64) if x.device.type == "cuda" else (16, 16)
+    ok = y_ok.to(torch.int8) if y_ok is not None else cnt
+    rx, ry = rx.float().contiguous(), ry.float().contiguous()
+    ok = ok.contiguous()
+    _count_kernel[(P, triton.cdiv(n, bm))](
+        x, y, rx, ry, nx.contiguous(), ny.contiguous(), ok, cnt,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), rx.stride(0), ry.stride(0), ok.stride(0),
+        cnt.stride(0), float(theta),
+        D=d, BM=bm, BN=bn, CAUSAL=causal, SKIP_DIAG=skip_diag, HAS_YOK=y_ok is not None,
+        DOT_IEEE=_dot_ieee(x), num_warps=4,
+    )  # fmt: skip
+    return cnt
+
+
+def best_match(
+    x: torch.Tensor, rx: torch.Tensor, book: torch.Tensor, nx: torch.Tensor, nb: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token i < nx[p] of x ([P, q, d], scale rx [P, q]): the largest cosine with the first nb[p]
+    rows of `book` ([P, C, d], unit rows) and the first index reaching it ([P, q] float32, int64);
+    -2 and 0 where no entry is live. Last dims contiguous."""
+    P, q, d = x.shape
+    C = book.shape[1]
+    dev = x.device
+    if P == 0 or q == 0 or C == 0:
+        return torch.full((P, q), -2.0, device=dev), torch.zeros((P, q), dtype=torch.int64, device=dev)
+    bm = 16 if q <= 16 or dev.type != "cuda" else 64
+    bn = 64 if dev.type == "cuda" else 16
+    qblocks = triton.cdiv(q, bm)
+    splits, chunk = plan_splits(P * qblocks, C, bn, dev, waves=4)
+    qb = qblocks * bm
+    best = torch.empty((P, splits, qb), dtype=torch.float32, device=dev)
+    arg = torch.empty((P, splits, qb), dtype=torch.int32, device=dev)
+    rx = rx.float().contiguous()
+    _match_kernel[(P, qblocks, splits)](
+        x, rx, book, nx.contiguous(), nb.contiguous(), best, arg,
+        x.stride(0), x.stride(1), rx.stride(0), book.stride(0), book.stride(1), best.stride(0), qb, chunk,
+        D=d, BM=bm, BN=bn, DOT_IEEE=_dot_ieee(x), num_warps=4,
+    )  # fmt: skip
+    best, arg = best[..., :q], arg[..., :q]
+    top = best.argmax(dim=1, keepdim=True)  # first split reaching the max: the lowest entries
+    return best.gather(1, top)[:, 0], arg.gather(1, top)[:, 0].long()

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.attention_math import dense_bias, grouped_attention, position_mask
 from pipeline.kv_cache import EMPTY, KVLayer
 from policies.base import Budget, Policy
 from policies.registry import register
@@ -56,18 +57,44 @@ BIG = 2**40
 
 
 # -- RoPE (default type, rotate-half convention as Llama/Qwen/Mistral in transformers) -----------
+_ROPE_TABLES: dict = {}
+_BLOCK = 8192  # tokens per block of the float32 temporaries (per-layer transients stay small)
+
+
+def rope_table(theta: float, d: int, upto: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [>= upto, d] float32 of positions 0.. (angles in float64, as `rope` always formed them);
+    cached per (theta, d, device) and grown by doubling."""
+    key = (float(theta), d, str(device))
+    tab = _ROPE_TABLES.get(key)
+    if tab is None or tab[0].shape[0] < upto:
+        size = max(upto, 2 * (tab[0].shape[0] if tab is not None else 2048))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float64) / d))
+        ang = torch.arange(size, device=device, dtype=torch.float64)[:, None] * inv_freq
+        ang = torch.cat([ang, ang], dim=-1)
+        tab = (ang.cos().float(), ang.sin().float())
+        _ROPE_TABLES[key] = tab
+    return tab
+
+
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float, inverse: bool = False) -> torch.Tensor:
-    """Rotate x [..., n, d] by its positions [..., n] (or back, with inverse)."""
+    """Rotate x [..., n, d] by its positions [..., n] (or back, with inverse); float32 arithmetic,
+    blocks of tokens at a time."""
     d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float64) / d))
-    ang = positions.to(torch.float64).clamp(min=0)[..., None] * inv_freq
-    ang = torch.cat([ang, ang], dim=-1)
-    cos, sin = ang.cos().float(), ang.sin().float()
-    if inverse:
-        sin = -sin
-    xf = x.float()
-    half = torch.cat([-xf[..., d // 2 :], xf[..., : d // 2]], dim=-1)
-    return (xf * cos + half * sin).to(x.dtype)
+    pos = positions.clamp(min=0).long()
+    upto = int(pos.max()) + 1 if pos.numel() else 1
+    cos_t, sin_t = rope_table(theta, d, upto, x.device)
+    out = torch.empty_like(x)
+    n = x.shape[-2]
+    for lo in range(0, max(n, 1), _BLOCK):
+        hi = min(n, lo + _BLOCK)
+        p = pos[..., lo:hi]
+        cos, sin = cos_t[p], sin_t[p]
+        if inverse:
+            sin = -sin
+        xf = x[..., lo:hi, :].float()
+        half = torch.cat([-xf[..., d // 2 :], xf[..., : d // 2]], dim=-1)
+        out[..., lo:hi, :] = (xf * cos + half * sin).to(x.dtype)
+    return out
 
 
 # -- the codebook ------------------------------------------------------------------------------
@@ -102,6 +129,219 @@ def build_codebook(x: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.T
     return unit[order], index, mag
 
 
+def _kernels(device: torch.device):
+    """`spindle_kernels` when its Triton kernels run on this device, else None (the exact torch path)."""
+    from policies import spindle_kernels as sk
+
+    return sk if device.type == "cuda" and sk.kernel_available(device) else None
+
+
+_PAIRS = 1 << 26  # float32 elements of a similarity block on the torch path / bools of a subgraph
+
+
+def _norms(x: torch.Tensor) -> torch.Tensor:
+    """x.float().norm(dim=-1) ([..., n, d] -> [..., n]), blocks of tokens at a time."""
+    out = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    for lo in range(0, x.shape[-2], _BLOCK):
+        out[..., lo : lo + _BLOCK] = x[..., lo : lo + _BLOCK, :].float().norm(dim=-1)
+    return out
+
+
+def _units(x: torch.Tensor, mag: torch.Tensor, dtype) -> torch.Tensor:
+    """(x.float() / mag.clamp(1e-12)).to(dtype), blocks of tokens at a time."""
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    for lo in range(0, x.shape[-2], _BLOCK):
+        sl = slice(lo, lo + _BLOCK)
+        out[..., sl, :] = (x[..., sl, :].float() / mag[..., sl].clamp(min=1e-12)[..., None]).to(dtype)
+    return out
+
+
+def _degrees(x: torch.Tensor, mag: torch.Tensor, lengths: torch.Tensor, theta: float) -> torch.Tensor:
+    """[P, n] int32: per live token (i < lengths[p]) 1 + the number of other live tokens with cos > theta."""
+    P, n, _ = x.shape
+    sk = _kernels(x.device)
+    if sk is not None:
+        r = 1.0 / mag.clamp(min=1e-12)
+        deg = sk.pair_counts(x, x, r, r, lengths, lengths, theta, skip_diag=True) + 1
+    else:
+        unit = _units(x, mag, torch.float32)
+        live = torch.arange(n, device=x.device) < lengths[:, None]
+        deg = torch.zeros((P, n), dtype=torch.int32, device=x.device)
+        step = max(1, _PAIRS // max(1, P * n))
+        for lo in range(0, n, step):
+            g = (unit[:, lo : lo + step] @ unit.transpose(1, 2)) > theta
+            g &= live[:, None, :]
+            idx = torch.arange(lo, min(n, lo + step), device=x.device)
+            g[:, idx - lo, idx] = True  # the diagonal, as `build_codebook`
+            deg[:, lo : lo + step] = g.sum(-1).to(torch.int32)
+    return deg.masked_fill(torch.arange(n, device=x.device) >= lengths[:, None], 0)
+
+
+def _greedy(unit: torch.Tensor, live: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`build_codebook`'s greedy over several sequences at once: unit [g, K, d] float32, live [g, K].
+
+    Returns (cluster [g, K] int64: the rank of the center whose entry the token joined, -1 for a token
+    left alone; centers [g, c] int64: the center tokens in the order they were chosen, -1 padded)."""
+    g, K, _ = unit.shape
+    dev = unit.device
+    graph = (unit @ unit.transpose(1, 2)) > theta
+    graph &= live[:, None, :] & live[:, :, None]
+    ar = torch.arange(K, device=dev)
+    graph[:, ar, ar] = live
+    degree = graph.sum(-1)
+    alive = live.clone()
+    cluster = torch.full((g, K), -1, dtype=torch.int64, device=dev)
+    count = torch.zeros(g, dtype=torch.int64, device=dev)
+    rows = torch.arange(g, device=dev)
+    centers = []
+    while True:
+        live_degree = torch.where(alive, degree, torch.full_like(degree, -1))
+        c = live_degree.argmax(-1)  # the first token of highest live degree
+        active = live_degree[rows, c] > 1
+        members = graph[rows, c] & alive & active[:, None]
+        pi, ji = members.nonzero(as_tuple=True)  # (the loop's one host sync)
+        if pi.numel() == 0:
+            break
+        cluster = torch.where(members, count[:, None], cluster)
+        centers.append(torch.where(active, c, torch.full_like(c, -1)))
+        count += active
+        alive &= ~members
+        # every token loses the members among its neighbours (graph[:, members].sum(-1) per sequence)
+        lost = torch.zeros((g, K), dtype=degree.dtype, device=dev)
+        lost.index_add_(0, pi, graph[pi, :, ji].to(degree.dtype))
+        degree -= lost
+    # a sequence's active steps come first (its live degrees only fall): its centers, then -1s
+    cent = torch.stack(centers, dim=1) if centers else torch.zeros((g, 0), dtype=torch.int64, device=dev)
+    return cluster, cent
+
+
+def build_codebooks(
+    x: torch.Tensor, lengths: torch.Tensor, theta: float, dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`build_codebook` for P sequences at once: x [P, n, d], the first lengths[p] tokens of each.
+
+    Returns (book [P, C, d] unit directions in `dtype`, zero past counts[p]; index [P, n] int64
+    (0 past the length); magnitude [P, n] float32; counts [P] int64). Same algorithm and tie-breaks:
+    the greedy runs only over tokens with a neighbour (degree >= 2), since a token without one is
+    never a center nor a member; all sequences step together, one host sync per step.
+    """
+    P, n, d = x.shape
+    dev = x.device
+    mag = _norms(x)
+    live = torch.arange(n, device=dev) < lengths[:, None]
+    degree = _degrees(x, mag, lengths, theta)
+    linked = degree >= 2
+    k_n, (sub_tok,) = _compact2(linked)  # [P], [P, K]: token index of each linked token, in order
+    K = sub_tok.shape[1]
+    cluster = torch.full((P, n + 1), -1, dtype=torch.int64, device=dev)
+    center_tok = torch.zeros((P, 0), dtype=torch.int64, device=dev)
+    if K:
+        sub_live = torch.arange(K, device=dev) < k_n[:, None]
+        per = max(1, _PAIRS // (K * K))
+        parts = []
+        for lo in range(0, P, per):
+            sl = slice(lo, lo + per)
+            tok = sub_tok[sl]
+            xs = torch.gather(x[sl], 1, tok[..., None].expand(*tok.shape, d))
+            unit = xs.float() / torch.gather(mag[sl], 1, tok).clamp(min=1e-12)[..., None]
+            cl, cent = _greedy(unit, sub_live[sl], theta)
+            dest = torch.where(sub_live[sl], tok, torch.full_like(tok, n))  # padding: the trash column
+            cluster[sl].scatter_(1, dest, cl)
+            center = torch.gather(tok, 1, cent.clamp(min=0))
+            parts.append(torch.where(cent >= 0, center, torch.full_like(cent, -1)))
+        width = max(p.shape[1] for p in parts)
+        center_tok = torch.cat(
+            [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=-1) for p in parts], dim=0
+        )
+    cluster = cluster[:, :n]
+    n_centers = (center_tok >= 0).sum(-1)
+    single = live & (cluster < 0)
+    index = torch.where(single, n_centers[:, None] + single.long().cumsum(-1) - 1, cluster)
+    index = torch.where(live, index, torch.zeros_like(index))
+    counts = n_centers + single.sum(-1)
+    C = int(counts.max()) if P else 0
+    # entry e's token: centers in the order chosen, then the single tokens in order
+    entry_tok = torch.zeros((P, C + 1), dtype=torch.int64, device=dev)
+    if center_tok.shape[1]:
+        ok = center_tok >= 0
+        slot = torch.arange(center_tok.shape[1], device=dev).expand_as(center_tok)
+        entry_tok.scatter_(1, torch.where(ok, slot, torch.full_like(slot, C)), center_tok.clamp(min=0))
+    tok = torch.arange(n, device=dev).expand(P, n)
+    slot = torch.where(single, index, torch.full_like(index, C))
+    entry_tok.scatter_(1, slot, tok)
+    entry_tok = entry_tok[:, :C]
+    book = torch.zeros((P, C, d), dtype=dtype, device=dev)
+    for lo in range(0, C, _BLOCK):
+        t = entry_tok[:, lo : lo + _BLOCK]
+        rows = torch.gather(x, 1, t[..., None].expand(*t.shape, d)).float()
+        unit = rows / torch.gather(mag, 1, t).clamp(min=1e-12)[..., None]
+        used = (torch.arange(lo, lo + t.shape[1], device=dev) < counts[:, None])[..., None]
+        book[:, lo : lo + _BLOCK] = torch.where(used, unit, torch.zeros_like(unit)).to(dtype)
+    return book, index, mag.masked_fill(~live, 0.0), counts
+
+
+def _best_match_torch(unit: torch.Tensor, book: torch.Tensor, count: torch.Tensor):
+    """`spindle_kernels.best_match` in float32 torch (unit [P, q, d] float32), entries in blocks."""
+    P, q, _ = unit.shape
+    C = book.shape[1]
+    best = torch.full((P, q), -2.0, device=unit.device)
+    arg = torch.zeros((P, q), dtype=torch.int64, device=unit.device)
+    step = max(1, _PAIRS // max(1, P * q))
+    for lo in range(0, C, step):
+        cos = torch.einsum("pcd,pqd->pqc", book[:, lo : lo + step].float(), unit)
+        live = torch.arange(lo, lo + cos.shape[-1], device=unit.device) < count[:, None]
+        bm, am = cos.masked_fill(~live[:, None, :], -2.0).max(-1)
+        upd = bm > best
+        best, arg = torch.where(upd, bm, best), torch.where(upd, am + lo, arg)
+    return best, arg
+
+
+def _resolve_chunk(unit, units_b, valid, cand, best_old, arg_old, count, theta):
+    """Exact sequential semantics of a chunk whose tokens match entries opened inside it.
+
+    unit [P, q, d] float32 (the tokens), units_b [P, q, d] (their entries, as stored); a candidate
+    (no old entry above theta) opens iff no earlier opener matches it; any token joins the best of the
+    old entries and the earlier openers' entries (the old first on ties, then the earliest opener).
+    """
+    P, q, _ = unit.shape
+    dev = unit.device
+    opens = torch.zeros_like(cand)
+    new_idx = torch.zeros((P, q), dtype=torch.int64, device=dev)
+    earlier = torch.ones((q, q), dtype=torch.bool, device=dev).tril(-1)
+    per = max(1, _PAIRS // (q * q))
+    for lo in range(0, P, per):
+        sl = slice(lo, lo + per)
+        cos = unit[sl] @ units_b[sl].float().transpose(1, 2)  # [g, t, t'] cos(token t, entry of t')
+        link = (cos > theta) & earlier & cand[sl][:, None, :]
+        op = torch.zeros_like(cand[sl])
+        undecided = cand[sl].clone()
+        while bool(undecided.any()):
+            closed = undecided & (link & op[:, None, :]).any(-1)
+            undecided &= ~closed
+            now = undecided & ~(link & undecided[:, None, :]).any(-1)
+            op |= now
+            undecided &= ~now
+        opens[sl] = op
+        new_cos = cos.masked_fill(~(earlier & op[:, None, :]), -2.0)
+        best_new, arg_new = new_cos.max(-1)
+        rank = op.long().cumsum(-1) - 1  # entry of opener t' is count + rank[t']
+        new_entry = count[sl, None] + torch.gather(rank, 1, arg_new)
+        idx = torch.where(best_old[sl] >= best_new, arg_old[sl], new_entry)
+        new_idx[sl] = torch.where(op, count[sl, None] + rank, idx)
+    return opens, new_idx
+
+
+def _compact2(valid: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(count [P], [index [P, K]]): the positions of each row's True entries, in order (K = max count)."""
+    n = valid.shape[-1]
+    slot = torch.arange(n, device=valid.device)
+    order = torch.where(valid, slot, slot + n).argsort(dim=-1)
+    count = valid.sum(-1)
+    k = int(count.max()) if count.numel() else 0
+    idx = order[..., :k]
+    return count, [torch.where(slot[:k] < count[..., None], idx, torch.zeros_like(idx))]
+
+
 def _filled(like: torch.Tensor, slots: int, fill) -> torch.Tensor:
     """A [b, h, slots, ...] tensor like `like`, filled with `fill`."""
     return torch.full((*like.shape[:2], slots, *like.shape[3:]), fill, dtype=like.dtype, device=like.device)
@@ -122,16 +362,20 @@ class SpindleLayer(KVLayer):
 
     # -- views ------------------------------------------------------------------------------
     def _view(self, which: str) -> torch.Tensor:
+        """Dense [b, e, s, d] keys or values in the book's dtype (exposed head e reads its kv head's book
+        without copying it per head); codebook keys are re-rotated when stored before RoPE."""
         book = self.kbook if which == "k" else self.vbook
         idx = self.rk if which == "k" or self.mode == "evicted" else self.rv
         b, e, s = idx.shape
-        hk = book.shape[1]
+        hk, d = book.shape[1], book.shape[-1]
         group = e // hk
-        book_e = book.repeat_interleave(group, dim=1) if group > 1 else book
-        out = torch.gather(book_e, 2, _expand_index(idx.long().clamp(min=0), book_e))
+        flat = idx.reshape(b, hk, group * s)  # exposed heads are kv-major: head h reads kv head h // group
+        out = torch.gather(book, 2, _expand_index(flat.long().clamp(min=0), book)).reshape(b, e, s, d)
         if self.mode == "codebook":
             mag = self.mk if which == "k" else self.mv
-            out = (out.float() * mag.float()[..., None]).to(book.dtype)
+            for lo in range(0, s, _BLOCK):
+                sl = slice(lo, lo + _BLOCK)
+                out[:, :, sl] = (out[:, :, sl].float() * mag[:, :, sl].float()[..., None]).to(book.dtype)
             if which == "k" and self.rope_theta is not None:
                 out = rope(out, self._pos, self.rope_theta)
         return out
@@ -168,30 +412,20 @@ class SpindleLayer(KVLayer):
     def to_codebook(self, theta_k: float, theta_v: float, rope_theta: float | None) -> None:
         filled = self.positions != EMPTY
         n, (keys, values, pos) = compact(filled, self.keys, self.values, self.positions)
+        self._drop_dense()  # the compacted copies are all that is needed now
         b, h, s, d = keys.shape
         if rope_theta is not None:
             keys = rope(keys, pos, rope_theta, inverse=True)
         books, idxs, mags = {}, {}, {}
+        lengths = n.reshape(b * h)
         for which, x, theta in (("k", keys, theta_k), ("v", values, theta_v)):
-            index = torch.zeros((b, h, s), dtype=torch.int64, device=x.device)
-            mag = torch.zeros((b, h, s), dtype=torch.float32, device=x.device)
-            entries = []
-            for i in range(b):
-                for j in range(h):
-                    m = int(n[i, j])
-                    book, ix, mg = build_codebook(x[i, j, :m], theta)
-                    entries.append(book)
-                    index[i, j, :m] = ix
-                    mag[i, j, :m] = mg
-            c = max(e.shape[0] for e in entries)
-            book = x.new_zeros((b, h, c, d))
-            counts = torch.zeros((b, h), dtype=torch.int64, device=x.device)
-            for k, e in enumerate(entries):
-                book[k // h, k % h, : e.shape[0]] = e.to(x.dtype)
-                counts[k // h, k % h] = e.shape[0]
-            books[which] = (book, counts)
-            idxs[which] = index.to(x.device).to(index_dtype(c))
-            mags[which] = mag.to(x.device).to(x.dtype)
+            book, index, mag, counts = build_codebooks(x.reshape(b * h, s, d), lengths, theta, x.dtype)
+            c = book.shape[1]
+            books[which] = (book.reshape(b, h, c, d), counts.reshape(b, h))
+            idxs[which] = index.reshape(b, h, s).to(index_dtype(c))
+            mags[which] = mag.reshape(b, h, s).to(x.dtype)
+            x = book = index = mag = None
+        keys = values = None
         self.kbook, self.kbook_n = books["k"]
         self.vbook, self.vbook_n = books["v"]
         self.rk, self.rv = idxs["k"], idxs["v"]
@@ -199,8 +433,14 @@ class SpindleLayer(KVLayer):
         self._pos = torch.where(front_mask(n, s), pos, torch.full_like(pos, EMPTY))
         self._n = n
         self.theta_k, self.theta_v, self.rope_theta = theta_k, theta_v, rope_theta
-        self._drop_dense()
         self.mode = "codebook"
+        self._facts(s)
+
+    def _facts(self, slots: int) -> None:
+        """Host-side facts for attention's fast paths (one device sync): every stored position is the
+        same across a codebook layer's heads; a row shorter than the slot count leaves empty slots."""
+        self.heads_differ = self.mode == "evicted"
+        self.has_empty = bool(self._n.numel()) and int(self._n.min()) < slots
 
     def _drop_dense(self) -> None:
         self._bufs = {}  # storage was rebuilt: no buffer of the old form stays alive
@@ -247,6 +487,7 @@ class SpindleLayer(KVLayer):
         self._n = n
         self._drop_dense()
         self.mode = "evicted"
+        self._facts(pos.shape[-1])
 
     # -- the layer protocol -----------------------------------------------------------------
     def attend(self, query: torch.Tensor, step, scaling: float) -> torch.Tensor:
@@ -272,6 +513,15 @@ class SpindleLayer(KVLayer):
                     self.rope_theta if self.mode == "codebook" else None,
                 )
                 return out[:, :, None]
+        if self._compressed():
+            # a prefill chunk over the storage's dense views: without empty slots and padding the new
+            # tokens are the last q slots of every head and every kept token precedes them (flash)
+            keys, values = self.keys, self.values
+            if self.has_empty or step.padded:
+                bias = position_mask(self._pos, step.positions, self.heads_differ)
+            else:
+                bias = dense_bias(query.shape[2], keys.shape[2])
+            return grouped_attention(query, keys, values, bias, scaling)
         return super().attend(query, step, scaling)
 
     # Compressed storage grows in place: each per-token tensor and book is the used part of a
@@ -343,7 +593,8 @@ class SpindleLayer(KVLayer):
         if self.mode == "evicted":
             ids = self.kbook_n[..., None] + valid.long().cumsum(-1) - 1  # ids of the new entries
             count = self.kbook_n + valid.sum(-1)
-            c2, n2 = torch.stack([count.max(), n_new.max()]).tolist()  # the one host sync
+            c2, n2, n_min = torch.stack([count.max(), n_new.max(), n_new.min()]).tolist()  # the one host sync
+            self.has_empty = n_min < n2
             self._slot_append("kbook", self.kbook_n, keys, valid, c2)
             self._slot_append("vbook", self.kbook_n, values, valid, c2)
             self.kbook_n = self.vbook_n = count
@@ -353,52 +604,73 @@ class SpindleLayer(KVLayer):
             kx = keys
             if self.rope_theta is not None:
                 kx = rope(keys, positions[:, None, :].expand(b, hk, q), self.rope_theta, inverse=True)
-            xs = {"k": kx, "v": values}
-            thetas = {"k": self.theta_k, "v": self.theta_v}
-            books = {"k": ("kbook", "kbook_n"), "v": ("vbook", "vbook_n")}
-            new_idx = {w: torch.zeros((b, hk, q), dtype=torch.int64, device=keys.device) for w in xs}
-            n2 = None
-            for t in range(q):  # one token at a time: a later token may join an earlier one's entry
-                units, opens, counts = {}, {}, {}
-                for which in ("k", "v"):
-                    book, count = getattr(self, books[which][0]), getattr(self, books[which][1])
-                    xt = xs[which][:, :, t].float()
-                    mag = xt.norm(dim=-1)
-                    unit = xt / mag.clamp(min=1e-12)[..., None]
-                    cos = torch.einsum("bhcd,bhd->bhc", book.float(), unit)
-                    live = front_mask(count, book.shape[2])
-                    cos = cos.masked_fill(~live, -2.0)
-                    best, arg = (
-                        cos.max(-1)
-                        if book.shape[2]
-                        else (torch.full_like(mag, -2.0), torch.zeros_like(count))
-                    )
-                    join = best > thetas[which]
-                    opens[which] = valid[:, :, t] & ~join
-                    new_idx[which][:, :, t] = torch.where(join, arg, count)
-                    counts[which] = count + opens[which].long()
-                    units[which] = unit
-                maxes = [counts["k"].max(), counts["v"].max()] + ([n_new.max()] if t == 0 else [])
-                got = torch.stack(maxes).tolist()  # the one host sync per token
-                n2 = got[2] if t == 0 else n2
-                for i, which in enumerate(("k", "v")):
-                    name, count_name = books[which]
-                    book = getattr(self, name)
-                    self._slot_append(
-                        name, getattr(self, count_name), units[which][:, :, None].to(book.dtype),
-                        opens[which][..., None], got[i],
-                    )  # fmt: skip
-                    setattr(self, count_name, counts[which])
-            for which in ("k", "v"):
+            plans = {
+                "k": self._assign(kx, valid, self.kbook, self.kbook_n, self.theta_k),
+                "v": self._assign(values, valid, self.vbook, self.vbook_n, self.theta_v),
+            }
+            # the one host sync of the append: the new entry counts and lengths
+            got = torch.stack([plans["k"][2].max(), plans["v"][2].max(), n_new.max(), n_new.min()]).tolist()
+            n2 = got[2]
+            for i, which in enumerate(("k", "v")):
+                name, count_name = ("kbook", "kbook_n") if which == "k" else ("vbook", "vbook_n")
                 idx_name, mag_name = ("rk", "mk") if which == "k" else ("rv", "mv")
-                entries = getattr(self, books[which][0]).shape[2]
-                self._slot_append(idx_name, self._n, new_idx[which], valid_e, n2, dtype=index_dtype(entries))
-                mags = xs[which].float().norm(dim=-1)
+                units, opens, counts, new_idx, mags = plans[which]
+                self._slot_append(name, getattr(self, count_name), units, opens, got[i])
+                setattr(self, count_name, counts)
+                entries = getattr(self, name).shape[2]
+                self._slot_append(idx_name, self._n, new_idx, valid_e, n2, dtype=index_dtype(entries))
                 self._slot_append(mag_name, self._n, mags, valid_e, n2)
+            self.has_empty = got[3] < n2
         pos_new = positions.to(torch.int32)[:, None, :].expand(b, e, q)
         self._slot_append("_pos", self._n, pos_new, valid_e, n2, fill=EMPTY)
         self._n = n_new
         return None
+
+    @staticmethod
+    def _assign(x: torch.Tensor, valid: torch.Tensor, book: torch.Tensor, count: torch.Tensor, theta: float):
+        """The paper's incremental update for a whole chunk at once, as if its tokens came one at a time.
+
+        x [b, h, q, d] (keys before RoPE when the book is), valid [b, h, q], book [b, h, C, d] (unit rows,
+        the first count[b, h] live). Token t joins the entry of highest cosine (the first on ties) among
+        the book and the entries opened by earlier tokens of the chunk when that cosine > theta, and
+        opens an entry of its own (its unit direction, in the book's dtype) otherwise. Returns (units
+        [b, h, q, d], opens [b, h, q], new counts [b, h], entry of each token [b, h, q], magnitudes).
+        """
+        b, h, q, d = x.shape
+        P = b * h
+        dev = x.device
+        xq = x.reshape(P, q, d)
+        ok = valid.reshape(P, q)
+        cnt = count.reshape(P)
+        mag = _norms(xq)
+        units = _units(xq, mag, book.dtype)
+        sk = _kernels(dev)
+        bk = book.reshape(P, book.shape[2], d)
+        q_n = torch.full((P,), q, dtype=torch.int64, device=dev)
+        if sk is not None:
+            r = 1.0 / mag.clamp(min=1e-12)
+            best_old, arg_old = sk.best_match(xq, r, bk, q_n, cnt)
+        else:
+            best_old, arg_old = _best_match_torch(_units(xq, mag, torch.float32), bk, cnt)
+        cand = ok & (best_old <= theta)  # opens unless an earlier token of the chunk opened a match
+        opens = cand
+        new_idx = torch.where(cand, cnt[:, None] + cand.long().cumsum(-1) - 1, arg_old)
+        linked = None
+        if q > 1:
+            if sk is not None:
+                r = 1.0 / mag.clamp(min=1e-12)
+                ones = torch.ones_like(r)
+                linked = sk.pair_counts(xq, units, r, ones, q_n, q_n, theta, causal=True, y_ok=cand)
+                linked = bool((linked > 0).any())
+            else:
+                linked = True
+        if linked:
+            unit = _units(xq, mag, torch.float32)
+            opens, new_idx = _resolve_chunk(unit, units, ok, cand, best_old, arg_old, cnt, theta)
+        counts = cnt + opens.sum(-1)
+        shape = (b, h, q)
+        return (units.reshape(b, h, q, d), opens.reshape(shape), counts.reshape(b, h), new_idx.reshape(shape),
+                mag.reshape(shape))  # fmt: skip
 
     def get_seq_length(self) -> int:
         pos = self.positions

@@ -120,3 +120,62 @@ def test_parameters_and_layer_split():
     assert w[:6] == [0.0] * 6 and w[6] == pytest.approx(0.525) and w[-1] == pytest.approx(0.05)
     with pytest.raises(ValueError):
         make_policy("spindlekv", kernel=4)
+
+
+def _clustered(b, h, n, d, base, gen):
+    which = torch.randint(0, base.shape[0], (b, h, n), generator=gen)
+    noise = 0.1 * torch.randn(b, h, n, d, generator=gen) * (torch.rand(b, h, n, 1, generator=gen) < 0.5)
+    return (base[which] + noise) * (torch.rand(b, h, n, 1, generator=gen) + 0.5)
+
+
+def test_batched_codebooks_equal_the_one_sequence_greedy():
+    """`build_codebooks` (all (row, head) at once, greedy over linked tokens only) == `build_codebook`."""
+    from policies.spindlekv import build_codebooks
+
+    gen = torch.Generator().manual_seed(0)
+    for trial, theta in enumerate((0.98, 0.95, 0.9, 0.5)):
+        base = torch.randn(7, 16, generator=gen)
+        x = _clustered(1, 5, 60, 16, base, gen)[0]
+        lengths = torch.randint(1, 61, (5,), generator=gen)
+        book, index, mag, counts = build_codebooks(x, lengths, theta, torch.float32)
+        merged = 0
+        for p in range(5):
+            m = int(lengths[p])
+            b1, i1, m1 = build_codebook(x[p, :m], theta)
+            merged += m - b1.shape[0]
+            assert counts[p] == b1.shape[0] and torch.equal(book[p, : b1.shape[0]], b1), (trial, p)
+            assert torch.equal(index[p, :m], i1) and torch.equal(mag[p, :m], m1), (trial, p)
+            assert (book[p, b1.shape[0] :] == 0).all() and (index[p, m:] == 0).all()
+        assert merged > 0
+
+
+@pytest.mark.parametrize("rope_theta", [None, 10000.0])
+def test_chunk_append_equals_token_by_token(rope_theta):
+    """A codebook layer takes a chunk in one go exactly as if its tokens came one at a time (entries
+    opened inside the chunk are joined by later tokens; padding tokens store nothing)."""
+    gen = torch.Generator().manual_seed(1)
+    b, hk, d = 2, 3, 16
+    base = torch.randn(6, d, generator=gen)
+    k0, v0 = _clustered(b, hk, 30, d, base, gen), _clustered(b, hk, 30, d, base, gen)
+    pos0 = torch.arange(30).expand(b, 30).clone()
+    pos0[1, :4] = -1
+    chunked, single = SpindleLayer(), SpindleLayer()
+    for layer in (chunked, single):
+        layer.append(k0, v0, pos0)
+        layer.to_codebook(0.95, 0.9, rope_theta)
+    base2 = torch.cat([base, torch.randn(3, d, generator=gen)])  # new directions: entries open in-chunk
+    k, v = _clustered(b, hk, 12, d, base2, gen), _clustered(b, hk, 12, d, base2, gen)
+    pos = torch.arange(30, 42).expand(b, 12).clone()
+    pos[0, 1] = -1
+    chunked.append(k, v, pos)
+    for t in range(12):
+        single.append(k[:, :, t : t + 1], v[:, :, t : t + 1], pos[:, t : t + 1])
+    opened = chunked.kbook_n - single.kbook_n.new_tensor(0)
+    assert (opened > 0).all()
+    for name in ("kbook_n", "vbook_n", "_n"):
+        assert torch.equal(getattr(chunked, name), getattr(single, name)), name
+    assert torch.equal(chunked.keys, single.keys) and torch.equal(chunked.values, single.values)
+    assert torch.equal(chunked.positions, single.positions)
+    live = torch.arange(chunked.rk.shape[-1]) < chunked._n[..., None]
+    for name in ("rk", "rv", "mk", "mv"):
+        assert torch.equal(getattr(chunked, name)[live], getattr(single, name)[live]), name

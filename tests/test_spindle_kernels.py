@@ -159,3 +159,54 @@ def test_layer_attend_uses_kernel_on_decode(mode, monkeypatch):
     exact = KVLayer.attend(layer, q, step, st["scaling"])
     assert calls and out.shape == exact.shape == (2, 8, 1, 64)
     assert _rel(out, exact.float()) < 1e-5
+
+
+# -- prefill / append kernels: similarity counts and best matches ------------------------------
+def _clustered(P, n, d, dirs=5, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(dirs, d, generator=g)
+    which = torch.randint(0, dirs, (P, n), generator=g)
+    noise = torch.randn(P, n, d, generator=g) * (torch.rand(P, n, 1, generator=g) < 0.5) * 0.1
+    return ((base[which] + noise) * (torch.rand(P, n, 1, generator=g) * 2 + 0.3)).to(dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("causal,skip_diag,with_ok", [(False, True, False), (True, False, True)])
+def test_pair_counts_match_torch(causal, skip_diag, with_ok):
+    P, n, d = 3, 40, 16
+    x = _clustered(P, n, d, seed=1)
+    y = _clustered(P, n, d, seed=1)
+    rx, ry = 1 / x.norm(dim=-1), 1 / y.norm(dim=-1)
+    nx, ny = torch.tensor([40, 17, 1]), torch.tensor([40, 33, 5])
+    ok = torch.rand(P, n, generator=torch.Generator().manual_seed(3)) < 0.6
+    got = sk.pair_counts(
+        x, y, rx, ry, nx, ny, 0.9, causal=causal, skip_diag=skip_diag, y_ok=ok if with_ok else None
+    )
+    cos = (x * rx[..., None]) @ (y * ry[..., None]).transpose(1, 2)
+    hit = (cos > 0.9) & (torch.arange(n) < ny[:, None])[:, None, :]
+    if with_ok:
+        hit &= ok[:, None, :]
+    if skip_diag:
+        hit &= ~torch.eye(n, dtype=torch.bool)
+    if causal:
+        hit &= torch.ones(n, n, dtype=torch.bool).tril(-1)
+    want = hit.sum(-1).masked_fill(torch.arange(n) >= nx[:, None], 0)
+    assert (got > 0).any() and torch.equal(got.long(), want)
+
+
+@needs_kernel
+def test_best_match_matches_torch_and_breaks_ties_first():
+    from policies.spindlekv import _best_match_torch
+
+    P, q, C, d = 3, 20, 70, 16
+    book = torch.randn(P, C, d, generator=torch.Generator().manual_seed(4))
+    book = book / book.norm(dim=-1, keepdim=True)
+    book[:, 50] = book[:, 10]  # a tie: the first index wins
+    x = _clustered(P, q, d, seed=4)
+    x[:, 3] = book[:, 10] * 2
+    count = torch.tensor([70, 33, 0])
+    r = 1 / x.norm(dim=-1)
+    best, arg = sk.best_match(x, r, book, torch.full((P,), q), count)
+    best_t, arg_t = _best_match_torch(x * r[..., None], book, count)
+    assert torch.allclose(best, best_t, atol=1e-5) and torch.equal(arg, arg_t)
+    assert arg[0, 3] == 10 and (best[2] == -2).all() and (arg[2] == 0).all()

@@ -14,8 +14,10 @@ stored, so groups line up with the row's tokens whatever its batch's padding):
 - the residual stays full precision (paper Algorithm 1, R = `residual`, 128): key tokens are
   kept in full precision until `residual` of them have gathered (a multiple of the group),
   then quantised together (at prefill every complete block of `residual` tokens is quantised,
-  `n mod residual` stay full precision); values keep a sliding window of the newest `residual`
-  tokens in full precision, every older token being quantised as it leaves the window.
+  `n mod residual` stay full precision); values keep at least the newest `residual` tokens in
+  full precision: once `residual + group_size` have gathered, the oldest `group_size` of them are
+  quantised together (one bulk quantisation every G decode steps, not one per step; the paper's
+  code quantises one value per step), so between R and R + G - 1 values stay full precision.
 
 When: the tokens of a forward are stored in full precision and that forward's attention uses
 them as they are (the paper's prefill attends in full precision; at decode the new token joins
@@ -126,7 +128,7 @@ def kivi_bytes(
     gv = min(g, d)
     unit = residual if residual > 0 else g
     nk = (n // unit) * unit
-    nv = max(0, n - residual)
+    nv = max(0, n - residual) // g * g
     key = nk * d * bits // 8 + (nk // g) * d * 2 * s + (n - nk) * d * s
     value = nv * d * bits // 8 + nv * (d // gv) * 2 * s + (n - nv) * d * s
     return key, value
@@ -311,7 +313,7 @@ class QuantizedKVLayer(KVLayer):
 
     def _ring_min(self, which: str) -> int:
         """Ring slots a decode step needs: the most residual tokens after a flush, plus one."""
-        return self._unit() if which == "k" else self.residual + 1
+        return self._unit() if which == "k" else self.residual + self.group_size
 
     def _grow(self, name: str, need: int, fill=0) -> None:
         """Make buffer `name` hold at least `need` items (+ its dump slot), keeping the stored ones."""
@@ -389,11 +391,11 @@ class QuantizedKVLayer(KVLayer):
             self._nk = self._nk + mk
             self._hnk = hnk = hnk + mk_host
             self._uni = _UNKNOWN
-        # values: everything older than the newest `residual` tokens, per token
-        mv_host = (hn - hnv - self.residual).clamp(min=0)
+        # values: whole groups of G older than the newest `residual` tokens, per token
+        mv_host = torch.div((hn - hnv - self.residual).clamp(min=0), g, rounding_mode="floor") * g
         m = self._max(mv_host)
         if m > 0:
-            mv = (self._n - self._nv - self.residual).clamp(min=0)
+            mv = torch.div((self._n - self._nv - self.residual).clamp(min=0), g, rounding_mode="floor") * g
             j = torch.arange(m, device=self._n.device)
             tok = self._nv[..., None] + j
             wv = self._vring.shape[2] - 1
@@ -436,8 +438,8 @@ class QuantizedKVLayer(KVLayer):
             self._nk = self._nk + mk
             self._hnk = self._hnk + mk
             nk += mk
-        mv = n - nv - self.residual
-        if mv > 0:  # values that left the window: per token, groups of gv channels
+        mv = max(0, n - nv - self.residual) // g * g
+        if mv > 0:  # whole groups of values that left the window: per token, groups of gv channels
             tokens = _ring_range(self._vring, nv, nv + mv).reshape(b, h, mv, d // self.gv, self.gv)
             packed, scale, zero = quantize_groups(tokens, bits, self.dtype)
             packed = packed.reshape(b, h, mv, -1)
@@ -734,7 +736,7 @@ class KIVI(Policy):
         With n = `prompt_tokens`, s = `dtype_bytes` (of the model dtype, used for the full cache,
         the residual, scales and zero points), d = head_dim, b = bits, G = group_size,
         R = residual, Gv = min(G, d):
-            n_k = floor(n / R) * R quantised keys, n_v = max(0, n - R) quantised values,
+            n_k = floor(n / R) * R quantised keys, n_v = floor(max(0, n - R) / G) * G quantised values,
             keys   = n_k * d * b/8 + (n_k / G) * d * 2s + (n - n_k) * d * s
             values = n_v * d * b/8 + n_v * (d / Gv) * 2s + (n - n_v) * d * s
             ratio  = (keys + values) / (2 * n * d * s)

@@ -101,16 +101,17 @@ def test_residual_window_one_token_at_a_time():
         assert layer._n.item() == n
         seen_before = n - 1
         assert layer._nk.item() == (seen_before // r) * r
-        assert layer._nv.item() == max(0, seen_before - r)
+        assert layer._nv.item() == max(0, seen_before - r) // 32 * 32  # whole groups of G = 32
         keys = layer.keys
         nk = layer._nk.item()
         assert torch.equal(keys[:, :, nk:n], ks[:, :, nk:n])  # key residual is full precision
         nv = layer._nv.item()
         assert n - nv >= min(n, r)  # at least the newest `r` values are in full precision
+        assert n - nv <= r + 32  # and fewer than r + G once the next token arrives
         assert torch.equal(layer.values[:, :, nv:n], vs[:, :, nv:n])
         assert torch.equal(layer.positions[0, 0], torch.arange(n, dtype=torch.int32))
     layer.flush()
-    assert layer._nk.item() == 192 and layer._nv.item() == 200 - r
+    assert layer._nk.item() == 192 and layer._nv.item() == (200 - r) // 32 * 32
 
 
 def test_left_padding_is_not_stored_and_rows_match_alone():

@@ -37,6 +37,8 @@ from policies.kivi_kernels import KiviStore, decode_attention, decode_attention_
 H, HKV, D = 32, 8, 128
 DT = torch.bfloat16
 DEV = "cuda"  # a CPU smoke test under TRITON_INTERPRET=1 sets "cpu" (and DT float16)
+# version 2 configurations timed at 2 bits: (block_n, num_warps, programs_per_sm)
+SWEEP = [(128, 4, 8), (128, 8, 8), (256, 8, 8), (64, 4, 8), (128, 4, 4), (128, 4, 16), (256, 4, 8)]
 
 
 def _sync() -> None:
@@ -150,16 +152,20 @@ def time_config(b: int, n: int, bits: int, results: list, copy_gbs: float) -> bo
 
     packed = int(layer.kept_bytes_per_row().sum())
     t_fused = bench(lambda: decode_attention(q, store, scaling, max_tokens=n, out=out))
-    if b == 4 and bits == 2:  # block size / warps sweep
-        for bn, warps in ((32, 2), (32, 4), (64, 2), (64, 4), (128, 4)):
-            kw = dict(max_tokens=n, out=out, block_n=bn, num_warps=warps)
+    t_v1 = bench(lambda: decode_attention(q, store, scaling, max_tokens=n, out=out, version=1))
+    if bits == 2 and SWEEP:  # version 2: block size / warps / programs per SM
+        for bn, warps, pps in SWEEP:
+            kw = dict(max_tokens=n, out=out, block_n=bn, num_warps=warps, programs_per_sm=pps)
             try:
                 ms = bench(lambda kw=kw: decode_attention(q, store, scaling, **kw))
+                err_s = rel_err(out[few], reference64(q[few], rows(layer._store(), few), scaling))
             except Exception as e:  # e.g. shared memory
-                print(f"sweep block_n={bn} warps={warps}: {type(e).__name__}")
+                print(f"sweep block_n={bn} warps={warps} pps={pps}: {type(e).__name__}: {e}"[:300])
                 continue
-            results.append(dict(check="sweep", batch=b, bits=bits, block_n=bn, num_warps=warps, ms=ms))
-            print(f"sweep b={b} bits={bits} block_n={bn} warps={warps}: {ms:.4f} ms")
+            row = dict(check="sweep", batch=b, bits=bits, block_n=bn, num_warps=warps, programs_per_sm=pps)
+            results.append(dict(row, ms=ms, gbs=packed / ms / 1e6, rel_err=err_s))
+            print(f"sweep b={b} bits={bits} block_n={bn} warps={warps} pps={pps}: {ms:.4f} ms "
+                  f"{packed / ms / 1e6:.0f} GB/s err {err_s:.1e}")  # fmt: skip
     kv16 = b * HKV * n * D * 2 * 2
     folded = q.reshape(b, HKV, H // HKV, D)
 
@@ -208,6 +214,7 @@ def time_config(b: int, n: int, bits: int, results: list, copy_gbs: float) -> bo
 
     for name, ms, nbytes in (
         ("fused", t_fused, packed),
+        ("fused-v1", t_v1, packed),
         ("deq+sdpa", t_deq, packed + 2 * kv16),
         ("sdpa-bf16", t_sdpa, kv16),
         ("step(append+attend)", t_step, packed),
@@ -331,7 +338,7 @@ def main() -> int:
     copy_gbs = 2 * 2**28 * 4 / copy_ms / 1e6
     buf = dst = None
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
-    configs = [(4, 32768, 2), (32, 32768, 2), (4, 32768, 4), (32, 32768, 4)]
+    configs = [(4, 32768, 2), (75, 32768, 2), (4, 32768, 4), (32, 32768, 4)]
     for b, n, bits in configs:
         ok &= time_config(b, n, bits, results, copy_gbs)
     ok &= time_prefill(32768, 2, results)
@@ -354,8 +361,10 @@ def main() -> int:
     sweep = [r for r in results if r["check"] == "sweep"]
     if sweep:
         best = min(sweep, key=lambda r: r["ms"])
-        cfg = f"block_n={best['block_n']} warps={best['num_warps']}"
-        print(f"best kernel config (b=4, 2-bit): {cfg} {best['ms']:.4f} ms")
+        for bsz in sorted({r["batch"] for r in sweep}):
+            best = min((r for r in sweep if r["batch"] == bsz), key=lambda r: r["ms"])
+            cfg = f"block_n={best['block_n']} warps={best['num_warps']} pps={best['programs_per_sm']}"
+            print(f"best kernel config (b={bsz}, 2-bit): {cfg} {best['ms']:.4f} ms")
     errs = [r["rel_err"] for r in results if "rel_err" in r]
     print(f"correctness: {'all ok' if ok else 'FAILED'}; max rel err vs float64 {max(errs):.2e}")
     return 0 if ok and all(math.isfinite(e) for e in errs) else 1

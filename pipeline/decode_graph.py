@@ -111,7 +111,6 @@ class DecodeRunner:
         self._graph: _Captured | None = None
         self._key: tuple | None = None
         self._seen = 0
-        self._failed_key: tuple | None = None  # a capture failed for these buffers: stay eager
         self.counts = {"eager": 0, "captured": 0, "replayed": 0}  # static steps, for checks and logs
 
     def release(self) -> None:
@@ -139,12 +138,12 @@ class DecodeRunner:
             self._key, self._seen = key, 0
         self._seen += 1
         slots_host = [layer.slots_used for layer in layers]
-        if self.mode == "graphs" and tokens.is_cuda and self._seen > self.warmup and key != self._failed_key:
+        if self.mode == "graphs" and tokens.is_cuda and self._seen > self.warmup:
             graph = self._capture(cache, batch, layers, tokens, next_pos, budgets, slots_host)
             if graph is not None:
                 self._graph = graph
                 return self._replay(graph, cache, layers, tokens, next_pos)
-            self._failed_key = key
+            self.mode = "eager"  # a failed capture: not capturable here; the dynamic step from now on
         slots = torch.tensor(slots_host, dtype=torch.long, device=tokens.device)
         logits = self.forward(cache, tokens[:, None], next_pos[:, None], budgets, list(slots.split(1)))
         cache.commit_static()
@@ -165,7 +164,8 @@ class DecodeRunner:
                 captured.slots.add_(1)  # the next replay's slots, advanced on the device
         except Exception as exc:  # noqa: BLE001 - any capture failure: this step runs eagerly
             warnings.warn(
-                f"decode step not captured as a CUDA graph ({type(exc).__name__}: {exc}); eager instead",
+                f"decode step not captured as a CUDA graph ({type(exc).__name__}: {exc}); "
+                "eager decode from now on",
                 stacklevel=3,
             )
             del graph

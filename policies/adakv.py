@@ -21,14 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.kv_cache import EMPTY, KVLayer
-from policies.base import Policy, keep_topk
+from policies.base import Policy, host_row_budgets, keep_topk, over_budget, ranking_key
 from policies.ragged_heads import RaggedKVLayer
 from policies.registry import register
 from policies.signals import (
     all_heads,
     check_observation_params,
     in_window,
-    snapkv_scores,
+    snapkv_scores_and_window,
     tp_world,
     window_size,
 )
@@ -43,20 +43,27 @@ def head_capacities(
     over all heads give counts n (exact ties go to the lower head, then the newer position,
     so the result does not depend on slot layout); the result is (1 - alpha) n + alpha C
     rounded by largest remainder to sum exactly h*C.
+
+    Only the counts matter, so no order is built: with t the (h*C)-th largest score of the row,
+    each head counts its scores above t, and the picks still owed go to the scores equal to t
+    in head order (the newer-position rule decides which of a head's tied slots, never how
+    many). `positions` is accepted for compatibility and not needed.
     """
     b, h, s = prefix_scores.shape
     total = capacity * h  # [b]
-    counts = torch.zeros((b, h), dtype=torch.float64, device=prefix_scores.device)
-    if b and int(total.max()) > 0:
-        if positions is None:
-            positions = torch.arange(s, device=prefix_scores.device).expand(b, h, s)
-        head = torch.arange(h, device=prefix_scores.device)[None, :, None]
-        tie_key = (head * 2**32 - positions.to(torch.int64)).reshape(b, h * s)
-        by_tie = tie_key.argsort(dim=-1, stable=True)
-        flat = torch.gather(prefix_scores.reshape(b, h * s).float(), 1, by_tie)
-        order = torch.gather(by_tie, 1, flat.argsort(dim=-1, descending=True, stable=True))
-        chosen = torch.arange(h * s, device=order.device)[None, :] < total[:, None]
-        counts.scatter_add_(1, order // s, chosen.to(torch.float64))
+    flat = prefix_scores.reshape(b, h * s).float()
+    if b and h * s:
+        ranked = flat.sort(dim=-1, descending=True).values
+        threshold = torch.gather(ranked, 1, (total - 1).clamp(min=0, max=h * s - 1)[:, None])  # [b, 1]
+        scores = flat.reshape(b, h, s)
+        above = (scores > threshold[:, :, None]).sum(-1)  # [b, h]
+        tied = (scores == threshold[:, :, None]).sum(-1)
+        owed = total[:, None] - above.sum(-1, keepdim=True)  # picks left for the tied scores
+        tied_before = tied.cumsum(-1) - tied  # tied scores of the lower heads
+        counts = above + torch.minimum((owed - tied_before).clamp(min=0), tied)
+        counts = torch.where(total[:, None] > 0, counts, 0).to(torch.float64)
+    else:
+        counts = torch.zeros((b, h), dtype=torch.float64, device=prefix_scores.device)
     real = (1.0 - alpha) * counts + alpha * capacity[:, None].to(torch.float64)
     base = real.floor()
     remainder = (total - base.sum(-1).to(torch.int64)).clamp(min=0)  # [b], < h
@@ -85,33 +92,55 @@ class AdaKV(Policy):
     def make_layer(self) -> KVLayer:
         return RaggedKVLayer()
 
-    def head_budgets(self, layer: KVLayer, scores: torch.Tensor, step) -> torch.Tensor:
+    def head_budgets(
+        self, layer: KVLayer, scores: torch.Tensor, step, window_slots: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[b, h_local] tokens each of this rank's heads keeps (window included)."""
         w = window_size(step.positions, self.params.window)
         wpos = step.positions[:, -w:]
         windows = torch.minimum((wpos != EMPTY).sum(-1), step.row_budgets)  # [b]
         filled = layer.positions != EMPTY
-        prefix = filled & ~in_window(layer.positions, wpos)
+        if window_slots is None:
+            window_slots = in_window(layer.positions, wpos)
+        prefix = filled & ~window_slots
         available = prefix.sum(-1).min(-1).values  # [b]
         capacity = torch.minimum(step.row_budgets - windows, available).clamp(min=0)
         prefix_scores = scores.masked_fill(~prefix, float("-inf"))
         everything, offset = all_heads(prefix_scores)
-        positions, _ = all_heads(layer.positions.float(), fill=float(EMPTY))
-        caps = head_capacities(everything, capacity, self.params.alpha, positions.to(torch.int64))
+        caps = head_capacities(everything, capacity, self.params.alpha)
         caps = caps[:, offset : offset + scores.shape[1]]
         return windows[:, None] + caps
 
     def compress_layer(self, layer, queries, step, layer_idx, num_layers, scaling) -> None:
-        view = layer.as_dense() if isinstance(layer, RaggedKVLayer) else layer
-        filled = view.positions != EMPTY
-        over = not bool((filled.sum(-1) <= step.row_budgets[:, None]).all())
-        if not over and tp_world()[1] == 1:
+        single = tp_world()[1] == 1
+        host = host_row_budgets(step)
+        ragged = isinstance(layer, RaggedKVLayer)
+        counts = layer.filled_counts_host() if ragged else None
+        if counts is not None:  # known on the host: no device sync before the work is queued
+            over = any(n > budget for row, budget in zip(counts, host) for n in row)
+            if not over and single:
+                return
+        view = layer.as_dense() if ragged else layer
+        positions = view.positions
+        filled = positions != EMPTY
+        if counts is None:
+            over = over_budget(view, step.row_budgets, host)
+        if not over and single:
             return  # (under tensor parallelism every rank joins the all-reduce regardless)
         p = self.params
-        scores = snapkv_scores(view, queries, step.positions, scaling, p.window, p.kernel, p.pooling).float()
-        budgets = self.head_budgets(view, scores, step)
+        scores, window_slots = snapkv_scores_and_window(
+            view, queries, step.positions, scaling, p.window, p.kernel, p.pooling, newest=not step.padded
+        )
+        budgets = self.head_budgets(view, scores.float(), step, window_slots)
         if not over:
             return
-        keep_topk(view, scores, budgets)
-        if view is not layer:
-            layer.store_dense(view.keys, view.values, view.positions)
+        if view is layer:
+            keep_topk(layer, scores, budgets)
+            return
+        # Each (row, head)'s top `budgets` slots by (score, position), found by one sort of the
+        # ranking keys, go straight to the flat store (kept in slot order = position order).
+        key = ranking_key(scores.float().masked_fill(~filled, float("-inf")), positions)
+        ranked = key.sort(dim=-1, descending=True).values
+        threshold = torch.gather(ranked, 2, (budgets.clamp(min=1, max=key.shape[-1]) - 1)[..., None])
+        chosen = (key >= threshold) & (budgets[..., None] > 0) & filled
+        layer.store_dense(view.keys, view.values, torch.where(chosen, positions, EMPTY))

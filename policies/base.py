@@ -102,45 +102,123 @@ class ScorePolicy(Policy):
 
     def compress_layer(self, layer, queries, step, layer_idx, num_layers, scaling) -> None:
         budgets = self.layer_budgets(step.row_budgets, layer_idx, num_layers)
-        filled = layer.positions != EMPTY
-        if bool((filled.sum(-1) <= budgets[:, None]).all()):
+        host = host_row_budgets(step) if budgets is step.row_budgets else None
+        if host is not None:
+            if not over_budget(layer, budgets, host):
+                return
+        elif bool(((layer.positions != EMPTY).sum(-1) <= budgets[:, None]).all()):
             return  # nothing over budget
         scores = self.score(layer, queries, step, layer_idx, num_layers, scaling).float()
-        keep_topk(layer, scores, budgets)
+        if host is None:
+            keep_topk(layer, scores, budgets)
+        else:
+            keep_topk(layer, scores, budgets, max_budget=max(host), uniform=len(set(host)) == 1)
+
+
+def host_row_budgets(step: StepContext) -> list[int]:
+    """`step.row_budgets` on the host, read once per forward (one device sync for all layers)."""
+    host = step.extras.get("row_budgets_host")
+    if host is None:
+        host = step.extras["row_budgets_host"] = step.row_budgets.tolist()
+    return host
+
+
+def over_budget(layer: KVLayer, budgets: torch.Tensor, host: list[int]) -> bool:
+    """Whether some (row, head) of `layer` holds more filled slots than its row's budget.
+
+    `host` is `budgets` ([b]) on the host. Decided there (no device sync) when the slot count is
+    within every budget, or when the layer promises no empty slot (`has_empty` False: every
+    (row, head) holds all its slots, so the row of the smallest budget is over); else read from
+    the device. A device sync here would make the GPU wait, idle, for everything the host still
+    has to issue for this layer's compression (at prefill, the compression is host-bound)."""
+    slots = layer.positions.shape[-1]
+    if not host or slots <= min(host):
+        return False
+    if not layer.has_empty:
+        return True
+    return not bool(((layer.positions != EMPTY).sum(-1) <= budgets[:, None]).all())
+
+
+# -- selection ------------------------------------------------------------------------------------
+# A slot's rank is (score, position): higher scores first, and among equal scores the newer token.
+# Exact ties are common (max pooling copies one value onto its neighbours; recent windows), and
+# `topk` alone breaks them by slot index, which depends on a row's left padding. Ranking by
+# (score, position) makes the kept set a function of the row's own tokens only, so a row keeps
+# the same tokens batched or alone. Both go into one int64 per slot, so one sort or top-k ranks.
+def ranking_key(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """int64 [b, h, s] ordered as (score, position) is: the float32 score's bits, made to sort like
+    the float (-0.0 counted as 0.0), in the high 32 bits, position + 1 (EMPTY: 0) in the low ones.
+    Filled slots of a (row, head) hold distinct positions, so their keys are distinct."""
+    bits = (scores.float() + 0.0).view(torch.int32)  # (+ 0.0 turns -0.0 into 0.0)
+    monotone = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their magnitude order
+    return (monotone.to(torch.int64) << 32) | (positions.to(torch.int64) + 1)
 
 
 def best_first(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Slot indices [b, h, s] from best to worst; equal scores rank the newer token first.
 
-    Exact ties are common (max pooling copies one value onto its neighbours; recent windows),
-    and `topk` breaks them by slot index, which depends on a row's left padding. Ordering by
-    (score, position) makes the kept set a function of the row's own tokens only, so a row
-    keeps the same tokens batched or alone. Empty slots come last.
-    """
-    by_position = positions.to(torch.int64).argsort(dim=-1, descending=True, stable=True)
-    by_score = torch.gather(scores, 2, by_position).argsort(dim=-1, descending=True, stable=True)
-    return torch.gather(by_position, 2, by_score)
+    Empty slots (lowest scores, position EMPTY) come last, in slot order."""
+    return ranking_key(scores, positions).argsort(dim=-1, descending=True, stable=True)
 
 
-def keep_topk(layer: KVLayer, scores: torch.Tensor, budgets: torch.Tensor) -> None:
+def top_slots(
+    key: torch.Tensor, budgets: torch.Tensor, max_budget: int, uniform: bool = False
+) -> torch.Tensor:
+    """[b, h, s] True for the `budgets[b, h]` slots of highest `key` (a `ranking_key`) per (row, head).
+
+    `max_budget` >= every budget (a host int). `uniform` promises that every budget is the same,
+    which spares sorting the top-k. Keys must be distinct where it matters (filled slots)."""
+    s = key.shape[-1]
+    k = min(max_budget, s)
+    if k <= 0:
+        return torch.zeros(key.shape, dtype=torch.bool, device=key.device)
+    if k == s and uniform:
+        return torch.ones(key.shape, dtype=torch.bool, device=key.device)
+    top = key.topk(k, dim=-1, sorted=not uniform).values
+    if uniform:
+        threshold = top.min(dim=-1, keepdim=True).values
+    else:
+        threshold = torch.gather(top, 2, (budgets.clamp(min=1, max=k) - 1)[..., None])
+    return (key >= threshold) & (budgets[..., None] > 0)
+
+
+def compact_slots(chosen: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, filled) [b, h, width]: each (row, head)'s chosen slots in slot order, then unfilled
+    entries (index 0). Every (row, head) must have at most `width` chosen slots."""
+    b, h, s = chosen.shape
+    place = torch.where(chosen, chosen.cumsum(dim=-1) - 1, width)  # not chosen: a spill column
+    slots = torch.arange(s, device=chosen.device).expand(b, h, s)
+    index = torch.zeros((b, h, width + 1), dtype=torch.int64, device=chosen.device)
+    index = index.scatter_(2, place, slots)[..., :width]
+    filled = torch.arange(width, device=chosen.device) < chosen.sum(dim=-1, keepdim=True)
+    return index, filled
+
+
+def keep_topk(
+    layer: KVLayer,
+    scores: torch.Tensor,
+    budgets: torch.Tensor,
+    max_budget: int | None = None,
+    uniform: bool = False,
+) -> None:
     """Keep the top `budgets[b]` filled slots of every (row b, head) by `scores`; order by position.
 
-    `budgets` is [b] (same for every head) or [b, heads] (per-head budgets).
+    `budgets` is [b] (same for every head) or [b, heads] (per-head budgets). `max_budget`: the
+    largest budget when the host knows it (else it is read from the device); `uniform`: every
+    budget is the same. The layer's filled slots must hold increasing positions per (row, head),
+    as every `KVLayer` keeps them, so slot order is position order and no sort is needed to
+    order the kept slots.
     """
-    filled = layer.positions != EMPTY
-    scores = scores.float().masked_fill(~filled, float("-inf"))
+    positions = layer.positions
+    filled = positions != EMPTY
     if budgets.dim() == 1:
         budgets = budgets[:, None].expand(filled.shape[:2])
-    kept_len = int(budgets.max().clamp(max=scores.shape[-1]))
-    top = best_first(scores, layer.positions)[..., :kept_len]
-    rank = torch.arange(kept_len, device=scores.device)
-    within_budget = rank[None, None, :] < budgets[..., None]
-    chosen_filled = torch.gather(filled, 2, top) & within_budget
-    # order kept slots by position so that layers stay in sequence order; empty slots go last
-    pos = torch.gather(layer.positions, 2, top).to(torch.int64)
-    order_key = torch.where(chosen_filled, pos, torch.full_like(pos, torch.iinfo(torch.int64).max))
-    order = order_key.argsort(dim=-1)
-    layer.keep(torch.gather(top, 2, order), torch.gather(chosen_filled, 2, order))
+    if max_budget is None:
+        max_budget = int(budgets.max())
+    kept_len = min(max_budget, filled.shape[-1])
+    key = ranking_key(scores.float().masked_fill(~filled, float("-inf")), positions)
+    chosen = top_slots(key, budgets, kept_len, uniform) & filled
+    layer.keep(*compact_slots(chosen, kept_len))
 
 
 def row_budgets(budget: Budget | None, prompt_lengths: list[int], device) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.kv_cache import EMPTY
-from policies.base import keep_topk
+from policies.base import keep_topk, over_budget
 from policies.registry import register
 from policies.signals import window_size
 from policies.snapkv import SnapKV
@@ -64,22 +64,36 @@ class PyramidKV(SnapKV):
 
     def pyramid_budgets(self, step, layer, layer_idx: int, num_layers: int) -> torch.Tensor:
         """[b] tokens per head this layer keeps: the row's window plus its pyramid capacity."""
+        return self._forward_budgets(step, num_layers)[0][layer_idx]
+
+    def _forward_budgets(self, step, num_layers: int) -> tuple[torch.Tensor, list[list[int]]]:
+        """Every layer's budgets in this forward: ([layers, b] on the device, the same on the host).
+
+        They depend on the step only (not on the layer), so they are computed once per forward
+        (two device reads) and kept in the step's extras."""
+        key = ("pyramidkv_budgets", self.params.window, self.params.beta, num_layers)
+        cached = step.extras.get(key)
+        if cached is not None:
+            return cached
         w = window_size(step.positions, self.params.window)
         windows = (step.positions[:, -w:] != EMPTY).sum(-1).tolist()
         # tokens the row has seen so far (the prompt, or the prompt up to this chunk): the same
         # for every layer, so the layers' budgets form one sequence even after earlier chunks
         filled = (step.positions.max(dim=-1).values + 1).tolist()
-        out = []
+        rows = []
         for budget, win, n in zip(step.row_budgets.tolist(), windows, filled):
             win = min(win, budget)
             caps = pyramid_capacities(budget - win, max(n - win, 0), num_layers, self.params.beta)
-            out.append(win + caps[layer_idx])
-        return torch.tensor(out, dtype=torch.int64, device=step.row_budgets.device)
+            rows.append([win + c for c in caps])
+        host = [list(per_layer) for per_layer in zip(*rows)] if rows else [[] for _ in range(num_layers)]
+        device = torch.tensor(host, dtype=torch.int64).to(step.row_budgets.device, non_blocking=True)
+        step.extras[key] = (device, host)
+        return device, host
 
     def compress_layer(self, layer, queries, step, layer_idx, num_layers, scaling) -> None:
-        budgets = self.pyramid_budgets(step, layer, layer_idx, num_layers)
-        filled = layer.positions != EMPTY
-        if bool((filled.sum(-1) <= budgets[:, None]).all()):
+        device, host = self._forward_budgets(step, num_layers)
+        budgets, host = device[layer_idx], host[layer_idx]
+        if not over_budget(layer, budgets, host):
             return
         scores = self.score(layer, queries, step, layer_idx, num_layers, scaling).float()
-        keep_topk(layer, scores, budgets)
+        keep_topk(layer, scores, budgets, max_budget=max(host), uniform=len(set(host)) == 1)

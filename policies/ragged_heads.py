@@ -35,6 +35,19 @@ from pipeline.attention_math import grouped_attention, position_mask
 from pipeline.kv_cache import EMPTY, KVLayer
 from policies import ragged_kernels
 
+_NONZERO_STATIC = hasattr(torch, "nonzero_static")
+
+
+def _nonzero(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices [count] of the True entries of a 1-D `mask` whose True count the host knows (no sync)."""
+    global _NONZERO_STATIC
+    if _NONZERO_STATIC:
+        try:
+            return torch.nonzero_static(mask, size=count).squeeze(1)
+        except (NotImplementedError, RuntimeError):
+            _NONZERO_STATIC = False
+    return mask.nonzero().squeeze(1)
+
 
 class RaggedKVLayer(KVLayer):
     def __init__(self) -> None:
@@ -43,6 +56,7 @@ class RaggedKVLayer(KVLayer):
         self.flat_values: torch.Tensor | None = None
         self.flat_positions: torch.Tensor | None = None
         self.seg_lens: torch.Tensor | None = None  # [b, h] int64
+        self.seg_lens_host: list[list[int]] | None = None  # the same on the host, read at the last store
         # computed once per compression (`_index_segments`), read by every decode step
         self.seg_offsets: torch.Tensor | None = None  # [b * h] int64: exclusive cumsum of seg_lens
         self.seg_lens32: torch.Tensor | None = None  # [b * h] int32
@@ -56,7 +70,25 @@ class RaggedKVLayer(KVLayer):
         self.flat_values = value_states.new_empty((0, value_states.shape[-1]))
         self.flat_positions = torch.empty((0,), dtype=torch.int32, device=key_states.device)
         self.seg_lens = torch.zeros((b, h), dtype=torch.int64, device=key_states.device)
+        self.seg_lens_host = [[0] * h for _ in range(b)]
         self._index_segments(0)
+
+    @property
+    def seg_lens(self) -> torch.Tensor | None:
+        return self._seg_lens
+
+    @seg_lens.setter
+    def seg_lens(self, value: torch.Tensor | None) -> None:
+        self._seg_lens = value
+        self.seg_lens_host = None  # set again by whoever knows it (store_dense)
+
+    def filled_counts_host(self) -> list[list[int]] | None:
+        """[b][h] filled slots of each (row, head), known on the host without a device read: the
+        segment lengths read at the last store plus a tail without empty slots; else None."""
+        if self.has_empty or self.seg_lens_host is None or not self.is_initialized:
+            return None
+        tail = self.keys.shape[-2]
+        return [[n + tail for n in row] for row in self.seg_lens_host]
 
     def _index_segments(self, max_seg: int) -> None:
         lens = self.seg_lens.reshape(-1)
@@ -111,20 +143,27 @@ class RaggedKVLayer(KVLayer):
         view.keys, view.values, view.positions = self.dense()
         view.device = self.device
         view.is_initialized = True
+        # once compressed, heads hold different positions and shorter segments leave empty slots:
+        # the view's mask (scoring's attention) must be per head, not head 0's for every head
+        view.has_empty = self.has_empty or self.max_seg > 0
+        view.heads_differ = self.max_seg > 0
         return view
 
     def store_dense(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Replace the layer's content by the filled slots of a dense [b, h, k, ...] form."""
         filled = positions != EMPTY
         self.seg_lens = filled.sum(-1)
-        longest = self.seg_lens.max() if self.seg_lens.numel() else None
-        # one device sync per compression (the nonzero): the flat token count sizes the store;
-        # the longest segment (sizes views and the decode grid) is read right after it
-        index = filled.reshape(-1).nonzero().squeeze(1)
+        # one device read per compression: the segment lengths, which give the flat token count
+        # (sizes the store), the longest segment (sizes views and the decode grid) and the
+        # host's view of the layer (`filled_counts_host`: the next over-budget test needs no read)
+        host = self.seg_lens.tolist()
+        lens = [n for row in host for n in row]
+        index = _nonzero(filled.reshape(-1), sum(lens))
         self.flat_keys = keys.reshape(-1, keys.shape[-1]).index_select(0, index)
         self.flat_values = values.reshape(-1, values.shape[-1]).index_select(0, index)
         self.flat_positions = positions.reshape(-1).index_select(0, index).to(torch.int32)
-        self._index_segments(int(longest) if longest is not None else 0)
+        self._index_segments(max(lens, default=0))
+        self.seg_lens_host = host
         b, h, _, d = keys.shape
         self.keys = keys.new_empty((b, h, 0, d))
         self.values = values.new_empty((b, h, 0, values.shape[-1]))

@@ -30,6 +30,7 @@ def attention_probs(
     query_positions: torch.Tensor,
     scaling: float,
     upto: int | None = None,
+    newest: bool = False,
 ) -> torch.Tensor:
     """Attention probabilities [b, H, q, s] (float32) of `queries` over the layer's slots.
 
@@ -37,6 +38,9 @@ def attention_probs(
     exactly as the model's attention did. Rows of padding queries (EMPTY) are all zero.
     `upto` limits the computation to the first `upto` slots (the caller guarantees that the
     others are invisible to these queries); the result then has `upto` slots.
+    `newest` promises that the queries are the tokens of the layer's last q slots, none of them
+    padding, and that no slot is empty: the mask is then lower-right causal, built without
+    reading positions (the same mask).
     """
     keys = layer.keys if upto is None else layer.keys[:, :, :upto]
     b, num_heads, q_len, d = queries.shape
@@ -44,15 +48,18 @@ def attention_probs(
     group = num_heads // kv_heads
     q = queries.float().reshape(b, kv_heads, group, q_len, d)
     logits = torch.matmul(q, keys.float()[:, :, None].transpose(-1, -2)).mul_(scaling)  # [b, h, g, q, s]
+    if newest and upto is None:
+        # slot j is visible to query i iff j <= slots - q_len + i (positions increase with slots)
+        hidden = torch.ones((q_len, slots), dtype=torch.bool, device=logits.device).triu_(slots - q_len + 1)
+        probs = logits.masked_fill_(hidden, float("-inf")).softmax(dim=-1)
+        return probs.reshape(b, num_heads, q_len, slots)
     valid = query_positions != EMPTY  # [b, q]
     mask = layer.attention_mask(query_positions)  # [b, h or 1, q, s]
     if upto is not None:
         mask = mask[..., :upto]
     mask = mask | ~valid[:, None, :, None]  # padding queries see everything (no NaN), then zeroed
-    bias = torch.zeros(mask.shape, dtype=logits.dtype, device=logits.device).masked_fill_(
-        ~mask, float("-inf")
-    )
-    probs = logits.add_(bias[:, :, None]).softmax(dim=-1)
+    # (-inf written where the mask hides a slot: the same logits as adding a 0 / -inf bias)
+    probs = logits.masked_fill_(~mask[:, :, None], float("-inf")).softmax(dim=-1)
     probs.mul_(valid[:, None, None, :, None].to(probs.dtype))
     return probs.reshape(b, num_heads, q_len, slots)
 
@@ -108,38 +115,70 @@ def in_window(slot_positions: torch.Tensor, window_query_positions: torch.Tensor
     position is at or after the row's first valid window query position.
     """
     big = torch.iinfo(torch.int32).max
-    wq = window_query_positions.to(torch.int64)
-    start = torch.where(wq != EMPTY, wq, torch.full_like(wq, big)).min(dim=-1).values  # [b]
-    pos = slot_positions.to(torch.int64)
-    return (pos != EMPTY) & (pos >= start[:, None, None])
+    wq = window_query_positions
+    start = torch.where(wq != EMPTY, wq, big).min(dim=-1).values  # [b]
+    return (slot_positions != EMPTY) & (slot_positions >= start[:, None, None])
 
 
-def pool_in_position_order(scores: torch.Tensor, slot_positions: torch.Tensor, kernel: int, kind: str):
+def pool_in_position_order(
+    scores: torch.Tensor,
+    slot_positions: torch.Tensor,
+    kernel: int,
+    kind: str,
+    ordered: bool = False,
+    full: bool = False,
+):
     """SnapKV's 1-D pooling ([b, h, s]) over each (row, head)'s filled slots in position order.
 
     Filled slots are gathered to the front in position order (empty slots after them score 0),
     so a row's result does not depend on left padding or on holes left by an earlier
     compression: it equals pooling the row's own token sequence with zero padding at the ends,
     as the reference does (avg_pool1d, padding kernel // 2, count_include_pad).
+
+    `ordered` True promises that each (row, head)'s filled slots already hold increasing
+    positions (what every `KVLayer` keeps: prefill and decode append in position order, and
+    eviction keeps slots in position order): the filled slots are then moved to the front by
+    a cumulative count instead of a sort (the same permutation). `full` True (with `ordered`)
+    promises that no slot is empty: the slots are then pooled where they are.
     """
     if kernel <= 1:
         return scores
     if kernel % 2 == 0:
         raise ValueError(f"pooling kernel must be odd, got {kernel}")
+    if kind not in ("avg", "max"):
+        raise ValueError(f"pooling must be 'avg' or 'max', got {kind!r}")
+    if ordered and full:
+        b, h, s = scores.shape
+        flat = scores.reshape(b * h, 1, s)
+        if kind == "avg":
+            pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+        else:
+            pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+        return pooled.reshape(b, h, s)
     filled = slot_positions != EMPTY
-    key = torch.where(filled, slot_positions.to(torch.int64), torch.iinfo(torch.int64).max)
-    order = key.argsort(dim=-1, stable=True)
-    compact = torch.gather(scores.masked_fill(~filled, 0.0), 2, order)
+    if ordered:
+        # slot i goes to place (filled slots before it) if filled, else after every filled slot
+        before = filled.cumsum(dim=-1)
+        empty_before = torch.arange(1, filled.shape[-1] + 1, device=filled.device) - before
+        dest = torch.where(filled, before - 1, before[..., -1:] + empty_before - 1)
+        compact = torch.empty_like(scores).scatter_(2, dest, scores.masked_fill(~filled, 0.0))
+        order = None
+    else:
+        key = torch.where(filled, slot_positions.to(torch.int64), torch.iinfo(torch.int64).max)
+        order = key.argsort(dim=-1, stable=True)
+        compact = torch.gather(scores.masked_fill(~filled, 0.0), 2, order)
     b, h, s = compact.shape
     flat = compact.reshape(b * h, 1, s)
     if kind == "avg":
         pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
-    elif kind == "max":
-        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
     else:
-        raise ValueError(f"pooling must be 'avg' or 'max', got {kind!r}")
-    out = torch.empty_like(compact)
-    out.scatter_(2, order, pooled.reshape(b, h, s))
+        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    pooled = pooled.reshape(b, h, s)
+    if order is None:
+        out = torch.gather(pooled, 2, dest)
+    else:
+        out = torch.empty_like(compact)
+        out.scatter_(2, order, pooled)
     return out.masked_fill(~filled, 0.0)
 
 
@@ -151,18 +190,50 @@ def snapkv_scores(
     window: int,
     kernel: int,
     pooling: str,
+    newest: bool = False,
 ) -> torch.Tensor:
     """SnapKV's score [b, h, s]: window attention summed over the window queries, averaged over
-    each GQA group, pooled over the prefix; the window's own slots score KEEP_BASE + position."""
+    each GQA group, pooled over the prefix; the window's own slots score KEEP_BASE + position.
+
+    The layer's filled slots must hold increasing positions per (row, head), as every
+    `KVLayer` keeps them (the pooling relies on it instead of sorting). `newest`: the queries
+    are this forward's, just appended to the layer, and none is padding (`not step.padded`)."""
+    return snapkv_scores_and_window(
+        layer, queries, query_positions, scaling, window, kernel, pooling, newest
+    )[0]
+
+
+def snapkv_scores_and_window(
+    layer: KVLayer,
+    queries: torch.Tensor,
+    query_positions: torch.Tensor,
+    scaling: float,
+    window: int,
+    kernel: int,
+    pooling: str,
+    newest: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`snapkv_scores` and the [b, h, s] mask of the window's own slots (`in_window`)."""
     w = window_size(query_positions, window)
     wq, wpos = queries[:, :, -w:], query_positions[:, -w:]
-    probs = attention_probs(layer, wq, wpos, scaling).sum(dim=2)  # [b, H, s]
+    positions = layer.positions
+    # this forward's tokens are the layer's newest slots; with no empty slot, masks need no positions
+    newest = newest and not layer.has_empty
+    probs = attention_probs(layer, wq, wpos, scaling, newest=newest).sum(dim=2)  # [b, H, s]
     scores = group_mean(probs, layer.keys.shape[1])
-    window_slots = in_window(layer.positions, wpos)
-    scores = scores.masked_fill(window_slots, 0.0)  # the reference pools the prefix columns only
-    scores = pool_in_position_order(scores, layer.positions, kernel, pooling)
-    keep = KEEP_BASE + layer.positions.float()
-    return torch.where(window_slots, keep, scores)
+    if newest:  # the window's slots are the last w
+        b, h, s = positions.shape
+        window_slots = torch.zeros(s, dtype=torch.bool, device=positions.device)
+        window_slots[s - w :] = True
+        window_slots = window_slots.expand(b, h, s)
+    else:
+        window_slots = in_window(positions, wpos)
+    scores = scores.masked_fill_(window_slots, 0.0)  # the reference pools the prefix columns only
+    scores = pool_in_position_order(
+        scores, positions, kernel, pooling, ordered=True, full=not layer.has_empty
+    )
+    keep = KEEP_BASE + positions.float()
+    return torch.where(window_slots, keep, scores), window_slots
 
 
 # -- selection without ties ---------------------------------------------------------------------

@@ -36,4 +36,6 @@ class SnapKV(ScorePolicy):
 
     def score(self, layer, queries, step, layer_idx, num_layers, scaling) -> torch.Tensor:
         p = self.params
-        return snapkv_scores(layer, queries, step.positions, scaling, p.window, p.kernel, p.pooling)
+        return snapkv_scores(
+            layer, queries, step.positions, scaling, p.window, p.kernel, p.pooling, newest=not step.padded
+        )

@@ -566,6 +566,18 @@ class QuantizedKVLayer(KVLayer):
         b, h, _, d = ring.shape
         out = ring.new_empty((b, h, n, d))
         g, bits = self.group_size, self.bits
+        if kivi_kernels.triton is not None and (ring.is_cuda or kernel_on_cpu()):
+            # one pass from the packed bytes to the model dtype (no float32 temporaries)
+            if which == "k":
+                kivi_kernels.dequantize_keys_into(
+                    self._kq_buf, self._ks_buf, self._kz_buf, out, count // g, bits
+                )
+            else:
+                kivi_kernels.dequantize_values_into(
+                    self._vq_buf, self._vs_buf, self._vz_buf, out, count, bits
+                )
+            out[:, :, count:] = res
+            return out
         table = _unpack_table(bits, ring.device)
         step = max(g, (1 << 24) // max(1, b * h * d) // g * g)  # bounded float32 temporaries
         for lo in range(0, count, step):

@@ -747,3 +747,99 @@ def decode_attention(
         H=h, num_splits=num_splits, D=d, GROUP=group, M=m,
     )  # fmt: skip
     return out
+
+
+# -- de-quantisation into a dense tensor (prefill over earlier chunks) ---------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _dequant_keys(
+        KQ, KS, KZ, OUT, skb, skh, skg, ssb, ssh, ssg, sob, soh, sot,
+        H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
+    ):  # fmt: skip
+        """One key group of one (row, head): G tokens x D channels, written token-major."""
+        PER: tl.constexpr = 8 // BITS
+        GB: tl.constexpr = G // PER
+        MASK: tl.constexpr = (1 << BITS) - 1
+        bh = tl.program_id(0)
+        gi = tl.program_id(1).to(tl.int64)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        j = tl.arange(0, GB)
+        c = tl.arange(0, D)
+        kb = tl.load(KQ + b * skb + h * skh + gi * skg + c[None, :] * GB + j[:, None])  # [GB, D]
+        s = tl.load(KS + b * ssb + h * ssh + gi * ssg + c).to(tl.float32)
+        z = tl.load(KZ + b * ssb + h * ssh + gi * ssg + c).to(tl.float32)
+        base = OUT + b * sob + h * soh
+        for t in tl.static_range(PER):
+            x = ((kb >> (t * BITS)) & MASK).to(tl.float32) * s[None, :] + z[None, :]
+            tok = gi * G + j * PER + t
+            tl.store(base + tok[:, None] * sot + c[None, :], x.to(OUT.dtype.element_ty))
+
+    @triton.jit
+    def _dequant_values(
+        VQ, VS, VZ, OUT, count, svb, svh, svt, sub, suh, sut, sob, soh, sot,
+        H: tl.constexpr, D: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, TB: tl.constexpr,
+    ):  # fmt: skip
+        """TB value tokens of one (row, head), written token-major."""
+        PER: tl.constexpr = 8 // BITS
+        NGV: tl.constexpr = D // GV
+        GVB: tl.constexpr = GV // PER
+        MASK: tl.constexpr = (1 << BITS) - 1
+        bh = tl.program_id(0)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        tok = tl.program_id(1).to(tl.int64) * TB + tl.arange(0, TB)
+        ok = (tok < count)[:, None, None]
+        gi = tl.arange(0, NGV)
+        jv = tl.arange(0, GVB)
+        vptr = VQ + b * svb + h * svh + tok[:, None, None] * svt + gi[None, :, None] * GVB + jv[None, None, :]
+        vb = tl.load(vptr, mask=ok, other=0)
+        sptr = b * sub + h * suh + tok[:, None, None] * sut + gi[None, :, None]
+        s = tl.load(VS + sptr, mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(VZ + sptr, mask=ok, other=0.0).to(tl.float32)
+        base = OUT + b * sob + h * soh + tok[:, None, None] * sot
+        for t in tl.static_range(PER):
+            x = ((vb >> (t * BITS)) & MASK).to(tl.float32) * s + z
+            ch = (gi[None, :, None] * GVB + jv[None, None, :]) * PER + t
+            tl.store(base + ch, x.to(OUT.dtype.element_ty), mask=ok)
+
+
+def dequantize_keys_into(
+    kq: torch.Tensor, kscale: torch.Tensor, kzero: torch.Tensor, out: torch.Tensor, groups: int, bits: int
+) -> None:
+    """out[:, :, : groups * G] = the de-quantised keys of key groups [0, groups) (token-major).
+
+    kq [b, h, >= groups, d, G*bits/8] uint8, kscale/kzero [b, h, >= groups, d], out [b, h, >= groups * G, d]
+    with unit stride on its last dim."""
+    b, h, _, d, gbytes = kq.shape
+    if groups <= 0 or b * h == 0:
+        return
+    assert kq.stride(-1) == 1 and kq.stride(3) == gbytes and kscale.stride() == kzero.stride()
+    assert kscale.stride(-1) == 1 and out.stride(-1) == 1
+    _dequant_keys[(b * h, groups)](
+        kq, kscale, kzero, out, kq.stride(0), kq.stride(1), kq.stride(2),
+        kscale.stride(0), kscale.stride(1), kscale.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        H=h, D=d, G=gbytes * 8 // bits, BITS=bits, num_warps=4,
+    )  # fmt: skip
+
+
+def dequantize_values_into(
+    vq: torch.Tensor, vscale: torch.Tensor, vzero: torch.Tensor, out: torch.Tensor, count: int, bits: int
+) -> None:
+    """out[:, :, :count] = the de-quantised values of tokens [0, count) (token-major).
+
+    vq [b, h, >= count, d*bits/8] uint8, vscale/vzero [b, h, >= count, d / gv], out [b, h, >= count, d]."""
+    b, h = vq.shape[:2]
+    d = out.shape[-1]
+    if count <= 0 or b * h == 0:
+        return
+    assert vq.stride(-1) == 1 and vscale.stride() == vzero.stride() and vscale.stride(-1) == 1
+    assert out.stride(-1) == 1
+    tb = 64
+    _dequant_values[(b * h, triton.cdiv(count, tb))](
+        vq, vscale, vzero, out, count, vq.stride(0), vq.stride(1), vq.stride(2),
+        vscale.stride(0), vscale.stride(1), vscale.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        H=h, D=d, GV=d // vscale.shape[-1], BITS=bits, TB=tb, num_warps=4,
+    )  # fmt: skip

@@ -1,0 +1,73 @@
+"""KIVI prefill: the Triton de-quantisation into a dense tensor equals the torch path, exactly.
+
+`QuantizedKVLayer._dense` (prefill chunks after the first attend over the de-quantised earlier
+tokens plus the residual) runs a Triton kernel on CUDA and, when a test opts in, on CPU tensors
+under Triton's interpreter; elsewhere a torch path. Both compute x * scale + zero in float32 and
+round once to the model dtype, so they must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+from policies import kivi
+from policies.kivi import QuantizedKVLayer
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernel = pytest.mark.skipif(
+    not HAVE_TRITON or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="the kernels need triton, and CUDA or TRITON_INTERPRET=1",
+)
+
+
+def _layer(bits, residual, d, chunks, dtype):
+    torch.manual_seed(bits * 10 + d)
+    b, h = 2, 3
+    layer = QuantizedKVLayer(bits, 32, residual)
+    lo = 0
+    for q in chunks:
+        k = torch.randn(b, h, q, d, dtype=dtype, device=DEVICE)
+        v = torch.randn(b, h, q, d, dtype=dtype, device=DEVICE) * 3
+        pos = torch.arange(lo, lo + q, device=DEVICE)[None].expand(b, q)
+        layer.append(k, v, pos)
+        layer.note_padding(False)
+        layer.flush()
+        lo += q
+    return layer
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,residual,d", [(2, 128, 64), (4, 32, 128), (2, 0, 128), (4, 0, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_dequantisation_equals_the_torch_path(bits, residual, d, dtype, monkeypatch):
+    layer = _layer(bits, residual, d, [100, 190, 45], dtype)
+    n, nk, nv = layer._uniform()
+    assert nk > 0 and nv > 0 and nk < n
+    monkeypatch.setattr(kivi, "CPU_INTERPRET", True)
+    calls = []
+    for name in ("dequantize_keys_into", "dequantize_values_into"):
+        real = getattr(kivi.kivi_kernels, name)
+        monkeypatch.setattr(kivi.kivi_kernels, name, lambda *a, real=real: calls.append(1) or real(*a))
+    fast_k, fast_v = layer._dense("k", n, nk), layer._dense("v", n, nv)
+    assert len(calls) == 2
+    monkeypatch.setattr(kivi, "CPU_INTERPRET", False)
+    monkeypatch.setattr(kivi.kivi_kernels, "triton", None)  # the torch path
+    slow_k, slow_v = layer._dense("k", n, nk), layer._dense("v", n, nv)
+    assert fast_k.dtype == dtype and fast_k.shape == (2, 3, n, d)
+    assert torch.equal(fast_k, slow_k) and torch.equal(fast_v, slow_v)
+    # and both are the layer's de-quantised view (the reference path)
+    assert torch.allclose(fast_k.float(), layer.keys.float(), atol=1e-3, rtol=1e-3)
+    assert torch.allclose(fast_v.float(), layer.values.float(), atol=1e-3, rtol=1e-3)

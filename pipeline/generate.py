@@ -143,12 +143,14 @@ class Generator:
         """Slots a layer should allocate beyond its need while prefilling up to column `hi`.
 
         A full cache allocates once, for the whole prompt and every token after it; a
-        compressed one makes room for the next chunk, and its last compression for the
-        tokens after prefill, so that nothing is copied again.
+        compressed one allocates no spare between chunks (a layer grows when the next chunk
+        arrives, copying only its kept tokens; room for the next chunk reserved in every layer
+        at once would hold a whole chunk's KV beyond the budget), and its last compression
+        makes room for the tokens after prefill, so that decoding copies nothing.
         """
         if not compressing:
             return width - hi + after_prefill
-        return min(chunk, width - hi) if hi < width else after_prefill
+        return 0 if hi < width else after_prefill
 
     def _choose(self, logits: torch.Tensor, cfg: GenerationConfig, rng: torch.Generator | None):
         if not cfg.do_sample:

@@ -67,8 +67,12 @@ def head_capacities(
     real = (1.0 - alpha) * counts + alpha * capacity[:, None].to(torch.float64)
     base = real.floor()
     remainder = (total - base.sum(-1).to(torch.int64)).clamp(min=0)  # [b], < h
-    order = (base - real).argsort(dim=-1, stable=True)  # largest fractional part first
-    rank = order.argsort(dim=-1)
+    # each head's place when heads are ordered by fractional part, largest first, ties by head
+    # index (a stable sort's order), counted pairwise instead of sorted: [b, h, h] for small h
+    frac = real - base
+    other, this = frac[:, None, :], frac[:, :, None]  # [b, 1, h] (head j), [b, h, 1] (head i)
+    lower = torch.ones((h, h), dtype=torch.bool, device=frac.device).tril_(-1)  # [i, j]: j < i
+    rank = ((other > this) | ((other == this) & lower)).sum(-1)  # [b, h]
     return (base + (rank < remainder[:, None]).to(torch.float64)).to(torch.int64)
 
 

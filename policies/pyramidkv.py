@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.kv_cache import EMPTY
-from policies.base import keep_topk, over_budget
+from policies.base import host_row_budgets, keep_topk, over_budget
 from policies.registry import register
 from policies.signals import window_size
 from policies.snapkv import SnapKV
@@ -76,12 +76,13 @@ class PyramidKV(SnapKV):
         if cached is not None:
             return cached
         w = window_size(step.positions, self.params.window)
-        windows = (step.positions[:, -w:] != EMPTY).sum(-1).tolist()
+        windows = (step.positions[:, -w:] != EMPTY).sum(-1)
         # tokens the row has seen so far (the prompt, or the prompt up to this chunk): the same
         # for every layer, so the layers' budgets form one sequence even after earlier chunks
-        filled = (step.positions.max(dim=-1).values + 1).tolist()
+        filled = step.positions.max(dim=-1).values + 1
+        windows, filled = torch.stack([windows.to(filled.dtype), filled]).tolist()  # one device read
         rows = []
-        for budget, win, n in zip(step.row_budgets.tolist(), windows, filled):
+        for budget, win, n in zip(host_row_budgets(step), windows, filled):
             win = min(win, budget)
             caps = pyramid_capacities(budget - win, max(n - win, 0), num_layers, self.params.beta)
             rows.append([win + c for c in caps])

@@ -555,6 +555,130 @@ if triton is not None:
         return m_i, l_i, acc0, acc1, acc2, acc3
 
     @triton.jit
+    def _ints_to_f32(x, MAGIC: tl.constexpr):
+        """Small non-negative integers (uint8) as float32: with MAGIC, 2**23 + x by its bits minus
+        2**23 (integer ops and one add: no int-to-float conversion instruction)."""
+        if MAGIC:
+            return (x.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _v3_tile(
+        q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
+        kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
+        skg, ssg, srt, svt, sut, swt, Wk, Wv,
+        D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr,
+        IEEE: tl.constexpr, FAST: tl.constexpr, MAGIC: tl.constexpr,
+    ):  # fmt: skip
+        """`_v2_tile` with 2-D tiles only (no reshapes): key bytes [D, NB] (each byte once), key
+        scales/zeros [D, NB] (a group's repeated over its columns: cached loads), value bytes
+        [NB, D/PER] per sub-tile, value scales/zeros [NB, D/PER] likewise; MAGIC: integers become
+        floats by their bits."""
+        PER: tl.constexpr = 8 // BITS
+        GB: tl.constexpr = G // PER
+        NB: tl.constexpr = BN // PER
+        DB: tl.constexpr = D // PER
+        GVB: tl.constexpr = GV // PER
+        MASK: tl.constexpr = (1 << BITS) - 1
+        dt = q.dtype
+        c = tl.arange(0, D)
+        r = tl.arange(0, NB)
+        jb = tl.arange(0, DB)
+        gidx = start // G + r // GB  # [NB] key group of each column
+        first = start + (r // GB) * G + (r % GB) * PER
+        kptr = kq_base + gidx[None, :] * skg + c[:, None] * GB + (r % GB)[None, :]
+        sptr = gidx[None, :] * ssg + c[:, None]
+        if FAST:
+            kb = tl.load(kptr)
+            ks = tl.load(ks_base + sptr).to(tl.float32)
+            kz = tl.load(kz_base + sptr).to(tl.float32)
+        else:
+            kok = (first < nk)[None, :]
+            kb = tl.load(kptr, mask=kok, other=0)
+            ks = tl.load(ks_base + sptr, mask=kok, other=0.0).to(tl.float32)
+            kz = tl.load(kz_base + sptr, mask=kok, other=0.0).to(tl.float32)
+        vb0, vs0, vz0 = _v3_values(vq_base, vs_base, vz_base, first, nv, svt, sut, DB, GVB, FAST)
+        vb1, vs1, vz1 = _v3_values(vq_base, vs_base, vz_base, first + 1, nv, svt, sut, DB, GVB, FAST)
+        if PER == 4:
+            vb2, vs2, vz2 = _v3_values(vq_base, vs_base, vz_base, first + 2, nv, svt, sut, DB, GVB, FAST)
+            vb3, vs3, vz3 = _v3_values(vq_base, vs_base, vz_base, first + 3, nv, svt, sut, DB, GVB, FAST)
+        else:
+            vb2, vs2, vz2 = vb0, vs0, vz0
+            vb3, vs3, vz3 = vb1, vs1, vz1
+        for s in tl.static_range(PER):
+            tok = first + s
+            kt = _ints_to_f32((kb >> (s * BITS)) & MASK, MAGIC) * ks + kz  # [D, NB]
+            if not FAST:
+                inside = tok < n
+                kres = tl.load(
+                    kr_base + (tok % Wk)[None, :] * srt + c[:, None],
+                    mask=((tok >= nk) & inside)[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                kt = tl.where((tok < nk)[None, :], kt, kres)
+            if IEEE:
+                scores = tl.dot(q, kt.to(dt), input_precision="ieee")
+            else:
+                scores = tl.dot(q, kt.to(dt))
+            scores = scores * qk_scale
+            if not FAST:
+                scores = tl.where(inside[None, :], scores, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(scores - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            p = p.to(dt)
+            m_i = m_new
+            if s == 0:
+                vb, vs, vz = vb0, vs0, vz0
+            elif s == 1:
+                vb, vs, vz = vb1, vs1, vz1
+            elif s == 2:
+                vb, vs, vz = vb2, vs2, vz2
+            else:
+                vb, vs, vz = vb3, vs3, vz3
+            for t in tl.static_range(PER):
+                v = _ints_to_f32((vb >> (t * BITS)) & MASK, MAGIC) * vs + vz  # [NB, DB]
+                if not FAST:
+                    ch = jb * PER + t
+                    res = ((tok >= nv) & (tok < n))[:, None]
+                    vres = tl.load(vr_base + (tok % Wv)[:, None] * swt + ch[None, :], mask=res, other=0.0)
+                    v = tl.where((tok < nv)[:, None], v, vres.to(tl.float32))
+                if IEEE:
+                    pv = tl.dot(p, v.to(dt), input_precision="ieee")
+                else:
+                    pv = tl.dot(p, v.to(dt))
+                if t == 0:
+                    acc0 = acc0 * alpha[:, None] + pv
+                elif t == 1:
+                    acc1 = acc1 * alpha[:, None] + pv
+                elif t == 2:
+                    acc2 = acc2 * alpha[:, None] + pv
+                else:
+                    acc3 = acc3 * alpha[:, None] + pv
+        return m_i, l_i, acc0, acc1, acc2, acc3
+
+    @triton.jit
+    def _v3_values(
+        vq_base, vs_base, vz_base, tok, nv, svt, sut, DB: tl.constexpr, GVB: tl.constexpr, FAST: tl.constexpr
+    ):
+        """Value bytes [NB, DB] of tokens `tok` and their scales/zeros repeated over each group's bytes."""
+        jb = tl.arange(0, DB)
+        bptr = vq_base + tok[:, None] * svt + jb[None, :]
+        sptr = tok[:, None] * sut + (jb // GVB)[None, :]
+        if FAST:
+            vb = tl.load(bptr)
+            vs = tl.load(vs_base + sptr).to(tl.float32)
+            vz = tl.load(vz_base + sptr).to(tl.float32)
+        else:
+            ok = (tok < nv)[:, None]
+            vb = tl.load(bptr, mask=ok, other=0)
+            vs = tl.load(vs_base + sptr, mask=ok, other=0.0).to(tl.float32)
+            vz = tl.load(vz_base + sptr, mask=ok, other=0.0).to(tl.float32)
+        return vb, vs, vz
+
+    @triton.jit
     def _v2_store(
         OP,
         part,
@@ -578,6 +702,7 @@ if triton is not None:
         H: tl.constexpr, per_split, num_splits, qk_scale,
         D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
         GROUP: tl.constexpr, M: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+        V3: tl.constexpr = False, MAGIC: tl.constexpr = False,
     ):  # fmt: skip
         PER: tl.constexpr = 8 // BITS
         bh = tl.program_id(0)
@@ -613,17 +738,31 @@ if triton is not None:
         quant = tl.minimum(hi, tl.minimum(nk, nv))
         fast_end = tl.maximum(lo, lo + ((quant - lo) // BN) * BN)
         for start in range(lo, fast_end, BN):
-            m_i, l_i, acc0, acc1, acc2, acc3 = _v2_tile(
-                q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
-                kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
-                skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, True,
-            )  # fmt: skip
+            if V3:
+                m_i, l_i, acc0, acc1, acc2, acc3 = _v3_tile(
+                    q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
+                    kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
+                    skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, True, MAGIC,
+                )  # fmt: skip
+            else:
+                m_i, l_i, acc0, acc1, acc2, acc3 = _v2_tile(
+                    q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
+                    kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
+                    skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, True,
+                )  # fmt: skip
         for start in range(fast_end, hi, BN):
-            m_i, l_i, acc0, acc1, acc2, acc3 = _v2_tile(
-                q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
-                kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
-                skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, False,
-            )  # fmt: skip
+            if V3:
+                m_i, l_i, acc0, acc1, acc2, acc3 = _v3_tile(
+                    q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
+                    kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
+                    skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, False, MAGIC,
+                )  # fmt: skip
+            else:
+                m_i, l_i, acc0, acc1, acc2, acc3 = _v2_tile(
+                    q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
+                    kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
+                    skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, False,
+                )  # fmt: skip
         part = bh * num_splits + split
         _v2_store(OP, part, acc0, 0, M, D, PER, GROUP)
         _v2_store(OP, part, acc1, 1, M, D, PER, GROUP)
@@ -665,9 +804,13 @@ def _workspace(device: torch.device, numel: int) -> torch.Tensor:
     return buf
 
 
+DEFAULT_VERSION = 2  # the split kernel `decode_attention` runs (1, 2 or 3)
+PROGRAMS_PER_SM = 8  # split-K: programs per SM when the (row, head)s alone are too few
+
+
 def default_block_n(bits: int, version: int = 2) -> int:
-    """Tokens per tile: version 2 takes 32 tokens per sub-tile (128 at 2 bits, 64 at 4 bits)."""
-    return 32 * (8 // bits) if version == 2 else BLOCK_N
+    """Tokens per tile: versions 2 and 3 take 32 tokens per sub-tile (128 at 2 bits, 64 at 4 bits)."""
+    return BLOCK_N if version == 1 else 32 * (8 // bits)
 
 
 def decode_attention(
@@ -679,16 +822,19 @@ def decode_attention(
     out: torch.Tensor | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
-    version: int = 2,
-    programs_per_sm: int = 8,
+    version: int | None = None,
+    programs_per_sm: int | None = None,
+    magic: bool = True,
 ) -> torch.Tensor:
     """Fused decode attention [b, H, 1, d] (query's dtype) over the packed store.
 
     `max_tokens` is a host-side upper bound of `store.n` (no device sync here); `num_splits`
     overrides how many programs share one (row, kv head)'s tokens (default: enough for
     `programs_per_sm` programs per SM); `block_n` (a multiple of the key group and of
-    16 * (8 // bits), a power of two) and `num_warps` tune the split kernel. `version` 1 is the
-    first kernel (kept for comparison in `pipeline.bench.check_kivi`).
+    16 * (8 // bits), a power of two) and `num_warps` tune the split kernel. `version` (default
+    `DEFAULT_VERSION`): 1 the first kernel, 2 3-D tiles (every byte and scale loaded once), 3 2-D
+    tiles without reshapes, integers made floats by their bits (`magic`); all kept for
+    `pipeline.bench.check_kivi`.
     """
     if triton is None:
         raise RuntimeError("kivi decode kernel needs triton")
@@ -697,6 +843,8 @@ def decode_attention(
     group = num_heads // h
     assert q_len == 1 and num_heads == group * h
     m = max(16, triton.next_power_of_2(group))
+    version = version or DEFAULT_VERSION
+    programs_per_sm = programs_per_sm or PROGRAMS_PER_SM
     bn = block_n or default_block_n(store.bits, version)
     assert bn % store.group_size == 0 and bn & (bn - 1) == 0
     blocks = max(1, triton.cdiv(max(max_tokens, 1), bn))
@@ -728,6 +876,7 @@ def decode_attention(
     assert kq.stride(3) == kq.shape[4] and query.stride(-1) == 1
     gv = d // vs.shape[-1]
     kernel = _kivi_decode_split if version == 1 else _kivi_decode_split_v2
+    extra = {} if version == 1 else dict(V3=version == 3, MAGIC=version == 3 and magic)
     kernel[(b * h, num_splits)](
         query, n, nk, nv, kq, ks, kz, kr, vq, vs, vz, vr, o_part, m_part, l_part,
         query.stride(0), query.stride(1),
@@ -740,7 +889,7 @@ def decode_attention(
         kr.shape[2], vr.shape[2],
         H=h, per_split=per_split, num_splits=num_splits, qk_scale=scaling * math.log2(math.e),
         D=d, G=store.group_size, GV=gv, BITS=store.bits, GROUP=group, M=m, BN=bn,
-        IEEE=query.dtype == torch.float32, num_warps=num_warps,
+        IEEE=query.dtype == torch.float32, num_warps=num_warps, **extra,
     )  # fmt: skip
     _kivi_decode_merge[(b * h,)](
         o_part, m_part, l_part, out, out.stride(0), out.stride(1),

@@ -417,7 +417,70 @@ def flash_forward_reference(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal:
     return out.to(q.dtype), lse
 
 
+# How a prefill chunk attends over the ragged store: "packed" copies each (row, kv head)'s
+# segment and tail next to each other and runs one varlen flash call with lower-right causality
+# per sequence (one kernel, no merge); "merged" runs flash over the store in place and over the
+# tail apart, merged by log-sum-exps (no copy of the store, two kernels and a float32 merge).
+PREFILL_MODE = "packed"
+
+
 def ragged_prefill_attention(
+    query: torch.Tensor,
+    flat_keys: torch.Tensor,
+    flat_values: torch.Tensor,
+    seg_cu: torch.Tensor,
+    max_seg: int,
+    tail_keys: torch.Tensor,
+    tail_values: torch.Tensor,
+    scaling: float,
+    attn=None,
+    mode: str | None = None,
+) -> torch.Tensor:
+    """Attention [b, H, q, d] of a prefill chunk's queries [b, H, q, d] over a ragged store plus
+    its dense tail (no EMPTY slot, no padding query; the chunk is the tail's last q tokens).
+
+    flat_keys/values [N, d] (segments back to back in (row, kv head) order); seg_cu [b*h + 1]
+    int32 cumulative segment lengths; `max_seg` the longest segment (host int, > 0);
+    tail_keys/values [b, h, t, d] (t >= q; any strides with unit stride on d). `attn`: the
+    attention function (default `flash_forward`; tests pass `flash_forward_reference`);
+    `mode`: "packed" or "merged" (default `PREFILL_MODE`). The result is a [b, q, H, d]-contiguous
+    tensor seen as [b, H, q, d] (the attention hook's transpose back is then free).
+    """
+    if (mode or PREFILL_MODE) == "merged":
+        return ragged_prefill_attention_merged(
+            query, flat_keys, flat_values, seg_cu, max_seg, tail_keys, tail_values, scaling, attn
+        )
+    attn = attn or flash_forward
+    b, num_heads, q_len, d = query.shape
+    h, t = tail_keys.shape[1], tail_keys.shape[2]
+    g = num_heads // h
+    dv = tail_values.shape[-1]
+    n = flat_keys.shape[0]
+    dev = query.device
+    # sequence i = (row, kv head) i: its segment, then its tail (t tokens); cumulative lengths
+    # shift by t per earlier sequence. No device read: every size is a host number.
+    seqs = torch.arange(b * h + 1, dtype=torch.int32, device=dev)
+    cu_k = seg_cu + seqs * t
+    token = torch.arange(n, dtype=torch.int32, device=dev)
+    seq_of_token = torch.searchsorted(seg_cu[1:], token, right=True)  # [N]
+    store_rows = token.to(torch.int64) + seq_of_token * t
+    tail_rows = ((cu_k[1:] - t).to(torch.int64)[:, None] + torch.arange(t, device=dev)).reshape(-1)
+    packed = []
+    for flat, tail, width in ((flat_keys, tail_keys, d), (flat_values, tail_values, dv)):
+        out = flat.new_empty((n + b * h * t, 1, width))
+        out.view(-1, width).index_copy_(0, store_rows, flat).index_copy_(
+            0, tail_rows, tail.reshape(-1, width)
+        )
+        packed.append(out)
+    # the queries of sequence i are entries i*q .. (i+1)*q of the varlen batch, g heads each
+    q_seg = query.reshape(b, h, g, q_len, d).transpose(2, 3).reshape(b * h * q_len, g, d)
+    cu_q = seqs * q_len
+    out, _ = attn(q_seg, packed[0], packed[1], cu_q, cu_k, q_len, max_seg + t, True, scaling)
+    out = out.reshape(b, h, q_len, g, dv).transpose(1, 2)  # [b, q, h, g, dv]
+    return out.reshape(b, q_len, num_heads, dv).contiguous().transpose(1, 2)
+
+
+def ragged_prefill_attention_merged(
     query: torch.Tensor,
     flat_keys: torch.Tensor,
     flat_values: torch.Tensor,

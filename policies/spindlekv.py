@@ -177,39 +177,50 @@ def _degrees(x: torch.Tensor, mag: torch.Tensor, lengths: torch.Tensor, theta: f
     return deg.masked_fill(torch.arange(n, device=x.device) >= lengths[:, None], 0)
 
 
-def _greedy(unit: torch.Tensor, live: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`build_codebook`'s greedy over several sequences at once: unit [g, K, d] float32, live [g, K].
+def _greedy(
+    vec: torch.Tensor, scale: torch.Tensor, degree: torch.Tensor, live: torch.Tensor, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`build_codebook`'s greedy over several sequences at once, without storing the graph.
 
+    vec [g, K, d] float32 and scale [g, K] give cos(i, j) = (vec_i . vec_j) scale_i scale_j (as the
+    degrees were counted); degree [g, K] (neighbours + 1), live [g, K]. Each step takes, per sequence,
+    the first token of highest live degree; its row of the graph is one matrix-vector product, and the
+    degrees lose the members' columns (a [K, members] product), so memory stays O(K * block).
     Returns (cluster [g, K] int64: the rank of the center whose entry the token joined, -1 for a token
-    left alone; centers [g, c] int64: the center tokens in the order they were chosen, -1 padded)."""
-    g, K, _ = unit.shape
-    dev = unit.device
-    graph = (unit @ unit.transpose(1, 2)) > theta
-    graph &= live[:, None, :] & live[:, :, None]
-    ar = torch.arange(K, device=dev)
-    graph[:, ar, ar] = live
-    degree = graph.sum(-1)
+    left alone; centers [g, c] int64: the center tokens in the order chosen, -1 padded)."""
+    g, K, d = vec.shape
+    dev = vec.device
+    degree = degree.to(torch.int64).masked_fill(~live, 0)
     alive = live.clone()
     cluster = torch.full((g, K), -1, dtype=torch.int64, device=dev)
     count = torch.zeros(g, dtype=torch.int64, device=dev)
     rows = torch.arange(g, device=dev)
+    block = max(1, _PAIRS // max(1, g * K))
     centers = []
     while True:
         live_degree = torch.where(alive, degree, torch.full_like(degree, -1))
         c = live_degree.argmax(-1)  # the first token of highest live degree
         active = live_degree[rows, c] > 1
-        members = graph[rows, c] & alive & active[:, None]
-        pi, ji = members.nonzero(as_tuple=True)  # (the loop's one host sync)
-        if pi.numel() == 0:
+        cos = torch.bmm(vec, vec[rows, c][:, :, None])[..., 0] * scale * scale[rows, c][:, None]
+        members = (cos > theta) & alive & active[:, None]
+        members[rows, c] = active  # the graph's diagonal
+        m_n = members.sum(-1)
+        m_max = int(m_n.max())  # (the step's one host sync)
+        if m_max == 0:
             break
         cluster = torch.where(members, count[:, None], cluster)
         centers.append(torch.where(active, c, torch.full_like(c, -1)))
         count += active
         alive &= ~members
-        # every token loses the members among its neighbours (graph[:, members].sum(-1) per sequence)
-        lost = torch.zeros((g, K), dtype=degree.dtype, device=dev)
-        lost.index_add_(0, pi, graph[pi, :, ji].to(degree.dtype))
-        degree -= lost
+        order = members.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[:, :m_max]
+        for lo in range(0, m_max, block):
+            j = order[:, lo : lo + block]
+            ok = torch.arange(lo, lo + j.shape[1], device=dev) < m_n[:, None]
+            vj = torch.gather(vec, 1, j[..., None].expand(*j.shape, d))
+            cos = (
+                torch.bmm(vec, vj.transpose(1, 2)) * scale[:, :, None] * torch.gather(scale, 1, j)[:, None, :]
+            )
+            degree -= ((cos > theta) & ok[:, None, :]).sum(-1)
     # a sequence's active steps come first (its live degrees only fall): its centers, then -1s
     cent = torch.stack(centers, dim=1) if centers else torch.zeros((g, 0), dtype=torch.int64, device=dev)
     return cluster, cent
@@ -237,22 +248,19 @@ def build_codebooks(
     center_tok = torch.zeros((P, 0), dtype=torch.int64, device=dev)
     if K:
         sub_live = torch.arange(K, device=dev) < k_n[:, None]
-        per = max(1, _PAIRS // (K * K))
-        parts = []
-        for lo in range(0, P, per):
-            sl = slice(lo, lo + per)
-            tok = sub_tok[sl]
-            xs = torch.gather(x[sl], 1, tok[..., None].expand(*tok.shape, d))
-            unit = xs.float() / torch.gather(mag[sl], 1, tok).clamp(min=1e-12)[..., None]
-            cl, cent = _greedy(unit, sub_live[sl], theta)
-            dest = torch.where(sub_live[sl], tok, torch.full_like(tok, n))  # padding: the trash column
-            cluster[sl].scatter_(1, dest, cl)
-            center = torch.gather(tok, 1, cent.clamp(min=0))
-            parts.append(torch.where(cent >= 0, center, torch.full_like(cent, -1)))
-        width = max(p.shape[1] for p in parts)
-        center_tok = torch.cat(
-            [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=-1) for p in parts], dim=0
-        )
+        xs = torch.gather(x, 1, sub_tok[..., None].expand(*sub_tok.shape, d)).float()
+        ms = torch.gather(mag, 1, sub_tok).clamp(min=1e-12)
+        if _kernels(dev) is not None:  # cosines as the degree kernel forms them
+            vec, scale = xs, 1.0 / ms
+        else:  # as `build_codebook`: unit vectors
+            vec, scale = xs / ms[..., None], torch.ones_like(ms)
+        xs = None
+        cl, cent = _greedy(vec, scale, torch.gather(degree, 1, sub_tok), sub_live, theta)
+        vec = scale = None
+        dest = torch.where(sub_live, sub_tok, torch.full_like(sub_tok, n))  # padding: the trash column
+        cluster.scatter_(1, dest, cl)
+        center = torch.gather(sub_tok, 1, cent.clamp(min=0))
+        center_tok = torch.where(cent >= 0, center, torch.full_like(cent, -1))
     cluster = cluster[:, :n]
     n_centers = (center_tok >= 0).sum(-1)
     single = live & (cluster < 0)
@@ -302,32 +310,46 @@ def _resolve_chunk(unit, units_b, valid, cand, best_old, arg_old, count, theta):
     unit [P, q, d] float32 (the tokens), units_b [P, q, d] (their entries, as stored); a candidate
     (no old entry above theta) opens iff no earlier opener matches it; any token joins the best of the
     old entries and the earlier openers' entries (the old first on ties, then the earliest opener).
+    Only candidates can open, so the similarities are taken against them alone ([P, q, candidates]).
     """
-    P, q, _ = unit.shape
+    P, q, d = unit.shape
     dev = unit.device
+    c_n, (c_tok,) = _compact2(cand)  # candidates' token indices, in order
+    C2 = c_tok.shape[1]
     opens = torch.zeros_like(cand)
-    new_idx = torch.zeros((P, q), dtype=torch.int64, device=dev)
-    earlier = torch.ones((q, q), dtype=torch.bool, device=dev).tril(-1)
-    per = max(1, _PAIRS // (q * q))
+    new_idx = arg_old.clone()
+    if C2 == 0:
+        return opens, new_idx
+    c_ok = torch.arange(C2, device=dev) < c_n[:, None]
+    tok = torch.arange(q, device=dev)
+    per = max(1, _PAIRS // (q * C2))
     for lo in range(0, P, per):
         sl = slice(lo, lo + per)
-        cos = unit[sl] @ units_b[sl].float().transpose(1, 2)  # [g, t, t'] cos(token t, entry of t')
-        link = (cos > theta) & earlier & cand[sl][:, None, :]
-        op = torch.zeros_like(cand[sl])
-        undecided = cand[sl].clone()
+        g = unit[sl].shape[0]
+        ct, ok = c_tok[sl], c_ok[sl]
+        entries = torch.gather(units_b[sl], 1, ct[..., None].expand(g, C2, d)).float()
+        cos = unit[sl] @ entries.transpose(1, 2)  # [g, t, c] cos(token t, entry of candidate c)
+        before = (ct[:, None, :] < tok[None, :, None]) & ok[:, None, :]  # candidate c precedes token t
+        link = (cos > theta) & before
+        link_cc = torch.gather(link, 1, ct[..., None].expand(g, C2, C2))  # among candidates
+        op = torch.zeros_like(ok)
+        undecided = ok.clone()
         while bool(undecided.any()):
-            closed = undecided & (link & op[:, None, :]).any(-1)
+            closed = undecided & (link_cc & op[:, None, :]).any(-1)
             undecided &= ~closed
-            now = undecided & ~(link & undecided[:, None, :]).any(-1)
+            now = undecided & ~(link_cc & undecided[:, None, :]).any(-1)
             op |= now
             undecided &= ~now
-        opens[sl] = op
-        new_cos = cos.masked_fill(~(earlier & op[:, None, :]), -2.0)
-        best_new, arg_new = new_cos.max(-1)
-        rank = op.long().cumsum(-1) - 1  # entry of opener t' is count + rank[t']
+        rank = op.long().cumsum(-1) - 1  # the entry of opener c is count + rank[c]
+        best_new, arg_new = cos.masked_fill(~(before & op[:, None, :]), -2.0).max(-1)
         new_entry = count[sl, None] + torch.gather(rank, 1, arg_new)
         idx = torch.where(best_old[sl] >= best_new, arg_old[sl], new_entry)
-        new_idx[sl] = torch.where(op, count[sl, None] + rank, idx)
+        op_tok = torch.zeros((g, q + 1), dtype=torch.bool, device=dev)
+        op_tok.scatter_(1, torch.where(ok, ct, torch.full_like(ct, q)), op)
+        op_tok = op_tok[:, :q]
+        rank_tok = op_tok.long().cumsum(-1) - 1
+        opens[sl] = op_tok
+        new_idx[sl] = torch.where(op_tok, count[sl, None] + rank_tok, idx)
     return opens, new_idx
 
 
@@ -581,7 +603,12 @@ class SpindleLayer(KVLayer):
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
         """Store new tokens. Compressed layers return nothing: attention reads the storage itself
-        (`attend`), and building the dense views here would copy the layer every step."""
+        (`attend`), and building the dense views here would copy the layer every step.
+
+        A chunk (q > 1) reads the new lengths and entry counts back (one host sync: the shapes follow
+        them). A decode token (q == 1) does not: every width grows by one slot, an upper bound (a
+        codebook token that joins an entry leaves a dead book slot; a padding token, a slot past its
+        row's length, which `note_padding` reports), so decoding never waits for the device."""
         if self.mode == "dense":
             return super().append(keys, values, positions)
         b, hk, q, d = keys.shape
@@ -593,8 +620,11 @@ class SpindleLayer(KVLayer):
         if self.mode == "evicted":
             ids = self.kbook_n[..., None] + valid.long().cumsum(-1) - 1  # ids of the new entries
             count = self.kbook_n + valid.sum(-1)
-            c2, n2, n_min = torch.stack([count.max(), n_new.max(), n_new.min()]).tolist()  # the one host sync
-            self.has_empty = n_min < n2
+            if q == 1:  # decode: the widths grow by one, no host sync (see `append`)
+                c2, n2 = self.kbook.shape[2] + 1, self._pos.shape[2] + 1
+            else:  # the one host sync
+                c2, n2, n_min = torch.stack([count.max(), n_new.max(), n_new.min()]).tolist()
+                self.has_empty = n_min < n2
             self._slot_append("kbook", self.kbook_n, keys, valid, c2)
             self._slot_append("vbook", self.kbook_n, values, valid, c2)
             self.kbook_n = self.vbook_n = count
@@ -608,8 +638,11 @@ class SpindleLayer(KVLayer):
                 "k": self._assign(kx, valid, self.kbook, self.kbook_n, self.theta_k),
                 "v": self._assign(values, valid, self.vbook, self.vbook_n, self.theta_v),
             }
-            # the one host sync of the append: the new entry counts and lengths
-            got = torch.stack([plans["k"][2].max(), plans["v"][2].max(), n_new.max(), n_new.min()]).tolist()
+            if q == 1:  # decode: the widths grow by one, no host sync (see `append`)
+                got = [self.kbook.shape[2] + 1, self.vbook.shape[2] + 1, self._pos.shape[2] + 1, None]
+            else:  # the one host sync: the new entry counts and lengths
+                got = torch.stack([plans["k"][2].max(), plans["v"][2].max(), n_new.max(), n_new.min()])
+                got = got.tolist()
             n2 = got[2]
             for i, which in enumerate(("k", "v")):
                 name, count_name = ("kbook", "kbook_n") if which == "k" else ("vbook", "vbook_n")
@@ -620,7 +653,8 @@ class SpindleLayer(KVLayer):
                 entries = getattr(self, name).shape[2]
                 self._slot_append(idx_name, self._n, new_idx, valid_e, n2, dtype=index_dtype(entries))
                 self._slot_append(mag_name, self._n, mags, valid_e, n2)
-            self.has_empty = got[3] < n2
+            if got[3] is not None:
+                self.has_empty = got[3] < n2
         pos_new = positions.to(torch.int32)[:, None, :].expand(b, e, q)
         self._slot_append("_pos", self._n, pos_new, valid_e, n2, fill=EMPTY)
         self._n = n_new

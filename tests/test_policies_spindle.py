@@ -174,8 +174,10 @@ def test_chunk_append_equals_token_by_token(rope_theta):
     assert (opened > 0).all()
     for name in ("kbook_n", "vbook_n", "_n"):
         assert torch.equal(getattr(chunked, name), getattr(single, name)), name
-    assert torch.equal(chunked.keys, single.keys) and torch.equal(chunked.values, single.values)
-    assert torch.equal(chunked.positions, single.positions)
-    live = torch.arange(chunked.rk.shape[-1]) < chunked._n[..., None]
-    for name in ("rk", "rv", "mk", "mv"):
-        assert torch.equal(getattr(chunked, name)[live], getattr(single, name)[live]), name
+    # decode appends (q == 1) grow the widths by one slot each without reading lengths back
+    assert single.positions.shape[-1] == 42 and chunked.positions.shape[-1] == int(chunked._n.max()) == 41
+    live_c = torch.arange(chunked.rk.shape[-1]) < chunked._n[..., None]
+    live_s = torch.arange(single.rk.shape[-1]) < single._n[..., None]
+    assert (single.positions[~live_s] == -1).all()
+    for name in ("keys", "values", "positions", "rk", "rv", "mk", "mv"):
+        assert torch.equal(getattr(chunked, name)[live_c], getattr(single, name)[live_s]), name

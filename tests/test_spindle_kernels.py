@@ -210,3 +210,46 @@ def test_best_match_matches_torch_and_breaks_ties_first():
     best_t, arg_t = _best_match_torch(x * r[..., None], book, count)
     assert torch.allclose(best, best_t, atol=1e-5) and torch.equal(arg, arg_t)
     assert arg[0, 3] == 10 and (best[2] == -2).all() and (arg[2] == 0).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("rope_theta", [None, 10000.0])
+def test_layer_build_and_chunk_append_with_kernels_equal_torch_path(rope_theta, monkeypatch):
+    """The kernel path of `to_codebook` and of a chunk append (degrees, best matches, in-chunk links)
+    stores what the exact torch path stores (clustered data, far from the thresholds' edges)."""
+    import policies.spindlekv as sp
+
+    g = torch.Generator().manual_seed(11)
+    b, hk, d = 2, 2, 16
+    base = torch.randn(5, d, generator=g)
+
+    def data(n, dirs):
+        which = torch.randint(0, dirs.shape[0], (b, hk, n), generator=g)
+        return dirs[which] * (torch.rand(b, hk, n, 1, generator=g) + 0.5)
+
+    k0, v0 = data(40, base), data(40, base)
+    base2 = torch.cat([base, torch.randn(3, d, generator=g)])
+    k, v = data(20, base2), data(20, base2)
+    pos = torch.arange(40, 60).expand(b, 20).clone()
+    pos[1, 2] = -1
+    if rope_theta is not None:  # keys arrive rotated; their directions cluster before RoPE
+        k0 = sp.rope(k0, torch.arange(40).expand(b, hk, 40), rope_theta)
+        k = sp.rope(k, pos.clamp(min=0)[:, None].expand(b, hk, 20), rope_theta)
+    layers = []
+    for kernels in (False, True):
+        monkeypatch.setattr(sp, "_kernels", (lambda dev: sk) if kernels else (lambda dev: None))
+        layer = SpindleLayer()
+        layer.append(k0, v0, torch.arange(40).expand(b, 40))
+        layer.to_codebook(0.98, 0.95, rope_theta)
+        layer.append(k, v, pos)
+        layer.append(k[:, :, 3:4] * 2, v[:, :, 5:6], torch.tensor([[43], [43]]))
+        layers.append(layer)
+    exact, fast = layers
+    assert (fast.kbook_n > 5).all() and (fast.kbook_n < 20).all()  # merged, and opened entries in-chunk
+    for name in ("kbook_n", "vbook_n", "_n"):
+        assert torch.equal(getattr(exact, name), getattr(fast, name)), name
+    assert torch.allclose(exact.keys, fast.keys, atol=1e-5) and torch.allclose(
+        exact.values, fast.values, atol=1e-5
+    )
+    live = torch.arange(exact.rk.shape[-1]) < exact._n[..., None]
+    assert torch.equal(exact.rk[live], fast.rk[live]) and torch.equal(exact.rv[live], fast.rv[live])

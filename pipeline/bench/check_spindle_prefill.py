@@ -47,10 +47,9 @@ def main(argv=None) -> int:
         g_out = build_codebooks(x, lengths, theta, torch.bfloat16)
         c_out = build_codebooks(x.cpu(), lengths.cpu(), theta, torch.bfloat16)
         same = [torch.equal(a.cpu(), b) for a, b in zip(g_out, c_out)]
+        same[2] = torch.allclose(g_out[2].cpu(), c_out[2], rtol=1e-5)  # norms: reduction order differs
         counts = g_out[3].tolist()
-        print(
-            f"codebooks theta={theta}: counts {counts}; book/index/mag/counts equal to the CPU path: {same}"
-        )
+        print(f"codebooks theta={theta}: counts {counts}; book/index/mag/counts equal to the CPU path: {same}")
         failed += not all(same)
     layers = []
     for device in (dev, torch.device("cpu")):

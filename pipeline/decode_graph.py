@@ -38,7 +38,6 @@ import torch
 
 MODES = ("eager", "static", "graphs")
 ENV_MODE = "KVPIPE_DECODE"
-ENV_GRAPHS = "KVPIPE_CUDA_GRAPHS"
 
 
 def default_mode(device: torch.device) -> str:
@@ -48,8 +47,6 @@ def default_mode(device: torch.device) -> str:
         if env not in MODES:
             raise ValueError(f"{ENV_MODE} must be one of {MODES}, got {env!r}")
         return env
-    if os.environ.get(ENV_GRAPHS, "1").strip().lower() in ("0", "false", "no", "off"):
-        return "eager"
     if device.type != "cuda":
         return "eager"
     dist = torch.distributed

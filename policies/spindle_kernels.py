@@ -77,6 +77,26 @@ def interpreter_works() -> bool:
 _INTERPRETER_WORKS: bool | None = None
 
 
+ROPE_TABLE_POSITIONS = (
+    1 << 20
+)  # positions the decode tables cover (larger ones clamp: keep it above contexts)
+_ROPE_TABLES: dict = {}
+
+
+def rope_tables(d: int, theta: float, device, positions: int = ROPE_TABLE_POSITIONS) -> torch.Tensor:
+    """float32 [128 + 2 * hrows, d/2]: cos(lo f), sin(lo f) for lo < 64, then cos(64 hi f), sin(64 hi f)
+    for hi < hrows (angles in float64); the decode kernels rotate position 64 hi + lo by angle addition."""
+    key = (d, float(theta), str(device), positions)
+    t = _ROPE_TABLES.get(key)
+    if t is None:
+        f = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
+        lo = torch.arange(64, dtype=torch.float64, device=device)[:, None] * f
+        hi = torch.arange((positions + 63) // 64, dtype=torch.float64, device=device)[:, None] * 64 * f
+        t = torch.cat([lo.cos(), lo.sin(), hi.cos(), hi.sin()]).float().contiguous()
+        _ROPE_TABLES[key] = t
+    return t
+
+
 def inv_freq(d: int, theta: float, device) -> torch.Tensor:
     """RoPE frequencies [d/2] as `policies.spindlekv.rope` forms them (float64, then float32)."""
     return (1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))).float().to(device)
@@ -111,8 +131,9 @@ def reference_decode(
     keys = rows(kbook, rk, mk)
     values = rows(vbook, rk if rv is None else rv, mv)
     if rope_theta is not None:
-        ang = pos.clamp(min=0).float()[..., None] * inv_freq(d, rope_theta, query.device)
-        cos, sin = ang.cos(), ang.sin()
+        inv64 = 1.0 / (rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=query.device) / d))
+        ang = pos.clamp(min=0).double()[..., None] * inv64  # as `policies.spindlekv.rope` forms them
+        cos, sin = ang.cos().float(), ang.sin().float()
         k1, k2 = keys[..., : d // 2], keys[..., d // 2 :]
         keys = torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1)
     live = torch.arange(s, device=query.device) < n[..., None]  # [b, e, s]
@@ -153,13 +174,27 @@ if HAVE_TRITON:
         return c, s
 
     @triton.jit
+    def _table_cos_sin(T, p, dh, HALF: tl.constexpr, HROWS):
+        """cos/sin of position p [n] times the frequencies from the tables of `rope_tables`:
+        p = 64 hi + lo, cos(a + b) = cos a cos b - sin a sin b (float64-made tables, float32 sums)."""
+        pi = tl.maximum(p, 0)
+        hi = tl.minimum(pi >> 6, HROWS - 1).to(tl.int64)
+        lo = (pi & 63).to(tl.int64)
+        cl = tl.load(T + lo[:, None] * HALF + dh[None, :])
+        sl = tl.load(T + (64 + lo)[:, None] * HALF + dh[None, :])
+        ch = tl.load(T + (128 + hi)[:, None] * HALF + dh[None, :])
+        sh = tl.load(T + (128 + HROWS + hi)[:, None] * HALF + dh[None, :])
+        return ch * cl - sh * sl, sh * cl + ch * sl
+
+    @triton.jit
     def _shared_kernel(
         Q, KB, VB, RK, RV, MK, MV, POS, N, INV, PM, PL, PACC,
         sq_b, sq_h, skb_b, skb_h, skb_c, svb_b, svb_h, svb_c,
         srk_b, srk_h, srv_b, srv_h, smk_b, smk_h, smv_b, smv_h, sp_b, sp_h, sn_b, sn_h,
-        E, SPLITS, chunk, qscale,
+        E, SPLITS, chunk, qscale, HROWS,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_MAG: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_IEEE: tl.constexpr, FAST_TRIG: tl.constexpr,
+        TABLE: tl.constexpr,
     ):  # fmt: skip
         """One (row, kv head, token range): the G query heads of the kv head against its tokens."""
         HALF: tl.constexpr = D // 2
@@ -178,7 +213,7 @@ if HAVE_TRITON:
         q1 = tl.load(qrow[:, None] + dh[None, :], mask=gmask[:, None], other=0.0).to(tl.float32) * qscale
         q2 = tl.load(qrow[:, None] + HALF + dh[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
         q2 = q2 * qscale
-        if HAS_ROPE:
+        if HAS_ROPE and not TABLE:
             inv = tl.load(INV + dh)
         m = tl.full([GP], float("-inf"), tl.float32)
         l_sum = tl.zeros([GP], tl.float32)
@@ -195,9 +230,12 @@ if HAVE_TRITON:
             k1 = tl.load(krow[:, None] + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
             k2 = tl.load(krow[:, None] + HALF + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
             if HAS_ROPE:
-                p = tl.load(POS + bi * sp_b + ei * sp_h + offs, mask=valid, other=0).to(tl.float32)
-                ang = tl.maximum(p, 0.0)[:, None] * inv[None, :]
-                c, s_ = _cos_sin(ang, FAST_TRIG)
+                p = tl.load(POS + bi * sp_b + ei * sp_h + offs, mask=valid, other=0)
+                if TABLE:
+                    c, s_ = _table_cos_sin(INV, p, dh, HALF, HROWS)
+                else:
+                    ang = tl.maximum(p.to(tl.float32), 0.0)[:, None] * inv[None, :]
+                    c, s_ = _cos_sin(ang, FAST_TRIG)
                 k1, k2 = k1 * c - k2 * s_, k2 * c + k1 * s_
             if DOT_IEEE:
                 sc = tl.dot(q1, tl.trans(k1), input_precision="ieee")
@@ -234,9 +272,9 @@ if HAVE_TRITON:
         Q, KB, VB, RK, RV, MK, MV, POS, N, INV, PM, PL, PACC,
         sq_b, sq_h, skb_b, skb_h, skb_c, svb_b, svb_h, svb_c,
         srk_b, srk_h, srv_b, srv_h, smk_b, smk_h, smv_b, smv_h, sp_b, sp_h, sn_b, sn_h,
-        H, SPLITS, chunk, qscale,
+        H, SPLITS, chunk, qscale, HROWS,
         G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_MAG: tl.constexpr, HAS_ROPE: tl.constexpr, FAST_TRIG: tl.constexpr,
+        HAS_MAG: tl.constexpr, HAS_ROPE: tl.constexpr, FAST_TRIG: tl.constexpr, TABLE: tl.constexpr,
     ):  # fmt: skip
         """One (row, query head, token range): the head's own index row into its kv head's book."""
         HALF: tl.constexpr = D // 2
@@ -253,7 +291,7 @@ if HAVE_TRITON:
         qrow = Q + bi * sq_b + hi * sq_h
         q1 = tl.load(qrow + dh).to(tl.float32) * qscale
         q2 = tl.load(qrow + HALF + dh).to(tl.float32) * qscale
-        if HAS_ROPE:
+        if HAS_ROPE and not TABLE:
             inv = tl.load(INV + dh)
         m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
         l_sum = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
@@ -270,9 +308,12 @@ if HAVE_TRITON:
             k1 = tl.load(krow[:, None] + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
             k2 = tl.load(krow[:, None] + HALF + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
             if HAS_ROPE:
-                p = tl.load(POS + bi * sp_b + hi * sp_h + offs, mask=valid, other=0).to(tl.float32)
-                ang = tl.maximum(p, 0.0)[:, None] * inv[None, :]
-                c, s_ = _cos_sin(ang, FAST_TRIG)
+                p = tl.load(POS + bi * sp_b + hi * sp_h + offs, mask=valid, other=0)
+                if TABLE:
+                    c, s_ = _table_cos_sin(INV, p, dh, HALF, HROWS)
+                else:
+                    ang = tl.maximum(p.to(tl.float32), 0.0)[:, None] * inv[None, :]
+                    c, s_ = _cos_sin(ang, FAST_TRIG)
                 k1, k2 = k1 * c - k2 * s_, k2 * c + k1 * s_
             sc = tl.sum(k1 * q1[None, :], 1) + tl.sum(k2 * q2[None, :], 1)
             if HAS_MAG:
@@ -353,6 +394,7 @@ def spindle_decode(
     num_warps: int | None = None,
     out: torch.Tensor | None = None,
     fast_trig: bool | None = None,
+    rope_mode: str | None = None,
 ) -> torch.Tensor:
     """Attention of one query per head (query [b, H, d]) over the stored tokens; returns [b, H, d].
 
@@ -360,8 +402,11 @@ def spindle_decode(
     (one index row per kv head, shared by its G query heads) or the query head count (one per
     query head, into kv head h // G). Books and per-token tensors may be views with any strides
     over their first three dims; their last dim must be contiguous. `out` ([b, H, d], query's
-    dtype, last dim contiguous) receives the result when given. `fast_trig` (default: on CUDA)
-    rotates keys with the multi-function unit's cos/sin after range reduction.
+    dtype, last dim contiguous) receives the result when given. `rope_mode` picks how keys are
+    rotated: "table" (default: cos/sin of 64 hi + lo from two small float64-made tables by angle
+    addition, no trig per element), "fast" (the multi-function unit's cos/sin after range reduction
+    of float32 angles) or "libdevice" (float32 angles, libdevice cos/sin); `fast_trig` True/False is
+    the older spelling of "fast"/"libdevice".
     """
     if not HAVE_TRITON:
         raise RuntimeError("spindle_decode needs triton")
@@ -378,7 +423,17 @@ def spindle_decode(
     has_rope = rope_theta is not None
     mk_, mv_ = (mk, mv) if has_mag else (rk, rk)  # placeholders, never read
     pos_ = pos if has_rope else rk
-    inv = inv_freq(d, rope_theta, query.device) if has_rope else query.new_zeros(1, dtype=torch.float32)
+    if rope_mode is None:
+        rope_mode = "table" if fast_trig is None else ("fast" if fast_trig else "libdevice")
+    if rope_mode not in ("table", "fast", "libdevice"):
+        raise ValueError(f"rope_mode {rope_mode!r}")
+    table = has_rope and rope_mode == "table"
+    hrows = 1
+    if table:
+        inv = rope_tables(d, rope_theta, query.device)
+        hrows = (inv.shape[0] - 128) // 2
+    else:
+        inv = inv_freq(d, rope_theta, query.device) if has_rope else None
     shared = e == hk and group > 1
     if block_n is None:  # tuned on an H100 at Llama-8B shapes (check_spindle)
         block_n = 32 if shared else 64
@@ -390,6 +445,8 @@ def spindle_decode(
     dev = query.device
     pm = torch.empty((b, num_heads, splits), dtype=torch.float32, device=dev)
     pl = torch.empty_like(pm)
+    if inv is None:
+        inv = pm  # a placeholder, never read without RoPE
     pacc = torch.empty((b, num_heads, splits, d), dtype=torch.float32, device=dev)
     if out is None:
         out = torch.empty((b, num_heads, d), dtype=query.dtype, device=dev)
@@ -407,24 +464,22 @@ def spindle_decode(
         if t.stride(2) != 1:
             raise ValueError("per-token tensors must be contiguous along tokens")
     global _FAST_TRIG_OK
-    if fast_trig is None:
-        fast_trig = dev.type == "cuda" and _FAST_TRIG_OK
-    fast_trig = fast_trig and has_rope
+    fast_trig = has_rope and rope_mode == "fast" and dev.type == "cuda" and _FAST_TRIG_OK
 
     def launch(fast: bool) -> None:
         if shared:
             gp = max(16, triton.next_power_of_2(group))
             _shared_kernel[(programs, splits)](
-                *args, e, splits, chunk, qscale,
+                *args, e, splits, chunk, qscale, hrows,
                 G=group, GP=gp, D=d, BLOCK_N=block_n, HAS_MAG=has_mag, HAS_ROPE=has_rope,
-                DOT_IEEE=query.dtype == torch.float32 and dev.type == "cuda", FAST_TRIG=fast,
+                DOT_IEEE=query.dtype == torch.float32 and dev.type == "cuda", FAST_TRIG=fast, TABLE=table,
                 num_warps=num_warps or 4,
             )  # fmt: skip
         else:
             _per_head_kernel[(programs, splits)](
-                *args, num_heads, splits, chunk, qscale,
+                *args, num_heads, splits, chunk, qscale, hrows,
                 G=group, D=d, BLOCK_N=block_n, HAS_MAG=has_mag, HAS_ROPE=has_rope, FAST_TRIG=fast,
-                num_warps=num_warps or 4,
+                TABLE=table, num_warps=num_warps or 4,
             )  # fmt: skip
 
     if fast_trig:

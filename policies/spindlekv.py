@@ -141,6 +141,8 @@ _PAIRS = 1 << 26  # float32 elements of a similarity block on the torch path / b
 
 def _norms(x: torch.Tensor) -> torch.Tensor:
     """x.float().norm(dim=-1) ([..., n, d] -> [..., n]), blocks of tokens at a time."""
+    if x.shape[-2] <= _BLOCK:
+        return x.float().norm(dim=-1)
     out = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     for lo in range(0, x.shape[-2], _BLOCK):
         out[..., lo : lo + _BLOCK] = x[..., lo : lo + _BLOCK, :].float().norm(dim=-1)
@@ -149,6 +151,8 @@ def _norms(x: torch.Tensor) -> torch.Tensor:
 
 def _units(x: torch.Tensor, mag: torch.Tensor, dtype) -> torch.Tensor:
     """(x.float() / mag.clamp(1e-12)).to(dtype), blocks of tokens at a time."""
+    if x.shape[-2] <= _BLOCK:
+        return (x.float() / mag.clamp(min=1e-12)[..., None]).to(dtype)
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     for lo in range(0, x.shape[-2], _BLOCK):
         sl = slice(lo, lo + _BLOCK)
@@ -553,6 +557,13 @@ class SpindleLayer(KVLayer):
     # reads the new lengths' maxima, which the exposed shapes (and the index dtype) depend on.
     _GROWN = ("kbook", "vbook", "rk", "rv", "mk", "mv", "_pos")
 
+    def __copy__(self):
+        """`KVLayer.__copy__` plus a buffer table of its own: a copy (the benchmark's tiles) that
+        replaces its buffers must not rebind the original's."""
+        new = KVLayer.__copy__(self)
+        new._bufs = dict(self.__dict__.get("_bufs", {}))
+        return new
+
     def _slot_append(self, name, length, new, valid, n2: int, dtype=None, fill=0) -> None:
         """`ragged_append` of `new` ([b, h, m, ...], where `valid`) after `length` into attribute `name`,
         which becomes a [b, h, n2, ...] view of its buffer."""
@@ -576,8 +587,10 @@ class SpindleLayer(KVLayer):
             buf[:, :, :keep] = cur[:, :, :keep]
             bufs[name] = buf
         trash = buf.shape[2] - 1
-        rank = valid.long().cumsum(-1) - 1
-        idx = torch.where(valid, length[..., None] + rank, torch.full_like(rank, trash))
+        if new.shape[2] == 1:  # a decode token: no ranks to count
+            idx = torch.where(valid, length[..., None], trash)
+        else:
+            idx = torch.where(valid, length[..., None] + valid.long().cumsum(-1) - 1, trash)
         buf.scatter_(2, _expand_index(idx, new), new.to(buf.dtype))
         setattr(self, name, buf[:, :, :n2])
 
@@ -612,14 +625,16 @@ class SpindleLayer(KVLayer):
         if self.mode == "dense":
             return super().append(keys, values, positions)
         b, hk, q, d = keys.shape
-        valid = (positions != EMPTY)[:, None, :].expand(b, hk, q)
+        filled = (positions != EMPTY)[:, None, :]
+        valid = filled.expand(b, hk, q)
         e = self._n.shape[1]
         group = e // hk
-        valid_e = (positions != EMPTY)[:, None, :].expand(b, e, q)
-        n_new = self._n + valid_e.sum(-1)
+        valid_e = filled.expand(b, e, q)
+        n_new = self._n + filled.sum(-1)
         if self.mode == "evicted":
-            ids = self.kbook_n[..., None] + valid.long().cumsum(-1) - 1  # ids of the new entries
-            count = self.kbook_n + valid.sum(-1)
+            count = self.kbook_n + filled.sum(-1)
+            # ids of the new entries
+            ids = self.kbook_n[..., None] if q == 1 else self.kbook_n[..., None] + valid.long().cumsum(-1) - 1
             if q == 1:  # decode: the widths grow by one, no host sync (see `append`)
                 c2, n2 = self.kbook.shape[2] + 1, self._pos.shape[2] + 1
             else:  # the one host sync
@@ -688,7 +703,8 @@ class SpindleLayer(KVLayer):
             best_old, arg_old = _best_match_torch(_units(xq, mag, torch.float32), bk, cnt)
         cand = ok & (best_old <= theta)  # opens unless an earlier token of the chunk opened a match
         opens = cand
-        new_idx = torch.where(cand, cnt[:, None] + cand.long().cumsum(-1) - 1, arg_old)
+        rank = 0 if q == 1 else cand.long().cumsum(-1) - 1
+        new_idx = torch.where(cand, cnt[:, None] + rank, arg_old)
         linked = None
         if q > 1:
             if sk is not None:
@@ -833,12 +849,8 @@ class SpindleKV(Policy):
         p = self.params
         b, num_heads = queries.shape[:2]
         dev = queries.device
-        keys = layer.keys
-        hk, d = (
-            (keys.shape[1], keys.shape[-1])
-            if layer.mode == "dense"
-            else (layer.kbook.shape[1], keys.shape[-1])
-        )
+        keys = layer.keys if layer.mode == "dense" else layer.kbook  # shapes only (no dense view)
+        hk, d = keys.shape[1], keys.shape[-1]
         group = num_heads // hk
         # byte allowance of this layer: what the row may still spend, by pyramid weight
         s_bytes = keys.element_size()

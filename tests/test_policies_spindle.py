@@ -181,3 +181,21 @@ def test_chunk_append_equals_token_by_token(rope_theta):
     assert (single.positions[~live_s] == -1).all()
     for name in ("keys", "values", "positions", "rk", "rv", "mk", "mv"):
         assert torch.equal(getattr(chunked, name)[live_c], getattr(single, name)[live_s]), name
+
+
+def test_copy_keeps_its_own_buffers():
+    """A shallow copy that selects rows (the benchmark tiles caches so) leaves the original's buffer
+    table alone: the original keeps its spare slots and holds no buffer of the copy."""
+    import copy
+
+    layer = SpindleLayer()
+    layer.append(torch.randn(2, 1, 6, 8), torch.randn(2, 1, 6, 8), torch.arange(6).expand(2, 6))
+    layer.evict_unfolded(torch.ones(2, 2, 6, dtype=torch.bool), 2)
+    layer.reserve(4)
+    before = {k: v.data_ptr() for k, v in layer._bufs.items()}
+    tiled = copy.copy(layer)
+    tiled.select_rows(torch.tensor([0, 1, 0, 1]))
+    assert {k: v.data_ptr() for k, v in layer._bufs.items()} == before
+    assert tiled.rk.shape[0] == 4 and tiled._bufs["rk"].data_ptr() == tiled.rk.data_ptr()
+    tiled.append(torch.randn(4, 1, 1, 8), torch.randn(4, 1, 1, 8), torch.full((4, 1), 6))
+    assert layer.positions.shape == (2, 2, 6) and tiled.positions.shape == (4, 2, 7)

@@ -253,3 +253,19 @@ def test_layer_build_and_chunk_append_with_kernels_equal_torch_path(rope_theta, 
     )
     live = torch.arange(exact.rk.shape[-1]) < exact._n[..., None]
     assert torch.equal(exact.rk[live], fast.rk[live]) and torch.equal(exact.rv[live], fast.rv[live])
+
+
+@needs_kernel
+@pytest.mark.parametrize("rope_mode", ["table", "libdevice"])
+@pytest.mark.parametrize("mode", ["codebook", "evicted"])
+def test_rope_modes_match_reference_at_large_positions(rope_mode, mode):
+    """Keys rotated from the angle-addition tables (or float32 angles) agree with the float64-angle
+    reference at positions far past 64 (the tables' hi rows) and past float32's exact angles."""
+    st = random_storage(2, 2, 4, 64, 90, mode, 500000.0, gen=torch.Generator().manual_seed(21))
+    st["pos"] = torch.where(st["pos"] >= 0, st["pos"] * 37 + 100000, st["pos"])
+    if mode == "evicted":
+        st["rope_theta"] = 500000.0  # the kernel takes RoPE for either form
+    ref = sk.reference_decode(**st)
+    out = sk.spindle_decode(**st, block_n=32, rope_mode=rope_mode)
+    assert _rel(out, ref) < (1e-5 if rope_mode == "table" else 1e-3)
+    assert sk.rope_tables(64, 500000.0, "cpu").shape == (128 + 2 * (sk.ROPE_TABLE_POSITIONS // 64), 32)

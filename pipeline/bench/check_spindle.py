@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         failed += not r["ok"]
         print("check", json.dumps(r))
     # tuning variants must be right too
-    for kw in ({"fast_trig": False}, {"fast_trig": True}):
+    for kw in ({"rope_mode": "libdevice"}, {"rope_mode": "fast"}, {"rope_mode": "table"}):
         for c in cases[1:4]:
             r = check_case(*c, dev, seed=300, **kw)
             report["checks"].append(r)
@@ -239,8 +239,9 @@ def main(argv=None) -> int:
         t_def2 = time_ms(partial(sk.spindle_decode, **st))
         rows.append((f"kernel {label} (default, again)", t_def2["median_ms"], by["unique"], by["gathered"]))
         if theta is not None:
-            t = time_ms(partial(sk.spindle_decode, **st, fast_trig=False))
-            rows.append((f"kernel {label} (libdevice cos/sin)", t["median_ms"], by["unique"], by["gathered"]))
+            for mode in ("libdevice", "fast", "table"):
+                t = time_ms(partial(sk.spindle_decode, **st, rope_mode=mode))
+                rows.append((f"kernel {label} (rope {mode})", t["median_ms"], by["unique"], by["gathered"]))
         if best:
             name = f"kernel {label} best bn={best[1]} w={best[2]} sp={best[3]}"
             rows.append((name, best[0], by["unique"], by["gathered"]))

@@ -46,13 +46,18 @@ def attention_probs(
     b, num_heads, q_len, d = queries.shape
     kv_heads, slots = keys.shape[1], keys.shape[2]
     group = num_heads // kv_heads
-    q = queries.float().reshape(b, kv_heads, group, q_len, d)
-    logits = torch.matmul(q, keys.float()[:, :, None].transpose(-1, -2)).mul_(scaling)  # [b, h, g, q, s]
+    # a GQA group's queries side by side ([b, h, g*q, d]): one GEMM per kv head, no copy of the
+    # keys expanded over the group (a broadcast matmul materialises it: 4x the float32 keys)
+    q = queries.float().reshape(b, kv_heads, group * q_len, d)
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scaling)
+    logits = logits.reshape(b, kv_heads, group, q_len, slots)
     if newest and upto is None:
-        # slot j is visible to query i iff j <= slots - q_len + i (positions increase with slots)
-        hidden = torch.ones((q_len, slots), dtype=torch.bool, device=logits.device).triu_(slots - q_len + 1)
-        probs = logits.masked_fill_(hidden, float("-inf")).softmax(dim=-1)
-        return probs.reshape(b, num_heads, q_len, slots)
+        # slot j is visible to query i iff j <= slots - q_len + i (positions increase with slots):
+        # every slot before the last q_len is visible, so only those need a mask
+        if q_len > 1:
+            hidden = torch.ones((q_len, q_len), dtype=torch.bool, device=logits.device).triu_(1)
+            logits[..., slots - q_len :].masked_fill_(hidden, float("-inf"))
+        return logits.softmax(dim=-1).reshape(b, num_heads, q_len, slots)
     valid = query_positions != EMPTY  # [b, q]
     mask = layer.attention_mask(query_positions)  # [b, h or 1, q, s]
     if upto is not None:

@@ -317,3 +317,37 @@ def test_newest_queries_mask_equals_the_position_mask(pooling):
     a = snapkv_scores(layer, queries[:, :, 24:], pos[:, 24:], 0.3, 4, 7, pooling, newest=True)
     b = snapkv_scores(layer, queries[:, :, 24:], pos[:, 24:], 0.3, 4, 7, pooling)
     assert torch.equal(a, b)
+
+
+def ref_attention_probs(layer, queries, query_positions, scaling):
+    """The previous attention_probs: a broadcast matmul over the GQA group, a 0 / -inf bias."""
+    keys = layer.keys
+    b, num_heads, q_len, d = queries.shape
+    kv_heads, slots = keys.shape[1], keys.shape[2]
+    group = num_heads // kv_heads
+    q = queries.float().reshape(b, kv_heads, group, q_len, d)
+    logits = torch.matmul(q, keys.float()[:, :, None].transpose(-1, -2)).mul_(scaling)
+    valid = query_positions != EMPTY
+    mask = layer.attention_mask(query_positions) | ~valid[:, None, :, None]
+    bias = torch.zeros(mask.shape, dtype=logits.dtype).masked_fill_(~mask, float("-inf"))
+    probs = logits.add_(bias[:, :, None]).softmax(dim=-1)
+    probs.mul_(valid[:, None, None, :, None].to(probs.dtype))
+    return probs.reshape(b, num_heads, q_len, slots)
+
+
+@pytest.mark.parametrize("newest", [False, True])
+def test_attention_probs_equal_the_broadcast_matmul(newest):
+    from policies.signals import attention_probs
+
+    g = torch.Generator().manual_seed(9)
+    if newest:
+        layer = KVLayer()
+        keys = torch.randn(2, 2, 40, D, generator=g)
+        layer.append(keys, keys + 1, torch.arange(40)[None].expand(2, 40))
+        qpos = torch.arange(34, 40)[None].expand(2, 6)
+    else:
+        layer = holey_layer(2, 2, 40, seed=9, lengths=[40, 30])
+        qpos = torch.tensor([[34 + i for i in range(6)], [EMPTY, EMPTY, 26, 27, 28, 29]])
+    queries = torch.randn(2, 6, 6, D, generator=g)
+    got = attention_probs(layer, queries, qpos, 0.3, newest=newest)
+    assert torch.equal(got, ref_attention_probs(layer, queries, qpos, 0.3))

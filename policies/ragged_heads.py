@@ -15,16 +15,18 @@ Decoding reads the flat store in place: on CUDA (with Triton) `attend` for one q
 runs `ragged_kernels.ragged_decode_attention` over each (row, head)'s segment plus the tail,
 with no padded copy and no device sync. What it needs beyond the flat tensors (segment
 offsets, int32 lengths, the longest segment as a host int) is computed once per compression
-in `store_dense`. A prefill chunk (several queries, no padding, CUDA fp16/bf16) reads the
-flat store in place too: flash attention's varlen mode over each (row, head)'s segment (the
-flat store is its packed layout; `seg_cu` its cumulative lengths) plus causal flash over the
-tail, merged by their log-sum-exps (`ragged_kernels.ragged_prefill_attention`): no padded
-copy, no mask. Other calls (padded batches, CPU, no Triton) take the exact masked path over
-the dense view, or the base layer's path while nothing was compressed yet.
+in `store_dense`. A prefill chunk (several queries, no padding, CUDA fp16/bf16) goes through
+flash attention's varlen mode, one sequence per (row, head): its segment and its tail packed
+side by side (one copy, no padding), lower-right causal (`ragged_kernels.ragged_prefill_attention`;
+its "merged" mode reads the store in place and merges a separate tail call by log-sum-exps):
+no padded copy, no mask. Other calls (padded batches, CPU, no Triton) take the exact masked
+path over the dense view, or the base layer's path while nothing was compressed yet.
 
 The dense view is built in one copy per tensor (flat tokens scattered to their padded rows,
 indices from the segment lengths without a device sync); while nothing was compressed it is
-the tail itself. `store_dense` takes the filled slots with one nonzero (one sync).
+the tail itself. `store_dense` reads the segment lengths once (one sync), which sizes the
+store, and keeps them on the host (`filled_counts_host`), so that the next compression knows
+whether any (row, head) is over budget without reading the device.
 """
 
 from __future__ import annotations

@@ -16,7 +16,14 @@ segments of `avg` tokens +-50%), plus a prefill chunk of 4096 tokens in its tail
 Time: median of `reps` after a warm-up (synchronised wall clock); peak: the allocator's peak
 above what was allocated before the call. A short table is printed last.
 
-Measured 2026-11-25, H100 80GB HBM3, torch 2.11 (defaults: avg 8192 +-50%, chunk 4096, 32K):
+Measured 2026-11-25 13:05, H100 80GB HBM3, torch 2.11 (`--skip-model`): chunk attention b=1:
+  packed (one varlen flash call over segment + tail) 2.59 ms, 0.143 GiB; merged (store in place
+  + tail, log-sum-exp merge) 2.79 ms, 0.221 GiB; masked 20.29 ms; dense flash over 12288 slots
+  2.17 ms. b=2: 4.56 / 4.84 / 41.75 / 4.01 ms. Rel. error vs float32 2.3e-3 (packed and masked).
+  Compression (sort-free selection, host-side budget tests): chunked b=1 3.19 ms, one-shot
+  3.00 ms (0.877 GiB).
+
+Earlier (the merged path), 2026-11-25, H100 80GB HBM3, torch 2.11 (defaults: avg 8192 +-50%, chunk 4096, 32K):
   chunk attention b=1: new 2.86 ms, 0.221 GiB peak; old masked 20.51 ms, 6.111 GiB; SDPA flash
     over a dense 12288-slot cache 2.32 ms. b=2: 5.10 / 39.37 / 4.37 ms, 0.442 / 13.112 GiB.
     Rel. error vs float32: new 2.8e-3, old 2.3e-3 (bf16); new vs old 3.6e-3.

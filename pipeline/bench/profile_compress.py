@@ -10,6 +10,19 @@ number of kernels it launches. Every case prints a digest of the kept positions,
 versions can be compared on the same machine (same seeds, same kernels: same tokens).
 
 `--micro` times the selection primitives (sort, top-k) on the shapes the policies use.
+
+Measured 2026-11-25, H100 80GB HBM3, torch 2.11, ratio 0.25, chunk 4096, 4 layers (Llama-8B
+shapes, 32K) / 6 layers (SmolLM2 shapes, 8K); ms per layer over the prefill, median of 3, with
+the previous code (sorts, a device sync before the work) -> this code (same kept digests):
+  llama8b   snapkv one-shot 4.02 -> 3.50 (196 -> 133 kernels), pyramidkv 4.33 -> 3.57,
+            adakv one-shot 7.45 -> 5.35 (318 -> 210 kernels)
+  smollm2   snapkv one-shot 4.06 -> 1.83, chunked 6.61 -> 4.65; pyramidkv 3.99 -> 1.90,
+            7.40 -> 4.05; adakv 4.03 -> 3.37, 9.22 -> 10.06 (chunked: the dense view's mask per
+            head, a fix, changes what it computes)
+Wall times here are host-bound (nothing to overlap with) and noisy; in the model the host work
+hides behind the layer's GPU work once no sync waits for it. The one-shot top kernel then was a
+1.05 ms copy: the broadcast matmul of the window queries materialising the float32 keys over
+the GQA group (removed since: one GEMM per kv head).
 """
 
 from __future__ import annotations

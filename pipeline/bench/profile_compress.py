@@ -21,8 +21,9 @@ the previous code (sorts, a device sync before the work) -> this code (same kept
             head, a fix, changes what it computes)
 Wall times here are host-bound (nothing to overlap with) and noisy; in the model the host work
 hides behind the layer's GPU work once no sync waits for it. The one-shot top kernel then was a
-1.05 ms copy: the broadcast matmul of the window queries materialising the float32 keys over
-the GQA group (removed since: one GEMM per kv head).
+1.05 ms generic elementwise copy, most likely the broadcast matmul of the window queries
+materialising the float32 keys over the GQA group (removed since: one GEMM per kv head; not
+re-measured).
 """
 
 from __future__ import annotations

@@ -428,6 +428,26 @@ class QuantizedKVLayer(KVLayer):
         g, bits, d = self.group_size, self.bits, self.head_dim
         b, h = self._n.shape
         mk = (n - nk) // self._unit() * self._unit()
+        mv = max(0, n - nv - self.residual) // g * g
+        if (
+            (mk > 0 or mv > 0)
+            and kivi_kernels.triton is not None
+            and (self._kring.is_cuda or kernel_on_cpu())
+        ):
+            # one kernel each from the ring to the packed store (no float32 temporaries)
+            for name in ("_kq_buf", "_ks_buf", "_kz_buf"):
+                self._grow(name, (nk + mk) // g)
+            for name in ("_vq_buf", "_vs_buf", "_vz_buf"):
+                self._grow(name, nv + mv)
+            kivi_kernels.quantize_keys_from_ring(
+                self._kring, self._kq_buf, self._ks_buf, self._kz_buf, nk, mk, bits
+            )
+            kivi_kernels.quantize_values_from_ring(
+                self._vring, self._vq_buf, self._vs_buf, self._vz_buf, nv, mv, bits
+            )
+            self._nk, self._hnk, nk = self._nk + mk, self._hnk + mk, nk + mk
+            self._nv, self._hnv, nv = self._nv + mv, self._hnv + mv, nv + mv
+            mk = mv = 0
         if mk > 0:  # complete key blocks: per channel within groups of g tokens
             block = _ring_range(self._kring, nk, nk + mk).reshape(b, h, mk // g, g, d).transpose(-1, -2)
             packed, scale, zero = quantize_groups(block, bits, self.dtype)
@@ -438,7 +458,6 @@ class QuantizedKVLayer(KVLayer):
             self._nk = self._nk + mk
             self._hnk = self._hnk + mk
             nk += mk
-        mv = max(0, n - nv - self.residual) // g * g
         if mv > 0:  # whole groups of values that left the window: per token, groups of gv channels
             tokens = _ring_range(self._vring, nv, nv + mv).reshape(b, h, mv, d // self.gv, self.gv)
             packed, scale, zero = quantize_groups(tokens, bits, self.dtype)

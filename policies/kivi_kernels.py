@@ -992,3 +992,144 @@ def dequantize_values_into(
         vscale.stride(0), vscale.stride(1), vscale.stride(2), out.stride(0), out.stride(1), out.stride(2),
         H=h, D=d, GV=d // vscale.shape[-1], BITS=bits, TB=tb, num_warps=4,
     )  # fmt: skip
+
+
+# -- quantisation of complete groups (flush of a layer whose (row, head)s hold equal counts) -----
+
+if triton is not None:
+
+    @triton.jit
+    def _round_half_even(y):
+        """torch.round's rounding (half to even) for non-negative floats below 2**22."""
+        f = tl.floor(y + 0.5)
+        return tl.where(((f - y) == 0.5) & (f * 0.5 != tl.floor(f * 0.5)), f - 1.0, f)
+
+    @triton.jit
+    def _quantize(x, lo, hi, BITS: tl.constexpr, SDT: tl.constexpr):
+        """(integers as float32, scale, zero in SDT) of `x` against its group's min `lo` / max `hi`,
+        as `policies.kivi.quantize_groups` computes them."""
+        levels: tl.constexpr = (1 << BITS) - 1
+        zero = lo.to(SDT)
+        scale = tl.math.div_rn(hi - lo, tl.full(hi.shape, levels, tl.float32)).to(SDT)
+        s = scale.to(tl.float32)
+        s = tl.where(s > 0, s, 1.0)
+        return zero, scale, s
+
+    @triton.jit
+    def _quant_keys(
+        RING, KQ, KS, KZ, first, W, srb, srh, srt, skb, skh, skg, ssb, ssh, ssg,
+        H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
+    ):  # fmt: skip
+        """Key group `first // G + program_id(1)` of one (row, head) from the ring (token t in slot
+        t % W): per channel over G tokens; packed token t of the group in byte t // PER, bit
+        (t % PER) * BITS."""
+        PER: tl.constexpr = 8 // BITS
+        GB: tl.constexpr = G // PER
+        levels: tl.constexpr = (1 << BITS) - 1
+        bh = tl.program_id(0)
+        gi = tl.program_id(1).to(tl.int64)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        j = tl.arange(0, GB)
+        s_ = tl.arange(0, PER)
+        c = tl.arange(0, D)
+        tok = first + gi * G + j[:, None] * PER + s_[None, :]  # [GB, PER]
+        x = tl.load(RING + b * srb + h * srh + (tok % W)[:, :, None] * srt + c[None, None, :]).to(tl.float32)
+        lo = tl.min(tl.min(x, 1), 0)  # [D]
+        hi = tl.max(tl.max(x, 1), 0)
+        zero, scale, s = _quantize(x, lo, hi, BITS, KS.dtype.element_ty)
+        y = tl.math.div_rn(x - zero.to(tl.float32)[None, None, :], tl.broadcast_to(s[None, None, :], x.shape))
+        qi = tl.minimum(tl.maximum(_round_half_even(y), 0.0), levels).to(tl.int32)
+        packed = tl.sum(qi << (s_ * BITS)[None, :, None], 1)  # [GB, D]
+        grp = first // G + gi
+        tl.store(KQ + b * skb + h * skh + grp * skg + c[None, :] * GB + j[:, None], packed.to(tl.uint8))
+        tl.store(KS + b * ssb + h * ssh + grp * ssg + c, scale)
+        tl.store(KZ + b * ssb + h * ssh + grp * ssg + c, zero)
+
+    @triton.jit
+    def _quant_values(
+        RING, VQ, VS, VZ, first, count, W, srb, srh, srt, svb, svh, svt, sub, suh, sut,
+        H: tl.constexpr, D: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, TB: tl.constexpr,
+    ):  # fmt: skip
+        """TB value tokens [first + TB * program_id(1), ...) (< first + count) of one (row, head):
+        per token over groups of GV channels; channel c in byte c // PER, bit (c % PER) * BITS."""
+        PER: tl.constexpr = 8 // BITS
+        NGV: tl.constexpr = D // GV
+        GVB: tl.constexpr = GV // PER
+        levels: tl.constexpr = (1 << BITS) - 1
+        bh = tl.program_id(0)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        k = tl.program_id(1).to(tl.int64) * TB + tl.arange(0, TB)  # [TB] token index in the batch
+        ok = k < count
+        tok = first + k
+        gi = tl.arange(0, NGV)
+        jb = tl.arange(0, GVB)
+        s_ = tl.arange(0, PER)
+        ch = (gi[None, :, None, None] * GVB + jb[None, None, :, None]) * PER + s_[None, None, None, :]
+        ok4 = ok[:, None, None, None]
+        ptr = RING + b * srb + h * srh + (tok % W)[:, None, None, None] * srt + ch
+        x = tl.load(ptr, mask=ok4, other=0.0).to(tl.float32)  # [TB, NGV, GVB, PER]
+        lo = tl.min(tl.min(x, 3), 2)  # [TB, NGV]
+        hi = tl.max(tl.max(x, 3), 2)
+        zero, scale, s = _quantize(x, lo, hi, BITS, VS.dtype.element_ty)
+        y = tl.math.div_rn(
+            x - zero.to(tl.float32)[:, :, None, None], tl.broadcast_to(s[:, :, None, None], x.shape)
+        )
+        qi = tl.minimum(tl.maximum(_round_half_even(y), 0.0), levels).to(tl.int32)
+        packed = tl.sum(qi << (s_ * BITS)[None, None, None, :], 3)  # [TB, NGV, GVB]
+        base = b * svb + h * svh + tok[:, None, None] * svt + gi[None, :, None] * GVB + jb[None, None, :]
+        tl.store(VQ + base, packed.to(tl.uint8), mask=ok[:, None, None])
+        sptr = b * sub + h * suh + tok[:, None] * sut + gi[None, :]
+        tl.store(VS + sptr, scale, mask=ok[:, None])
+        tl.store(VZ + sptr, zero, mask=ok[:, None])
+
+
+def quantize_keys_from_ring(
+    ring: torch.Tensor,
+    kq: torch.Tensor,
+    kscale: torch.Tensor,
+    kzero: torch.Tensor,
+    first: int,
+    count: int,
+    bits: int,
+) -> None:
+    """Quantise key tokens [first, first + count) of every (row, head) (`first` and `count`
+    multiples of G) from `ring` ([b, h, >= W, d], token t in slot t % W, W = ring.shape[2] - 1:
+    the layer's ring with its dump slot) into key groups first // G ... of kq/kscale/kzero."""
+    b, h, slots, d = ring.shape
+    gbytes = kq.shape[-1]
+    g = gbytes * 8 // bits
+    if count <= 0 or b * h == 0:
+        return
+    assert first % g == 0 and count % g == 0 and ring.stride(-1) == 1 and kq.stride(-1) == 1
+    assert kq.stride(3) == gbytes and kscale.stride() == kzero.stride() and kscale.stride(-1) == 1
+    _quant_keys[(b * h, count // g)](
+        ring, kq, kscale, kzero, first, slots - 1, ring.stride(0), ring.stride(1), ring.stride(2),
+        kq.stride(0), kq.stride(1), kq.stride(2), kscale.stride(0), kscale.stride(1), kscale.stride(2),
+        H=h, D=d, G=g, BITS=bits, num_warps=4,
+    )  # fmt: skip
+
+
+def quantize_values_from_ring(
+    ring: torch.Tensor,
+    vq: torch.Tensor,
+    vscale: torch.Tensor,
+    vzero: torch.Tensor,
+    first: int,
+    count: int,
+    bits: int,
+) -> None:
+    """Quantise value tokens [first, first + count) of every (row, head) from `ring` (as in
+    `quantize_keys_from_ring`) into vq/vscale/vzero at the same token indices."""
+    b, h, slots, d = ring.shape
+    if count <= 0 or b * h == 0:
+        return
+    assert ring.stride(-1) == 1 and vq.stride(-1) == 1 and vscale.stride() == vzero.stride()
+    assert vscale.stride(-1) == 1
+    tb = 32
+    _quant_values[(b * h, triton.cdiv(count, tb))](
+        ring, vq, vscale, vzero, first, count, slots - 1, ring.stride(0), ring.stride(1), ring.stride(2),
+        vq.stride(0), vq.stride(1), vq.stride(2), vscale.stride(0), vscale.stride(1), vscale.stride(2),
+        H=h, D=d, GV=d // vscale.shape[-1], BITS=bits, TB=tb, num_warps=4,
+    )  # fmt: skip

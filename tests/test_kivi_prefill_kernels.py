@@ -71,3 +71,31 @@ def test_triton_dequantisation_equals_the_torch_path(bits, residual, d, dtype, m
     # and both are the layer's de-quantised view (the reference path)
     assert torch.allclose(fast_k.float(), layer.keys.float(), atol=1e-3, rtol=1e-3)
     assert torch.allclose(fast_v.float(), layer.values.float(), atol=1e-3, rtol=1e-3)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,residual,d", [(2, 128, 64), (4, 32, 128), (2, 0, 128), (4, 0, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_quantisation_equals_the_torch_path(bits, residual, d, dtype, monkeypatch):
+    """Chunks (one wrapping the key ring) then decode tokens: the flushes' Triton kernels store
+    what `quantize_groups` stores, byte for byte."""
+    chunks = [100, 190, 45] + [1] * 40
+
+    def run(kernels: bool):
+        monkeypatch.setattr(kivi, "CPU_INTERPRET", kernels)
+        calls = []
+        for name in ("quantize_keys_from_ring", "quantize_values_from_ring"):
+            real = getattr(kivi.kivi_kernels, name)
+            monkeypatch.setattr(kivi.kivi_kernels, name, lambda *a, real=real: calls.append(1) or real(*a))
+        layer = _layer(bits, residual, d, chunks, dtype)
+        monkeypatch.undo()
+        return layer, len(calls)
+
+    fast, calls = run(True)
+    slow, none = run(False)
+    assert calls > 4 and none == 0
+    assert fast._uniform() == slow._uniform() and fast._uniform()[2] > 0
+    for name in ("_kq", "_kscale", "_kzero", "_vq", "_vscale", "_vzero"):
+        a, b = getattr(fast, name), getattr(slow, name)
+        assert a.shape == b.shape and a.numel() > 0
+        assert torch.equal(a, b), name

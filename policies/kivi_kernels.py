@@ -806,6 +806,7 @@ def _workspace(device: torch.device, numel: int) -> torch.Tensor:
 
 DEFAULT_VERSION = 2  # the split kernel `decode_attention` runs (1, 2 or 3)
 PROGRAMS_PER_SM = 8  # split-K: programs per SM when the (row, head)s alone are too few
+MAGIC = True  # version 3: integers become floats by their bits (no conversion instruction)
 
 
 def default_block_n(bits: int, version: int = 2) -> int:
@@ -824,7 +825,7 @@ def decode_attention(
     num_warps: int = 4,
     version: int | None = None,
     programs_per_sm: int | None = None,
-    magic: bool = True,
+    magic: bool | None = None,
 ) -> torch.Tensor:
     """Fused decode attention [b, H, 1, d] (query's dtype) over the packed store.
 
@@ -845,6 +846,7 @@ def decode_attention(
     m = max(16, triton.next_power_of_2(group))
     version = version or DEFAULT_VERSION
     programs_per_sm = programs_per_sm or PROGRAMS_PER_SM
+    magic = MAGIC if magic is None else magic
     bn = block_n or default_block_n(store.bits, version)
     assert bn % store.group_size == 0 and bn & (bn - 1) == 0
     blocks = max(1, triton.cdiv(max(max_tokens, 1), bn))

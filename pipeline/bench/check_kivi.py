@@ -37,8 +37,12 @@ from policies.kivi_kernels import KiviStore, decode_attention, decode_attention_
 H, HKV, D = 32, 8, 128
 DT = torch.bfloat16
 DEV = "cuda"  # a CPU smoke test under TRITON_INTERPRET=1 sets "cpu" (and DT float16)
-# version 2 configurations timed at 2 bits: (block_n, num_warps, programs_per_sm)
-SWEEP = [(128, 4, 8), (128, 8, 8), (256, 8, 8), (64, 4, 8), (128, 4, 4), (128, 4, 16), (256, 4, 8)]
+# kernel configurations timed at 2 bits: (version, block_n, num_warps, programs_per_sm, magic)
+SWEEP = [
+    (2, 128, 4, 8, True), (2, 128, 4, 4, True), (3, 128, 4, 8, True), (3, 128, 4, 4, True),
+    (3, 128, 4, 8, False), (3, 64, 4, 8, True), (3, 256, 4, 8, True), (3, 128, 8, 8, True),
+]  # fmt: skip
+QUICK = False  # --quick: batch 4 and 75 at 2 bits, no SDPA comparisons
 
 
 def _sync() -> None:
@@ -97,7 +101,7 @@ def check_random(results: list) -> bool:
     ok = True
     gen = torch.Generator().manual_seed(1234)
     for bits in (2, 4):
-        for group, d in ((1, 64), (4, 128), (4, 64), (1, 128)):
+        for group, d in ((1, 64), (4, 128), (4, 64), (1, 128)) if not QUICK else ((4, 128),):
             b, h, max_n = 3, 4, 5000
             store = random_store(b, h, d, bits, 32, max_n, gen)
             q = torch.randn((b, group * h, 1, d), generator=gen).to(DT).to(DEV)
@@ -153,19 +157,21 @@ def time_config(b: int, n: int, bits: int, results: list, copy_gbs: float) -> bo
     packed = int(layer.kept_bytes_per_row().sum())
     t_fused = bench(lambda: decode_attention(q, store, scaling, max_tokens=n, out=out))
     t_v1 = bench(lambda: decode_attention(q, store, scaling, max_tokens=n, out=out, version=1))
-    if bits == 2 and SWEEP:  # version 2: block size / warps / programs per SM
-        for bn, warps, pps in SWEEP:
+    if bits == 2 and SWEEP:  # versions, block size / warps / programs per SM
+        for version, bn, warps, pps, magic in SWEEP:
             kw = dict(max_tokens=n, out=out, block_n=bn, num_warps=warps, programs_per_sm=pps)
+            kw.update(version=version, magic=magic)
             try:
                 ms = bench(lambda kw=kw: decode_attention(q, store, scaling, **kw))
                 err_s = rel_err(out[few], reference64(q[few], rows(layer._store(), few), scaling))
             except Exception as e:  # e.g. shared memory
-                print(f"sweep block_n={bn} warps={warps} pps={pps}: {type(e).__name__}: {e}"[:300])
+                print(f"sweep v{version} block_n={bn} warps={warps} pps={pps}: {type(e).__name__}: {e}"[:300])
                 continue
-            row = dict(check="sweep", batch=b, bits=bits, block_n=bn, num_warps=warps, programs_per_sm=pps)
+            row = dict(check="sweep", batch=b, bits=bits, version=version, block_n=bn, num_warps=warps)
+            row.update(programs_per_sm=pps, magic=magic, ok=bool(err_s < 1e-2))
             results.append(dict(row, ms=ms, gbs=packed / ms / 1e6, rel_err=err_s))
-            print(f"sweep b={b} bits={bits} block_n={bn} warps={warps} pps={pps}: {ms:.4f} ms "
-                  f"{packed / ms / 1e6:.0f} GB/s err {err_s:.1e}")  # fmt: skip
+            print(f"sweep b={b} bits={bits} v{version} block_n={bn} warps={warps} pps={pps} magic={magic}: "
+                  f"{ms:.4f} ms {packed / ms / 1e6:.0f} GB/s err {err_s:.1e}", flush=True)  # fmt: skip
     kv16 = b * HKV * n * D * 2 * 2
     folded = q.reshape(b, HKV, H // HKV, D)
 
@@ -177,10 +183,14 @@ def time_config(b: int, n: int, bits: int, results: list, copy_gbs: float) -> bo
         torch.nn.attention.SDPBackend.FLASH_ATTENTION if DEV == "cuda" else torch.nn.attention.SDPBackend.MATH
     )
     with torch.nn.attention.sdpa_kernel(flash):
-        t_deq = bench(deq_sdpa) if b <= 4 else float("nan")
-        kf = torch.randn((b, HKV, n, D), device=DEV, dtype=DT)
+        t_deq = bench(deq_sdpa) if b <= 4 and not QUICK else float("nan")
+        kf = torch.randn((b if not QUICK else 1, HKV, n, D), device=DEV, dtype=DT)
         vf = torch.randn_like(kf)
-        t_sdpa = bench(lambda: F.scaled_dot_product_attention(folded, kf, vf, scale=scaling))
+        t_sdpa = (
+            float("nan")
+            if QUICK
+            else bench(lambda: F.scaled_dot_product_attention(folded, kf, vf, scale=scaling))
+        )
         lk, lv = layer.keys[few], layer.values[few]
         ref16 = F.scaled_dot_product_attention(folded[few], lk, lv, scale=scaling)
         lk = lv = None
@@ -324,6 +334,8 @@ def time_prefill(n: int, bits: int, results: list, chunk: int = 4096) -> bool:
 
 
 def main() -> int:
+    global QUICK
+    QUICK = "--quick" in sys.argv[1:]
     if not torch.cuda.is_available():
         print("check_kivi needs a CUDA GPU")
         return 2
@@ -339,9 +351,13 @@ def main() -> int:
     buf = dst = None
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     configs = [(4, 32768, 2), (75, 32768, 2), (4, 32768, 4), (32, 32768, 4)]
+    if QUICK:
+        configs = [(4, 32768, 2), (75, 32768, 2)]
+        SWEEP[:] = [c for c in SWEEP if c[1:3] == (128, 4)]
     for b, n, bits in configs:
         ok &= time_config(b, n, bits, results, copy_gbs)
-    ok &= time_prefill(32768, 2, results)
+    if not QUICK:
+        ok &= time_prefill(32768, 2, results)
     out_dir = os.environ.get("OUT", ".")
     with open(os.path.join(out_dir, "check_kivi.json"), "w") as f:
         json.dump(dict(copy_gbs=copy_gbs, results=results), f, indent=1)
@@ -358,13 +374,20 @@ def main() -> int:
     for r in results:
         if r["check"] == "prefill":
             print(f"{r['name']:<28}{r['tokens']:>8}{r['bits']:>5}{r['ms']:>10.2f}{r['peak_gib']:>10.2f}")
-    sweep = [r for r in results if r["check"] == "sweep"]
+    sweep = [r for r in results if r["check"] == "sweep" and r["ok"]]
     if sweep:
-        best = min(sweep, key=lambda r: r["ms"])
         for bsz in sorted({r["batch"] for r in sweep}):
             best = min((r for r in sweep if r["batch"] == bsz), key=lambda r: r["ms"])
-            cfg = f"block_n={best['block_n']} warps={best['num_warps']} pps={best['programs_per_sm']}"
+            cfg = (f"v{best['version']} block_n={best['block_n']} warps={best['num_warps']} "
+                   f"pps={best['programs_per_sm']} magic={best['magic']}")  # fmt: skip
             print(f"best kernel config (b={bsz}, 2-bit): {cfg} {best['ms']:.4f} ms")
+        # the module defaults that can be set (DEFAULT_VERSION, PROGRAMS_PER_SM, MAGIC), chosen at
+        # the largest batch among the configurations with the default block and warps
+        top = max(r["batch"] for r in sweep)
+        pick = [r for r in sweep if r["batch"] == top and r["block_n"] == 128 and r["num_warps"] == 4]
+        if pick:
+            best = min(pick, key=lambda r: r["ms"])
+            print(f"PICK {best['version']} {best['programs_per_sm']} {best['magic']}")
     errs = [r["rel_err"] for r in results if "rel_err" in r]
     print(f"correctness: {'all ok' if ok else 'FAILED'}; max rel err vs float64 {max(errs):.2e}")
     return 0 if ok and all(math.isfinite(e) for e in errs) else 1

@@ -23,7 +23,11 @@ When: the tokens of a forward are stored in full precision and that forward's at
 them as they are (the paper's prefill attends in full precision; at decode the new token joins
 the residual before attention); quantisation of complete groups happens right after the
 layer's attention (`compress_layer`) or at the latest when the next forward appends.
-Attention gets de-quantised keys/values (a reference path; a fused kernel is a GPU issue).
+Attention: decode steps on CUDA run the fused Triton kernel over the packed store
+(`policies.kivi_kernels.decode_attention`); forwards of several tokens (prefill chunks) attend
+with flash over the de-quantised earlier tokens (a Triton kernel writes them in the model dtype)
+plus the residual; flushes of layers whose (row, head)s hold equal counts quantise with Triton
+kernels on CUDA; everything has a torch path (CPU, ragged counts) that the kernels equal.
 
 Budget: KIVI evicts nothing, so a `Budget` does not change what it stores (one is still needed
 so that the engine calls `compress_layer` after prefill). Its stated target is the byte ratio

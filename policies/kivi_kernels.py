@@ -20,7 +20,26 @@ Within a block the tokens are visited in the order the key bytes hold them (all 
 offset 0 of their byte, then offset `bits`, ...): softmax attention does not depend on the
 order of the tokens, and this way a loaded key byte tile is shifted, never gathered.
 
+Three versions of the split kernel (`DEFAULT_VERSION` 2; `python -m pipeline.bench.check_kivi`
+times them). Llama-8B shapes, 2 bits, 32K tokens, one layer:
+- 1: 64-token blocks, each value byte loaded once per channel it holds and each scale once per
+  channel or token (0.553 ms at batch 4 on an H100, cb524fc);
+- 2: every load of a 128-token tile issued first and each byte and scale loaded once (3-D tiles,
+  a group's scales broadcast in registers), values de-quantised per bit offset into `8 // bits`
+  accumulators, 8 programs per SM: 0.226-0.242 ms at batch 4 and 3.77 ms at batch 75 on an
+  H100 (420-505 GB/s over the packed bytes); 0.232-0.249 / 3.88 ms on an H200;
+- 3: version 2 with 2-D tiles (scales loaded once per column) and integers made floats by their
+  bits: slower (H200: 0.373 ms at batch 4, 6.06 ms at batch 75), kept for the comparison.
+Version 2 is still far from the copy bandwidth: per element it shifts, masks, converts, scales
+and rounds to the model dtype, and every sub-tile converts its operands' layouts for `tl.dot`.
+
 `decode_attention_reference` computes the same function in float32 with plain torch.
+
+Prefill kernels: `dequantize_keys_into` / `dequantize_values_into` write the de-quantised
+earlier tokens straight in the model dtype (a chunk of a chunked prefill attends over them),
+`quantize_keys_from_ring` / `quantize_values_from_ring` quantise complete groups from the
+residual rings into the packed store (what `policies.kivi.quantize_groups` computes, byte for
+byte: torch.round's half-to-even rounding, IEEE division).
 """
 
 from __future__ import annotations

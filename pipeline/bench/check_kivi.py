@@ -6,15 +6,21 @@ stores a real `QuantizedKVLayer` built at Llama-8B shapes; outputs are poisoned 
 must be fully written. Timing (CUDA events, median; `triton.testing.do_bench`) at Llama-8B
 shapes (32 query heads, 8 kv heads, head_dim 128, bf16), 32K tokens, batch 4 and 32:
 
-- fused: the Triton kernel over the packed store;
+- fused: the Triton kernel over the packed store (its default version), fused-v1: the first one;
 - deq+sdpa: the layer's de-quantised keys/values (its reference path), then SDPA's flash kernel
   (GQA folded into the query axis, no mask);
 - sdpa-bf16: SDPA's flash kernel over a full-precision bf16 cache of the same length;
 - step: one layer's whole decode step (append + flush + attend) with the fused kernel;
-- sweep: the fused kernel's block size and warps (batch 4, 2-bit), the best one named;
+- sweep: the fused kernel's versions, block size, warps, programs per SM and integer conversion
+  (`SWEEP`, batch 4 and 75 at 2 bits), each checked against the float64 reference; the best per
+  batch named, and a `PICK version programs_per_sm magic` line (the module defaults that win at
+  the largest batch);
 - prefill: one layer's attention at 32K tokens (batch 1): one-shot (append + attend: flash over
   the forward's own tokens) and chunked (4096-token chunks: append + attend + flush each), time
   and peak memory above the inputs, against flash over a bf16 cache (`prefill-bf16`).
+
+`--quick`: batch 4 and 75 at 2 bits only, the sweep at the default block and warps, no SDPA
+comparisons, no prefill.
 
 Bytes are the fewest each must move (inputs read once; deq+sdpa also writes and reads back
 bf16 keys/values). Full numbers go to $OUT/check_kivi.json (or ./check_kivi.json); a table last.

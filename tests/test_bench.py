@@ -118,3 +118,21 @@ def test_settings_validate():
         BenchSettings(ratios=(1.5,))
     with pytest.raises(ValueError):
         BenchSettings(prefill_modes=("sideways",))
+
+
+def test_a_named_commit_wins_over_the_surrounding_checkout(monkeypatch):
+    """A `git archive` copy run inside another checkout must not report that checkout's HEAD."""
+    import torch
+
+    from pipeline.bench import gpu
+
+    monkeypatch.setenv("KVPIPE_GIT_COMMIT", "0123abc")
+    env = gpu.environment(torch.device("cpu"))
+    assert (env["git_commit"], env["git_dirty"], env["git_commit_from"]) == (
+        "0123abc",
+        False,
+        "KVPIPE_GIT_COMMIT",
+    )
+    monkeypatch.delenv("KVPIPE_GIT_COMMIT")
+    env = gpu.environment(torch.device("cpu"))
+    assert env["git_commit_from"] == "git" and env["git_commit"] != "0123abc"

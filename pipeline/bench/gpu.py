@@ -170,6 +170,19 @@ def _git(*args: str) -> str | None:
         return None
 
 
+def _git_state() -> dict:
+    """The code's commit. KVPIPE_GIT_COMMIT, when set, names it and wins: a `git archive` copy
+    run on a GPU machine may sit inside some other checkout, whose HEAD is not this code's."""
+    named = os.environ.get("KVPIPE_GIT_COMMIT")
+    if named:
+        return {"git_commit": named, "git_dirty": False, "git_commit_from": "KVPIPE_GIT_COMMIT"}
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_commit_from": "git",
+    }
+
+
 def environment(device: torch.device) -> dict:
     env = {
         "python": sys.version.split()[0],
@@ -181,9 +194,7 @@ def environment(device: torch.device) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device_type": device.type,
         "alloc_conf": os.environ.get(ALLOC_CONF),
-        # a copy without .git (e.g. a `git archive` sent to a GPU machine) names its commit here
-        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("KVPIPE_GIT_COMMIT"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        **_git_state(),
         "cpu_threads": torch.get_num_threads(),
     }
     if is_cuda(device):

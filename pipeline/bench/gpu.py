@@ -194,6 +194,8 @@ def environment(device: torch.device) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device_type": device.type,
         "alloc_conf": os.environ.get(ALLOC_CONF),
+        # the decode step's form (pipeline.decode_graph): graphs on one CUDA GPU unless overridden
+        "decode_mode": os.environ.get("KVPIPE_DECODE") or "default",
         **_git_state(),
         "cpu_threads": torch.get_num_threads(),
     }

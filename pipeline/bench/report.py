@@ -376,7 +376,8 @@ def markdown(result: dict) -> str:
         f"{_f(None if mem is None else mem / GIB, '{:.1f}')} GiB, driver {env.get('driver')})",
         f"- libraries: python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('cuda')}, "
         f"cuDNN {env.get('cudnn')}), transformers {env.get('transformers')}, triton {env.get('triton')}; "
-        f"allocator `{env.get('alloc_conf')}`; git {env.get('git_commit')}{dirty}",
+        f"allocator `{env.get('alloc_conf')}`; decode `{env.get('decode_mode', 'not recorded')}`; "
+        f"git {env.get('git_commit')}{dirty}",
         f"- model: {m.get('name')} shapes — {m.get('num_hidden_layers')} layers, hidden "
         f"{m.get('hidden_size')}, {m.get('num_attention_heads')} heads / {m.get('num_key_value_heads')} "
         f"kv heads, head_dim {m.get('head_dim')}, intermediate {m.get('intermediate_size')}, vocab "

@@ -19,12 +19,11 @@ with torch ops (no host read either; the path where Triton cannot run), and
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 
 from pipeline.attention_math import EMPTY
+from pipeline.triton_gate import import_triton, interpreting, kernel_may_run, triton_available
 
 tl = None  # triton.language, imported by `_kernels` at first use
 
@@ -33,24 +32,14 @@ BLOCK_N = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
 
-# Tests set this to run the kernel on CPU tensors under Triton's interpreter.
+# Tests set this to run the kernel on CPU tensors under Triton's interpreter; the pipeline never
+# does (`pipeline.triton_gate`).
 CPU_INTERPRET = False
-
-
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def usable(query: torch.Tensor) -> bool:
     """Whether the Triton kernel can serve this call (else `static_decode_torch`)."""
-    if not triton_available():
-        return False
-    if not (query.is_cuda or (CPU_INTERPRET and interpreting())):
+    if not (triton_available() and kernel_may_run(query.device, CPU_INTERPRET)):
         return False
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
@@ -167,10 +156,7 @@ def _reduce_kernel(PO, PL, OUT, splits, G: tl.constexpr, D: tl.constexpr):
 def _kernels(interpret: bool):
     del interpret  # the cache key (jit reads TRITON_INTERPRET itself)
     global tl
-    import triton
-    import triton.language
-
-    tl = triton.language
+    triton, tl = import_triton()
     return (
         triton.jit(_partial_kernel, do_not_specialize=["splits", "chunk"]),
         triton.jit(_reduce_kernel, do_not_specialize=["splits"]),

@@ -44,13 +44,13 @@ with their new neighbours (a second rounding of those tokens).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
 from pipeline.attention_math import dense_bias, grouped_attention
 from pipeline.kv_cache import EMPTY, KVLayer
+from pipeline.triton_gate import kernel_may_run
 from policies import kivi_kernels
 from policies.base import Policy
 from policies.kivi_kernels import KiviStore, dequantized
@@ -433,11 +433,7 @@ class QuantizedKVLayer(KVLayer):
         b, h = self._n.shape
         mk = (n - nk) // self._unit() * self._unit()
         mv = max(0, n - nv - self.residual) // g * g
-        if (
-            (mk > 0 or mv > 0)
-            and kivi_kernels.triton is not None
-            and (self._kring.is_cuda or kernel_on_cpu())
-        ):
+        if (mk > 0 or mv > 0) and kernels_run(self._kring):
             # one kernel each from the ring to the packed store (no float32 temporaries)
             for name in ("_kq_buf", "_ks_buf", "_kz_buf"):
                 self._grow(name, (nk + mk) // g)
@@ -569,7 +565,7 @@ class QuantizedKVLayer(KVLayer):
         - else the de-quantising reference path (`KVLayer.attend` over `keys`/`values` and a mask).
         """
         q = query.shape[2]
-        if q == 1 and not step.padded and (query.is_cuda or kernel_on_cpu()):
+        if q == 1 and not step.padded and kernels_run(query):
             store = self._store_for_kernel()
             if kivi_kernels.kernel_supports(store, query):
                 return kivi_kernels.decode_attention(query, store, scaling, max_tokens=self._slots())
@@ -589,7 +585,7 @@ class QuantizedKVLayer(KVLayer):
         b, h, _, d = ring.shape
         out = ring.new_empty((b, h, n, d))
         g, bits = self.group_size, self.bits
-        if kivi_kernels.triton is not None and (ring.is_cuda or kernel_on_cpu()):
+        if kernels_run(ring):
             # one pass from the packed bytes to the model dtype (no float32 temporaries)
             if which == "k":
                 kivi_kernels.dequantize_keys_into(
@@ -726,13 +722,14 @@ def _ring_range(ring: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return torch.cat([ring[:, :, start:w], ring[:, :, : hi - lo - (w - start)]], dim=2)
 
 
-# Tests set this to run the fused decode kernel on CPU tensors under Triton's interpreter; the
-# pipeline never does (interpreted decode is far slower than the exact path).
+# Tests set this to run the fused kernels on CPU tensors under Triton's interpreter; the
+# pipeline never does (`pipeline.triton_gate`).
 CPU_INTERPRET = False
 
 
-def kernel_on_cpu() -> bool:
-    return CPU_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1" and kivi_kernels.triton is not None
+def kernels_run(x: torch.Tensor) -> bool:
+    """`kivi_kernels`' Triton kernels may run on tensors like `x` (`pipeline.triton_gate`)."""
+    return kivi_kernels.triton is not None and kernel_may_run(x.device, CPU_INTERPRET)
 
 
 @register

@@ -49,12 +49,10 @@ from dataclasses import dataclass
 
 import torch
 
-try:  # triton is optional: without it (or without CUDA) the layer uses its reference path
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
+from pipeline.triton_gate import import_triton
+
+# triton is optional: without it (or without CUDA) the layer uses its reference path
+triton, tl = import_triton()
 
 BLOCK_N = 64  # tokens a program de-quantises per step (a multiple of the key group)
 

@@ -21,12 +21,11 @@ a segment's end exit at once, so the grid is sized from host numbers cached at c
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 
 from pipeline.kv_cache import EMPTY
+from pipeline.triton_gate import import_triton, interpreting, kernel_may_run, triton_available
 
 tl = None  # triton.language, imported by `_kernels` at first use (importing triton is slow)
 
@@ -36,25 +35,14 @@ NUM_WARPS = 4
 NUM_STAGES = 3
 
 
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # Tests set this to run the decode kernel on CPU tensors under Triton's interpreter; the
-# pipeline never does (interpreted decode is far slower than the exact path).
+# pipeline never does (`pipeline.triton_gate`).
 CPU_INTERPRET = False
 
 
 def usable(query: torch.Tensor, head_dim: int) -> bool:
     """Whether the kernel can serve this call (else the caller takes its exact torch path)."""
-    if not triton_available():
-        return False
-    if not (query.is_cuda or (CPU_INTERPRET and interpreting())):
+    if not (triton_available() and kernel_may_run(query.device, CPU_INTERPRET)):
         return False
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
@@ -187,10 +175,7 @@ def _kernels(interpret: bool):
     """`triton.jit` the kernels (per interpreter mode: jit reads TRITON_INTERPRET itself)."""
     del interpret  # the cache key
     global tl
-    import triton
-    import triton.language
-
-    tl = triton.language
+    triton, tl = import_triton()
     # per-step values (the tail grows by one token a step): not specialized, so that a tail of
     # 1 or of a multiple of 16 tokens does not compile another variant in the middle of decoding
     varying = ["tail_len", "flat_splits", "total_splits", "chunk"]

@@ -27,33 +27,23 @@ import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
+from pipeline.triton_gate import import_triton, interpreting, kernel_may_run
 
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - depends on the machine
-    triton = tl = None
-    HAVE_TRITON = False
+triton, tl = import_triton()
+HAVE_TRITON = triton is not None
 
 LOG2E = 1.4426950408889634
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def kernel_available(device: torch.device) -> bool:
-    """Triton kernels run here: a CUDA device, or CPU tensors under the interpreter when a test opts in
-    (`CPU_INTERPRET = True`; never in the pipeline: interpreted decode is far slower than the exact path).
+    """Triton kernels run here (`pipeline.triton_gate`): a CUDA device, or CPU tensors under the
+    interpreter when a test opts in (`CPU_INTERPRET = True`) and the interpreter took effect.
 
     KVPIPE_SPINDLE_KERNEL=0 turns the kernel off (the exact path over dense views).
     """
     if not HAVE_TRITON or os.environ.get("KVPIPE_SPINDLE_KERNEL", "1") == "0":
         return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and CPU_INTERPRET and interpreter_works()
+    return kernel_may_run(device, CPU_INTERPRET) and (device.type == "cuda" or interpreter_works())
 
 
 CPU_INTERPRET = False

@@ -20,17 +20,17 @@ Within a block the tokens are visited in the order the key bytes hold them (all 
 offset 0 of their byte, then offset `bits`, ...): softmax attention does not depend on the
 order of the tokens, and this way a loaded key byte tile is shifted, never gathered.
 
-Three versions of the split kernel (`DEFAULT_VERSION` 2; `python -m pipeline.bench.check_kivi`
-times them). Llama-8B shapes, 2 bits, 32K tokens, one layer:
-- 1: 64-token blocks, each value byte loaded once per channel it holds and each scale once per
-  channel or token (0.553 ms at batch 4 on an H100, cb524fc);
-- 2: every load of a 128-token tile issued first and each byte and scale loaded once (3-D tiles,
-  a group's scales broadcast in registers), values de-quantised per bit offset into `8 // bits`
-  accumulators, 8 programs per SM: 0.226-0.242 ms at batch 4 and 3.77 ms at batch 75 on an
-  H100 (420-505 GB/s over the packed bytes); 0.232-0.249 / 3.88 ms on an H200;
-- 3: version 2 with 2-D tiles (scales loaded once per column) and integers made floats by their
-  bits: slower (H200: 0.373 ms at batch 4, 6.06 ms at batch 75), kept for the comparison.
-Version 2 is still far from the copy bandwidth: per element it shifts, masks, converts, scales
+Each program takes 128-token tiles at 2 bits (64 at 4 bits): every load of a tile is issued
+first and each byte and scale loaded once (3-D tiles, a group's scales broadcast in registers),
+values are de-quantised per bit offset into `8 // bits` accumulators, and the split-K grid aims
+at `PROGRAMS_PER_SM` programs per SM (`python -m pipeline.bench.check_kivi` times it and sweeps
+block size, warps and programs per SM). Llama-8B shapes, 2 bits, 32K tokens, one layer:
+0.226-0.242 ms at batch 4 and 3.77 ms at batch 75 on an H100 (420-505 GB/s over the packed
+bytes); 0.232-0.249 / 3.88 ms on an H200. Two other split kernels were measured slower and
+removed (history, not worth retrying): 64-token blocks loading each value byte once per channel
+it holds (0.553 ms at batch 4 on an H100, cb524fc), and 2-D tiles with integers made floats by
+their bits (0.373 ms at batch 4, 6.06 ms at batch 75 on an H200).
+The kernel is still far from the copy bandwidth: per element it shifts, masks, converts, scales
 and rounds to the model dtype, and every sub-tile converts its operands' layouts for `tl.dot`.
 
 `decode_attention_reference` computes the same function in float32 with plain torch.
@@ -53,8 +53,6 @@ from pipeline.triton_gate import import_triton
 
 # triton is optional: without it (or without CUDA) the layer uses its reference path
 triton, tl = import_triton()
-
-BLOCK_N = 64  # tokens a program de-quantises per step (a multiple of the key group)
 
 
 @dataclass
@@ -164,162 +162,6 @@ def decode_attention_reference(
 if triton is not None:
 
     @triton.jit
-    def _kivi_block(
-        q, m_i, l_i, acc, start, n, nk, nv, qk_scale,
-        kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
-        skg, ssg, srt, svt, sut, swt, Wk, Wv,
-        D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr,
-        IEEE: tl.constexpr, FAST: tl.constexpr,
-    ):  # fmt: skip
-        """One block of BN tokens from `start`; FAST: every token's key and value is quantised
-        (no residual loads, no length masks)."""
-        PER: tl.constexpr = 8 // BITS
-        GB: tl.constexpr = G // PER  # bytes per channel of a key group
-        NB: tl.constexpr = BN // PER  # tokens per sub-tile (one bit offset)
-        MASK: tl.constexpr = (1 << BITS) - 1
-        c = tl.arange(0, D)
-        r = tl.arange(0, NB)
-        dt = q.dtype
-        grp_local = r // GB  # key group of each sub-tile row, within the block
-        byte_in = r % GB  # its byte within the group's channel
-        gidx = start // G + grp_local  # [NB]
-        first = start + grp_local * G + byte_in * PER  # token at bit offset 0 of each row's byte
-        if FAST:
-            kbytes = tl.load(kq_base + gidx[None, :] * skg + c[:, None] * GB + byte_in[None, :])
-            kscale = tl.load(ks_base + gidx[None, :] * ssg + c[:, None]).to(tl.float32)
-            kzero = tl.load(kz_base + gidx[None, :] * ssg + c[:, None]).to(tl.float32)
-        else:
-            kq_ok = (first < nk)[None, :]
-            kbytes = tl.load(
-                kq_base + gidx[None, :] * skg + c[:, None] * GB + byte_in[None, :], mask=kq_ok, other=0
-            )
-            kscale = tl.load(ks_base + gidx[None, :] * ssg + c[:, None], mask=kq_ok, other=0.0).to(tl.float32)
-            kzero = tl.load(kz_base + gidx[None, :] * ssg + c[:, None], mask=kq_ok, other=0.0).to(tl.float32)
-        for s in tl.static_range(PER):
-            tok = first + s  # [NB]
-            # keys [D, NB]: quantised rows, else the residual ring
-            kint = ((kbytes >> (s * BITS)) & MASK).to(tl.float32)
-            if FAST:
-                kt = (kint * kscale + kzero).to(dt)
-            else:
-                inside = tok < n
-                kres = tl.load(
-                    kr_base + (tok % Wk)[None, :] * srt + c[:, None],
-                    mask=((tok >= nk) & inside)[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                kt = tl.where(kq_ok, kint * kscale + kzero, kres).to(dt)
-            if IEEE:
-                scores = tl.dot(q, kt, input_precision="ieee")
-            else:
-                scores = tl.dot(q, kt)
-            scores = scores * qk_scale
-            if not FAST:
-                scores = tl.where(inside[None, :], scores, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(scores - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            # values [NB, D]: quantised tokens, else the residual ring
-            if FAST:
-                vbytes = tl.load(vq_base + tok[:, None] * svt + (c // PER)[None, :])
-                vscale = tl.load(vs_base + tok[:, None] * sut + (c // GV)[None, :])
-                vzero = tl.load(vz_base + tok[:, None] * sut + (c // GV)[None, :])
-                vint = ((vbytes >> ((c % PER) * BITS)[None, :]) & MASK).to(tl.float32)
-                v = (vint * vscale.to(tl.float32) + vzero.to(tl.float32)).to(dt)
-            else:
-                vq_ok = (tok < nv)[:, None]
-                vbytes = tl.load(vq_base + tok[:, None] * svt + (c // PER)[None, :], mask=vq_ok, other=0)
-                vint = ((vbytes >> ((c % PER) * BITS)[None, :]) & MASK).to(tl.float32)
-                vscale = tl.load(vs_base + tok[:, None] * sut + (c // GV)[None, :], mask=vq_ok, other=0.0)
-                vzero = tl.load(vz_base + tok[:, None] * sut + (c // GV)[None, :], mask=vq_ok, other=0.0)
-                vres = tl.load(
-                    vr_base + (tok % Wv)[:, None] * swt + c[None, :],
-                    mask=((tok >= nv) & inside)[:, None],
-                    other=0.0,
-                ).to(tl.float32)
-                v = tl.where(vq_ok, vint * vscale.to(tl.float32) + vzero.to(tl.float32), vres).to(dt)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
-            m_i = m_new
-        return m_i, l_i, acc
-
-    @triton.jit
-    def _kivi_decode_split(
-        Q, N, NK, NV, KQ, KS, KZ, KR, VQ, VS, VZ, VR, OP, MP, LP,
-        sqb, sqh, skb, skh, skg, ssb, ssh, ssg, srb, srh, srt, svb, svh, svt, sub, suh, sut, swb, swh, swt,
-        Wk, Wv,
-        H: tl.constexpr,
-        per_split,
-        num_splits,
-        qk_scale,
-        D: tl.constexpr,
-        G: tl.constexpr,
-        GV: tl.constexpr,
-        BITS: tl.constexpr,
-        GROUP: tl.constexpr,
-        M: tl.constexpr,
-        BN: tl.constexpr,
-        IEEE: tl.constexpr,
-    ):  # fmt: skip
-        bh = tl.program_id(0)
-        split = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        # 32-bit token arithmetic (64-bit division and modulo are emulated, and slow); 64-bit bases
-        n = tl.load(N + bh).to(tl.int32)
-        nk = tl.load(NK + bh).to(tl.int32)
-        nv = tl.load(NV + bh).to(tl.int32)
-        b = b.to(tl.int64)
-        h = h.to(tl.int64)
-
-        rm = tl.arange(0, M)
-        c = tl.arange(0, D)
-        qmask = rm < GROUP
-        q = tl.load(
-            Q + b * sqb + (h * GROUP + rm)[:, None] * sqh + c[None, :], mask=qmask[:, None], other=0.0
-        )
-
-        m_i = tl.full([M], -float("inf"), tl.float32)
-        l_i = tl.zeros([M], tl.float32)
-        acc = tl.zeros([M, D], tl.float32)
-
-        kq_base = KQ + b * skb + h * skh
-        ks_base = KS + b * ssb + h * ssh
-        kz_base = KZ + b * ssb + h * ssh
-        kr_base = KR + b * srb + h * srh
-        vq_base = VQ + b * svb + h * svh
-        vs_base = VS + b * sub + h * suh
-        vz_base = VZ + b * sub + h * suh
-        vr_base = VR + b * swb + h * swh
-
-        lo = split * per_split
-        hi = tl.minimum(lo + per_split, n)
-        # blocks whose every key and value is quantised: no residual, no masks
-        quant = tl.minimum(hi, tl.minimum(nk, nv))
-        fast_end = tl.maximum(lo, lo + ((quant - lo) // BN) * BN)
-        for start in range(lo, fast_end, BN):
-            m_i, l_i, acc = _kivi_block(
-                q, m_i, l_i, acc, start, n, nk, nv, qk_scale,
-                kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
-                skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, True,
-            )  # fmt: skip
-        for start in range(fast_end, hi, BN):
-            m_i, l_i, acc = _kivi_block(
-                q, m_i, l_i, acc, start, n, nk, nv, qk_scale,
-                kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
-                skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, False,
-            )  # fmt: skip
-
-        part = bh * num_splits + split
-        tl.store(OP + (part * M + rm)[:, None] * D + c[None, :], acc)
-        tl.store(MP + part * M + rm, m_i)
-        tl.store(LP + part * M + rm, l_i)
-
-    @triton.jit
     def _kivi_decode_merge(
         OP,
         MP,
@@ -361,7 +203,7 @@ if triton is not None:
         tl.store(ptr, out.to(OUT.dtype.element_ty), mask=qmask[:, None])
 
     @triton.jit
-    def _v2_values(
+    def _values(
         vq_base, vs_base, vz_base, tok, nv, svt, sut,
         D: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr,
     ):  # fmt: skip
@@ -386,7 +228,7 @@ if triton is not None:
         return vb, vs, vz
 
     @triton.jit
-    def _v2_pv(
+    def _pv(
         acc, p, vb, vs, vz, t: tl.constexpr, tok, n, nv, vr_base, swt, Wv, dt,
         D: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
     ):  # fmt: skip
@@ -410,7 +252,7 @@ if triton is not None:
         return acc + tl.dot(p, v)
 
     @triton.jit
-    def _v2_tile(
+    def _tile(
         q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
         kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
         skg, ssg, srt, svt, sut, swt, Wk, Wv,
@@ -447,11 +289,11 @@ if triton is not None:
             kb = tl.load(kptr, mask=kok, other=0)
             ks = tl.load(ks_base + sptr, mask=kok, other=0.0).to(tl.float32)
             kz = tl.load(kz_base + sptr, mask=kok, other=0.0).to(tl.float32)
-        vb0, vs0, vz0 = _v2_values(vq_base, vs_base, vz_base, first, nv, svt, sut, D, GV, BITS, FAST)
-        vb1, vs1, vz1 = _v2_values(vq_base, vs_base, vz_base, first + 1, nv, svt, sut, D, GV, BITS, FAST)
+        vb0, vs0, vz0 = _values(vq_base, vs_base, vz_base, first, nv, svt, sut, D, GV, BITS, FAST)
+        vb1, vs1, vz1 = _values(vq_base, vs_base, vz_base, first + 1, nv, svt, sut, D, GV, BITS, FAST)
         if PER == 4:
-            vb2, vs2, vz2 = _v2_values(vq_base, vs_base, vz_base, first + 2, nv, svt, sut, D, GV, BITS, FAST)
-            vb3, vs3, vz3 = _v2_values(vq_base, vs_base, vz_base, first + 3, nv, svt, sut, D, GV, BITS, FAST)
+            vb2, vs2, vz2 = _values(vq_base, vs_base, vz_base, first + 2, nv, svt, sut, D, GV, BITS, FAST)
+            vb3, vs3, vz3 = _values(vq_base, vs_base, vz_base, first + 3, nv, svt, sut, D, GV, BITS, FAST)
         else:
             vb2, vs2, vz2 = vb0, vs0, vz0
             vb3, vs3, vz3 = vb1, vs1, vz1
@@ -488,215 +330,27 @@ if triton is not None:
                 vb, vs, vz = vb2, vs2, vz2
             else:
                 vb, vs, vz = vb3, vs3, vz3
-            acc0 = _v2_pv(
-                acc0 * alpha[:, None],
-                p,
-                vb,
-                vs,
-                vz,
-                0,
-                tok,
-                n,
-                nv,
-                vr_base,
-                swt,
-                Wv,
-                dt,
-                D,
-                GV,
-                BITS,
-                IEEE,
-                FAST,
-            )
-            acc1 = _v2_pv(
-                acc1 * alpha[:, None],
-                p,
-                vb,
-                vs,
-                vz,
-                1,
-                tok,
-                n,
-                nv,
-                vr_base,
-                swt,
-                Wv,
-                dt,
-                D,
-                GV,
-                BITS,
-                IEEE,
-                FAST,
-            )
+            acc0 = _pv(
+                acc0 * alpha[:, None], p, vb, vs, vz, 0, tok, n, nv, vr_base, swt, Wv, dt,
+                D, GV, BITS, IEEE, FAST,
+            )  # fmt: skip
+            acc1 = _pv(
+                acc1 * alpha[:, None], p, vb, vs, vz, 1, tok, n, nv, vr_base, swt, Wv, dt,
+                D, GV, BITS, IEEE, FAST,
+            )  # fmt: skip
             if PER == 4:
-                acc2 = _v2_pv(
-                    acc2 * alpha[:, None],
-                    p,
-                    vb,
-                    vs,
-                    vz,
-                    2,
-                    tok,
-                    n,
-                    nv,
-                    vr_base,
-                    swt,
-                    Wv,
-                    dt,
-                    D,
-                    GV,
-                    BITS,
-                    IEEE,
-                    FAST,
-                )
-                acc3 = _v2_pv(
-                    acc3 * alpha[:, None],
-                    p,
-                    vb,
-                    vs,
-                    vz,
-                    3,
-                    tok,
-                    n,
-                    nv,
-                    vr_base,
-                    swt,
-                    Wv,
-                    dt,
-                    D,
-                    GV,
-                    BITS,
-                    IEEE,
-                    FAST,
-                )
+                acc2 = _pv(
+                    acc2 * alpha[:, None], p, vb, vs, vz, 2, tok, n, nv, vr_base, swt, Wv, dt,
+                    D, GV, BITS, IEEE, FAST,
+                )  # fmt: skip
+                acc3 = _pv(
+                    acc3 * alpha[:, None], p, vb, vs, vz, 3, tok, n, nv, vr_base, swt, Wv, dt,
+                    D, GV, BITS, IEEE, FAST,
+                )  # fmt: skip
         return m_i, l_i, acc0, acc1, acc2, acc3
 
     @triton.jit
-    def _ints_to_f32(x, MAGIC: tl.constexpr):
-        """Small non-negative integers (uint8) as float32: with MAGIC, 2**23 + x by its bits minus
-        2**23 (integer ops and one add: no int-to-float conversion instruction)."""
-        if MAGIC:
-            return (x.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        return x.to(tl.float32)
-
-    @triton.jit
-    def _v3_tile(
-        q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
-        kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
-        skg, ssg, srt, svt, sut, swt, Wk, Wv,
-        D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr,
-        IEEE: tl.constexpr, FAST: tl.constexpr, MAGIC: tl.constexpr,
-    ):  # fmt: skip
-        """`_v2_tile` with 2-D tiles only (no reshapes): key bytes [D, NB] (each byte once), key
-        scales/zeros [D, NB] (a group's repeated over its columns: cached loads), value bytes
-        [NB, D/PER] per sub-tile, value scales/zeros [NB, D/PER] likewise; MAGIC: integers become
-        floats by their bits."""
-        PER: tl.constexpr = 8 // BITS
-        GB: tl.constexpr = G // PER
-        NB: tl.constexpr = BN // PER
-        DB: tl.constexpr = D // PER
-        GVB: tl.constexpr = GV // PER
-        MASK: tl.constexpr = (1 << BITS) - 1
-        dt = q.dtype
-        c = tl.arange(0, D)
-        r = tl.arange(0, NB)
-        jb = tl.arange(0, DB)
-        gidx = start // G + r // GB  # [NB] key group of each column
-        first = start + (r // GB) * G + (r % GB) * PER
-        kptr = kq_base + gidx[None, :] * skg + c[:, None] * GB + (r % GB)[None, :]
-        sptr = gidx[None, :] * ssg + c[:, None]
-        if FAST:
-            kb = tl.load(kptr)
-            ks = tl.load(ks_base + sptr).to(tl.float32)
-            kz = tl.load(kz_base + sptr).to(tl.float32)
-        else:
-            kok = (first < nk)[None, :]
-            kb = tl.load(kptr, mask=kok, other=0)
-            ks = tl.load(ks_base + sptr, mask=kok, other=0.0).to(tl.float32)
-            kz = tl.load(kz_base + sptr, mask=kok, other=0.0).to(tl.float32)
-        vb0, vs0, vz0 = _v3_values(vq_base, vs_base, vz_base, first, nv, svt, sut, DB, GVB, FAST)
-        vb1, vs1, vz1 = _v3_values(vq_base, vs_base, vz_base, first + 1, nv, svt, sut, DB, GVB, FAST)
-        if PER == 4:
-            vb2, vs2, vz2 = _v3_values(vq_base, vs_base, vz_base, first + 2, nv, svt, sut, DB, GVB, FAST)
-            vb3, vs3, vz3 = _v3_values(vq_base, vs_base, vz_base, first + 3, nv, svt, sut, DB, GVB, FAST)
-        else:
-            vb2, vs2, vz2 = vb0, vs0, vz0
-            vb3, vs3, vz3 = vb1, vs1, vz1
-        for s in tl.static_range(PER):
-            tok = first + s
-            kt = _ints_to_f32((kb >> (s * BITS)) & MASK, MAGIC) * ks + kz  # [D, NB]
-            if not FAST:
-                inside = tok < n
-                kres = tl.load(
-                    kr_base + (tok % Wk)[None, :] * srt + c[:, None],
-                    mask=((tok >= nk) & inside)[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                kt = tl.where((tok < nk)[None, :], kt, kres)
-            if IEEE:
-                scores = tl.dot(q, kt.to(dt), input_precision="ieee")
-            else:
-                scores = tl.dot(q, kt.to(dt))
-            scores = scores * qk_scale
-            if not FAST:
-                scores = tl.where(inside[None, :], scores, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(scores - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            p = p.to(dt)
-            m_i = m_new
-            if s == 0:
-                vb, vs, vz = vb0, vs0, vz0
-            elif s == 1:
-                vb, vs, vz = vb1, vs1, vz1
-            elif s == 2:
-                vb, vs, vz = vb2, vs2, vz2
-            else:
-                vb, vs, vz = vb3, vs3, vz3
-            for t in tl.static_range(PER):
-                v = _ints_to_f32((vb >> (t * BITS)) & MASK, MAGIC) * vs + vz  # [NB, DB]
-                if not FAST:
-                    ch = jb * PER + t
-                    res = ((tok >= nv) & (tok < n))[:, None]
-                    vres = tl.load(vr_base + (tok % Wv)[:, None] * swt + ch[None, :], mask=res, other=0.0)
-                    v = tl.where((tok < nv)[:, None], v, vres.to(tl.float32))
-                if IEEE:
-                    pv = tl.dot(p, v.to(dt), input_precision="ieee")
-                else:
-                    pv = tl.dot(p, v.to(dt))
-                if t == 0:
-                    acc0 = acc0 * alpha[:, None] + pv
-                elif t == 1:
-                    acc1 = acc1 * alpha[:, None] + pv
-                elif t == 2:
-                    acc2 = acc2 * alpha[:, None] + pv
-                else:
-                    acc3 = acc3 * alpha[:, None] + pv
-        return m_i, l_i, acc0, acc1, acc2, acc3
-
-    @triton.jit
-    def _v3_values(
-        vq_base, vs_base, vz_base, tok, nv, svt, sut, DB: tl.constexpr, GVB: tl.constexpr, FAST: tl.constexpr
-    ):
-        """Value bytes [NB, DB] of tokens `tok` and their scales/zeros repeated over each group's bytes."""
-        jb = tl.arange(0, DB)
-        bptr = vq_base + tok[:, None] * svt + jb[None, :]
-        sptr = tok[:, None] * sut + (jb // GVB)[None, :]
-        if FAST:
-            vb = tl.load(bptr)
-            vs = tl.load(vs_base + sptr).to(tl.float32)
-            vz = tl.load(vz_base + sptr).to(tl.float32)
-        else:
-            ok = (tok < nv)[:, None]
-            vb = tl.load(bptr, mask=ok, other=0)
-            vs = tl.load(vs_base + sptr, mask=ok, other=0.0).to(tl.float32)
-            vz = tl.load(vz_base + sptr, mask=ok, other=0.0).to(tl.float32)
-        return vb, vs, vz
-
-    @triton.jit
-    def _v2_store(
+    def _store_acc(
         OP,
         part,
         acc,
@@ -712,14 +366,13 @@ if triton is not None:
         tl.store(ptr, acc, mask=(rm < GROUP)[:, None])
 
     @triton.jit
-    def _kivi_decode_split_v2(
+    def _kivi_decode_split(
         Q, N, NK, NV, KQ, KS, KZ, KR, VQ, VS, VZ, VR, OP, MP, LP,
         sqb, sqh, skb, skh, skg, ssb, ssh, ssg, srb, srh, srt, svb, svh, svt, sub, suh, sut, swb, swh, swt,
         Wk, Wv,
         H: tl.constexpr, per_split, num_splits, qk_scale,
         D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
         GROUP: tl.constexpr, M: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
-        V3: tl.constexpr = False, MAGIC: tl.constexpr = False,
     ):  # fmt: skip
         PER: tl.constexpr = 8 // BITS
         bh = tl.program_id(0)
@@ -755,37 +408,23 @@ if triton is not None:
         quant = tl.minimum(hi, tl.minimum(nk, nv))
         fast_end = tl.maximum(lo, lo + ((quant - lo) // BN) * BN)
         for start in range(lo, fast_end, BN):
-            if V3:
-                m_i, l_i, acc0, acc1, acc2, acc3 = _v3_tile(
-                    q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
-                    kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
-                    skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, True, MAGIC,
-                )  # fmt: skip
-            else:
-                m_i, l_i, acc0, acc1, acc2, acc3 = _v2_tile(
-                    q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
-                    kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
-                    skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, True,
-                )  # fmt: skip
+            m_i, l_i, acc0, acc1, acc2, acc3 = _tile(
+                q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
+                kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
+                skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, True,
+            )  # fmt: skip
         for start in range(fast_end, hi, BN):
-            if V3:
-                m_i, l_i, acc0, acc1, acc2, acc3 = _v3_tile(
-                    q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
-                    kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
-                    skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, False, MAGIC,
-                )  # fmt: skip
-            else:
-                m_i, l_i, acc0, acc1, acc2, acc3 = _v2_tile(
-                    q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
-                    kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
-                    skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, False,
-                )  # fmt: skip
+            m_i, l_i, acc0, acc1, acc2, acc3 = _tile(
+                q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
+                kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
+                skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, False,
+            )  # fmt: skip
         part = bh * num_splits + split
-        _v2_store(OP, part, acc0, 0, M, D, PER, GROUP)
-        _v2_store(OP, part, acc1, 1, M, D, PER, GROUP)
+        _store_acc(OP, part, acc0, 0, M, D, PER, GROUP)
+        _store_acc(OP, part, acc1, 1, M, D, PER, GROUP)
         if PER == 4:
-            _v2_store(OP, part, acc2, 2, M, D, PER, GROUP)
-            _v2_store(OP, part, acc3, 3, M, D, PER, GROUP)
+            _store_acc(OP, part, acc2, 2, M, D, PER, GROUP)
+            _store_acc(OP, part, acc3, 3, M, D, PER, GROUP)
         tl.store(MP + part * M + rm, m_i, mask=rm < GROUP)
         tl.store(LP + part * M + rm, l_i, mask=rm < GROUP)
 
@@ -803,10 +442,6 @@ def _sms(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def _programs_wanted(device: torch.device) -> int:
-    return 8 if device.type != "cuda" else 4 * _sms(device)
-
-
 _WORKSPACE: dict[tuple, torch.Tensor] = {}
 
 
@@ -821,14 +456,12 @@ def _workspace(device: torch.device, numel: int) -> torch.Tensor:
     return buf
 
 
-DEFAULT_VERSION = 2  # the split kernel `decode_attention` runs (1, 2 or 3)
 PROGRAMS_PER_SM = 8  # split-K: programs per SM when the (row, head)s alone are too few
-MAGIC = True  # version 3: integers become floats by their bits (no conversion instruction)
 
 
-def default_block_n(bits: int, version: int = 2) -> int:
-    """Tokens per tile: versions 2 and 3 take 32 tokens per sub-tile (128 at 2 bits, 64 at 4 bits)."""
-    return BLOCK_N if version == 1 else 32 * (8 // bits)
+def default_block_n(bits: int) -> int:
+    """Tokens per tile: 32 tokens per sub-tile (128 at 2 bits, 64 at 4 bits)."""
+    return 32 * (8 // bits)
 
 
 def decode_attention(
@@ -840,19 +473,15 @@ def decode_attention(
     out: torch.Tensor | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
-    version: int | None = None,
     programs_per_sm: int | None = None,
-    magic: bool | None = None,
 ) -> torch.Tensor:
     """Fused decode attention [b, H, 1, d] (query's dtype) over the packed store.
 
     `max_tokens` is a host-side upper bound of `store.n` (no device sync here); `num_splits`
     overrides how many programs share one (row, kv head)'s tokens (default: enough for
     `programs_per_sm` programs per SM); `block_n` (a multiple of the key group and of
-    16 * (8 // bits), a power of two) and `num_warps` tune the split kernel. `version` (default
-    `DEFAULT_VERSION`): 1 the first kernel, 2 3-D tiles (every byte and scale loaded once), 3 2-D
-    tiles without reshapes, integers made floats by their bits (`magic`); all kept for
-    `pipeline.bench.check_kivi`.
+    16 * (8 // bits), a power of two) and `num_warps` tune the split kernel (swept by
+    `pipeline.bench.check_kivi`).
     """
     if triton is None:
         raise RuntimeError("kivi decode kernel needs triton")
@@ -861,28 +490,21 @@ def decode_attention(
     group = num_heads // h
     assert q_len == 1 and num_heads == group * h
     m = max(16, triton.next_power_of_2(group))
-    version = version or DEFAULT_VERSION
     programs_per_sm = programs_per_sm or PROGRAMS_PER_SM
-    magic = MAGIC if magic is None else magic
-    bn = block_n or default_block_n(store.bits, version)
+    bn = block_n or default_block_n(store.bits)
     assert bn % store.group_size == 0 and bn & (bn - 1) == 0
     blocks = max(1, triton.cdiv(max(max_tokens, 1), bn))
     if num_splits is None:
-        wanted = _programs_wanted(query.device) if version == 1 else _sms(query.device) * programs_per_sm
+        wanted = _sms(query.device) * programs_per_sm
         num_splits = max(1, min(blocks, triton.cdiv(wanted, b * h)))
     per_split = triton.cdiv(blocks, num_splits) * bn
     num_splits = triton.cdiv(blocks * bn, per_split)
     dev = query.device
     parts = b * h * num_splits
-    if version == 1:
-        o_part = torch.empty((parts, m, d), dtype=torch.float32, device=dev)
-        m_part = torch.empty((parts, m), dtype=torch.float32, device=dev)
-        l_part = torch.empty_like(m_part)
-    else:
-        ws = _workspace(dev, parts * m * (d + 2))
-        o_part = ws[: parts * m * d].view(parts, m, d)
-        m_part = ws[parts * m * d : parts * m * (d + 1)].view(parts, m)
-        l_part = ws[parts * m * (d + 1) : parts * m * (d + 2)].view(parts, m)
+    ws = _workspace(dev, parts * m * (d + 2))
+    o_part = ws[: parts * m * d].view(parts, m, d)
+    m_part = ws[parts * m * d : parts * m * (d + 1)].view(parts, m)
+    l_part = ws[parts * m * (d + 1) : parts * m * (d + 2)].view(parts, m)
     if out is None:
         out = torch.empty((b, num_heads, 1, d), dtype=query.dtype, device=dev)
     assert out.shape == query.shape and out.dtype == query.dtype and out.stride(-1) == 1
@@ -894,9 +516,7 @@ def decode_attention(
         assert t.stride(-1) == 1
     assert kq.stride(3) == kq.shape[4] and query.stride(-1) == 1
     gv = d // vs.shape[-1]
-    kernel = _kivi_decode_split if version == 1 else _kivi_decode_split_v2
-    extra = {} if version == 1 else dict(V3=version == 3, MAGIC=version == 3 and magic)
-    kernel[(b * h, num_splits)](
+    _kivi_decode_split[(b * h, num_splits)](
         query, n, nk, nv, kq, ks, kz, kr, vq, vs, vz, vr, o_part, m_part, l_part,
         query.stride(0), query.stride(1),
         kq.stride(0), kq.stride(1), kq.stride(2),
@@ -908,7 +528,7 @@ def decode_attention(
         kr.shape[2], vr.shape[2],
         H=h, per_split=per_split, num_splits=num_splits, qk_scale=scaling * math.log2(math.e),
         D=d, G=store.group_size, GV=gv, BITS=store.bits, GROUP=group, M=m, BN=bn,
-        IEEE=query.dtype == torch.float32, num_warps=num_warps, **extra,
+        IEEE=query.dtype == torch.float32, num_warps=num_warps,
     )  # fmt: skip
     _kivi_decode_merge[(b * h,)](
         o_part, m_part, l_part, out, out.stride(0), out.stride(1),

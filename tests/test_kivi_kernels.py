@@ -137,23 +137,17 @@ def test_kernel_matches_reference(bits, group, d, dtype):
     store = random_store(b, h, d, bits, 32, max_n, dtype, DEVICE, seed=bits * 100 + group * 10 + d)
     q = torch.randn(b, group * h, 1, d, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEVICE)
     ref = decode_attention_reference(q, store, d**-0.5)
-    for version, splits, block_n in (
-        (None, None, None), (2, 1, None), (2, 3, None), (1, 3, None), (2, 2, 256), (3, 3, None), (3, 1, 256),
-    ):  # fmt: skip
-        out = decode_attention(
-            q, store, d**-0.5, max_tokens=max_n, num_splits=splits, version=version, block_n=block_n
-        )
+    for splits, block_n in ((None, None), (1, None), (3, None), (2, 256)):
+        out = decode_attention(q, store, d**-0.5, max_tokens=max_n, num_splits=splits, block_n=block_n)
         assert out.dtype == dtype and out.shape == (b, group * h, 1, d)
         assert torch.isfinite(out).all()
         tol = 1e-5 if dtype == torch.float32 else 2e-2
-        assert rel_err(out, ref) < tol, (version, splits, block_n, rel_err(out, ref))
-    out = decode_attention(q, store, d**-0.5, max_tokens=max_n, num_splits=2, version=3, magic=False)
-    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
+        assert rel_err(out, ref) < tol, (splits, block_n, rel_err(out, ref))
 
 
 @needs_kernel
 def test_kernel_supports_the_shapes_it_tiles():
-    """Version 2 needs d / (8 // bits) >= 16 (its value sub-tiles' matrix products) and G <= its block."""
+    """The kernel needs d / (8 // bits) >= 16 (its value sub-tiles' matrix products) and G <= its block."""
     q = torch.zeros(1, 4, 1, 32)
     assert not kernel_supports(random_store(1, 1, 32, 2, 32, 10, torch.float32), q)  # 8 bytes a token
     assert kernel_supports(random_store(1, 1, 32, 4, 32, 10, torch.float32), q)
@@ -162,8 +156,7 @@ def test_kernel_supports_the_shapes_it_tiles():
 
 
 @needs_kernel
-@pytest.mark.parametrize("version", [1, 2, 3])
-def test_kernel_small_rings_and_strided_views(version):
+def test_kernel_small_rings_and_strided_views():
     """Residual rings shorter than the sequence and stores that are views of larger buffers."""
     d, bits = 64, 2
     store = random_store(3, 2, d, bits, 32, 130, torch.float32, DEVICE, seed=11, ring_k=40, ring_v=33)
@@ -172,7 +165,7 @@ def test_kernel_small_rings_and_strided_views(version):
     store.vq = big[:, :, : store.vq.shape[2]]
     q = torch.randn(3, 4, 1, d, device=DEVICE)
     ref = decode_attention_reference(q, store, 0.1)
-    out = decode_attention(q, store, 0.1, max_tokens=130, num_splits=2, version=version)
+    out = decode_attention(q, store, 0.1, max_tokens=130, num_splits=2)
     assert rel_err(out, ref) < 1e-5
 
 

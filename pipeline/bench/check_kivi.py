@@ -6,15 +6,14 @@ stores a real `QuantizedKVLayer` built at Llama-8B shapes; outputs are poisoned 
 must be fully written. Timing (CUDA events, median; `triton.testing.do_bench`) at Llama-8B
 shapes (32 query heads, 8 kv heads, head_dim 128, bf16), 32K tokens, batch 4 and 32:
 
-- fused: the Triton kernel over the packed store (its default version), fused-v1: the first one;
+- fused: the Triton kernel over the packed store (its defaults);
 - deq+sdpa: the layer's de-quantised keys/values (its reference path), then SDPA's flash kernel
   (GQA folded into the query axis, no mask);
 - sdpa-bf16: SDPA's flash kernel over a full-precision bf16 cache of the same length;
 - step: one layer's whole decode step (append + flush + attend) with the fused kernel;
-- sweep: the fused kernel's versions, block size, warps, programs per SM and integer conversion
-  (`SWEEP`, batch 4 and 75 at 2 bits), each checked against the float64 reference; the best per
-  batch named, and a `PICK version programs_per_sm magic` line (the module defaults that win at
-  the largest batch);
+- sweep: the fused kernel's block size, warps and programs per SM (`SWEEP`, batch 4 and 75 at
+  2 bits), each checked against the float64 reference; the best per batch named, and a
+  `PICK programs_per_sm` line (the module default that wins at the largest batch);
 - prefill: one layer's attention at 32K tokens (batch 1): one-shot (append + attend: flash over
   the forward's own tokens) and chunked (4096-token chunks: append + attend + flush each), time
   and peak memory above the inputs, against flash over a bf16 cache (`prefill-bf16`).
@@ -43,11 +42,8 @@ from policies.kivi_kernels import KiviStore, decode_attention, decode_attention_
 H, HKV, D = 32, 8, 128
 DT = torch.bfloat16
 DEV = "cuda"  # a CPU smoke test under TRITON_INTERPRET=1 sets "cpu" (and DT float16)
-# kernel configurations timed at 2 bits: (version, block_n, num_warps, programs_per_sm, magic)
-SWEEP = [
-    (2, 128, 4, 8, True), (2, 128, 4, 4, True), (3, 128, 4, 8, True), (3, 128, 4, 4, True),
-    (3, 128, 4, 8, False), (3, 64, 4, 8, True), (3, 256, 4, 8, True), (3, 128, 8, 8, True),
-]  # fmt: skip
+# kernel configurations timed at 2 bits: (block_n, num_warps, programs_per_sm)
+SWEEP = [(128, 4, 8), (128, 4, 4), (64, 4, 8), (256, 4, 8), (128, 8, 8)]
 QUICK = False  # --quick: batch 4 and 75 at 2 bits, no SDPA comparisons
 
 
@@ -162,21 +158,19 @@ def time_config(b: int, n: int, bits: int, results: list, copy_gbs: float) -> bo
 
     packed = int(layer.kept_bytes_per_row().sum())
     t_fused = bench(lambda: decode_attention(q, store, scaling, max_tokens=n, out=out))
-    t_v1 = bench(lambda: decode_attention(q, store, scaling, max_tokens=n, out=out, version=1))
-    if bits == 2 and SWEEP:  # versions, block size / warps / programs per SM
-        for version, bn, warps, pps, magic in SWEEP:
+    if bits == 2 and SWEEP:  # block size / warps / programs per SM
+        for bn, warps, pps in SWEEP:
             kw = dict(max_tokens=n, out=out, block_n=bn, num_warps=warps, programs_per_sm=pps)
-            kw.update(version=version, magic=magic)
             try:
                 ms = bench(lambda kw=kw: decode_attention(q, store, scaling, **kw))
                 err_s = rel_err(out[few], reference64(q[few], rows(layer._store(), few), scaling))
             except Exception as e:  # e.g. shared memory
-                print(f"sweep v{version} block_n={bn} warps={warps} pps={pps}: {type(e).__name__}: {e}"[:300])
+                print(f"sweep block_n={bn} warps={warps} pps={pps}: {type(e).__name__}: {e}"[:300])
                 continue
-            row = dict(check="sweep", batch=b, bits=bits, version=version, block_n=bn, num_warps=warps)
-            row.update(programs_per_sm=pps, magic=magic, ok=bool(err_s < 1e-2))
+            row = dict(check="sweep", batch=b, bits=bits, block_n=bn, num_warps=warps)
+            row.update(programs_per_sm=pps, ok=bool(err_s < 1e-2))
             results.append(dict(row, ms=ms, gbs=packed / ms / 1e6, rel_err=err_s))
-            print(f"sweep b={b} bits={bits} v{version} block_n={bn} warps={warps} pps={pps} magic={magic}: "
+            print(f"sweep b={b} bits={bits} block_n={bn} warps={warps} pps={pps}: "
                   f"{ms:.4f} ms {packed / ms / 1e6:.0f} GB/s err {err_s:.1e}", flush=True)  # fmt: skip
     kv16 = b * HKV * n * D * 2 * 2
     folded = q.reshape(b, HKV, H // HKV, D)
@@ -230,7 +224,6 @@ def time_config(b: int, n: int, bits: int, results: list, copy_gbs: float) -> bo
 
     for name, ms, nbytes in (
         ("fused", t_fused, packed),
-        ("fused-v1", t_v1, packed),
         ("deq+sdpa", t_deq, packed + 2 * kv16),
         ("sdpa-bf16", t_sdpa, kv16),
         ("step(append+attend)", t_step, packed),
@@ -359,7 +352,7 @@ def main() -> int:
     configs = [(4, 32768, 2), (75, 32768, 2), (4, 32768, 4), (32, 32768, 4)]
     if QUICK:
         configs = [(4, 32768, 2), (75, 32768, 2)]
-        SWEEP[:] = [c for c in SWEEP if c[1:3] == (128, 4)]
+        SWEEP[:] = [c for c in SWEEP if c[:2] == (128, 4)]
     for b, n, bits in configs:
         ok &= time_config(b, n, bits, results, copy_gbs)
     if not QUICK:
@@ -384,16 +377,15 @@ def main() -> int:
     if sweep:
         for bsz in sorted({r["batch"] for r in sweep}):
             best = min((r for r in sweep if r["batch"] == bsz), key=lambda r: r["ms"])
-            cfg = (f"v{best['version']} block_n={best['block_n']} warps={best['num_warps']} "
-                   f"pps={best['programs_per_sm']} magic={best['magic']}")  # fmt: skip
+            cfg = f"block_n={best['block_n']} warps={best['num_warps']} pps={best['programs_per_sm']}"
             print(f"best kernel config (b={bsz}, 2-bit): {cfg} {best['ms']:.4f} ms")
-        # the module defaults that can be set (DEFAULT_VERSION, PROGRAMS_PER_SM, MAGIC), chosen at
-        # the largest batch among the configurations with the default block and warps
+        # the module default that can be set (PROGRAMS_PER_SM), chosen at the largest batch among
+        # the configurations with the default block and warps
         top = max(r["batch"] for r in sweep)
         pick = [r for r in sweep if r["batch"] == top and r["block_n"] == 128 and r["num_warps"] == 4]
         if pick:
             best = min(pick, key=lambda r: r["ms"])
-            print(f"PICK {best['version']} {best['programs_per_sm']} {best['magic']}")
+            print(f"PICK {best['programs_per_sm']}")
     errs = [r["rel_err"] for r in results if "rel_err" in r]
     print(f"correctness: {'all ok' if ok else 'FAILED'}; max rel err vs float64 {max(errs):.2e}")
     return 0 if ok and all(math.isfinite(e) for e in errs) else 1

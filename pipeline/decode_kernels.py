@@ -129,11 +129,14 @@ def _partial_kernel(
     tl.store(PL + row, lse, mask=g_ok)
 
 
+# The merge of the splits' partials, shared with `policies.ragged_kernels` (`reduce_kernel`):
+# partial row (bh * splits + s) * G + g holds split s of query head g of (row, kv head) bh.
 def _reduce_kernel(PO, PL, OUT, splits, G: tl.constexpr, D: tl.constexpr):
     pid = tl.program_id(0)  # = (b * h_kv + kv head) * G + g = b * H + query head
     bh = pid // G
     g = pid % G
     offs_d = tl.arange(0, D)
+    # running max and denominator kept as [D] vectors (equal lanes): loop-carried tensors
     m = tl.full([D], float("-inf"), dtype=tl.float32)
     den = tl.zeros([D], dtype=tl.float32)
     acc = tl.zeros([D], dtype=tl.float32)
@@ -163,24 +166,34 @@ def _kernels(interpret: bool):
     )
 
 
+def reduce_kernel(interpret: bool):
+    """The jitted merge of split partials (`_reduce_kernel`; grid b * H, one program a query head)."""
+    return _kernels(interpret)[1]
+
+
 @functools.lru_cache(maxsize=8)
 def _num_sms(index: int | None) -> int:
     if index is None or not torch.cuda.is_available():
-        return 8  # the interpreter on CPU: small grids
+        return 8  # the interpreter on CPU: a small figure keeps the test grids small
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _next_pow2(x: int) -> int:
+def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def split_size(rows_heads: int, capacity: int, device: torch.device) -> int:
-    """Slots per split: about 8 programs per multiprocessor over the whole buffer, 128..4096."""
+def split_tokens(total: int, device: torch.device, block_n: int = BLOCK_N) -> int:
+    """Tokens per split of a split-K decode over `total` tokens: about 8 programs per
+    multiprocessor, a power of two in 2 * block_n..4096 (`policies.ragged_kernels` too)."""
     index = None
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-    total = rows_heads * capacity
-    return min(4096, max(2 * BLOCK_N, _next_pow2(-(-total // (8 * _num_sms(index))))))
+    return min(4096, max(2 * block_n, next_pow2(-(-total // (8 * _num_sms(index))))))
+
+
+def split_size(rows_heads: int, capacity: int, device: torch.device) -> int:
+    """Slots per split over the whole buffer (`split_tokens` of rows_heads * capacity slots)."""
+    return split_tokens(rows_heads * capacity, device)
 
 
 def static_decode_attention(
@@ -238,7 +251,7 @@ def static_decode_attention(
         chunk,
         scaling * LOG2E,
         G=group,
-        BLOCK_G=max(16, _next_pow2(group)),
+        BLOCK_G=max(16, next_pow2(group)),
         D=d,
         BLOCK_N=BLOCK_N,
         HAS_EMPTY=mask,

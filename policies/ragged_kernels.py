@@ -24,6 +24,7 @@ import functools
 
 import torch
 
+from pipeline.decode_kernels import next_pow2, reduce_kernel, split_tokens
 from pipeline.kv_cache import EMPTY
 from pipeline.triton_gate import import_triton, interpreting, kernel_may_run, triton_available
 
@@ -146,34 +147,10 @@ def _partial_kernel(
     tl.store(PL + row, lse, mask=g_ok)
 
 
-def _reduce_kernel(PO, PL, OUT, total_splits, G: tl.constexpr, D: tl.constexpr):
-    pid = tl.program_id(0)  # = (b * h + kv head) * G + g = b * H + query head
-    bh = pid // G
-    g = pid % G
-    offs_d = tl.arange(0, D)
-    # running max and denominator kept as [D] vectors (equal lanes): loop-carried tensors
-    m = tl.full([D], float("-inf"), dtype=tl.float32)
-    den = tl.zeros([D], dtype=tl.float32)
-    acc = tl.zeros([D], dtype=tl.float32)
-    for s in range(0, total_splits):
-        row = (bh * total_splits + s) * G + g
-        lse = tl.load(PL + row)
-        o = tl.load(PO + row * D + offs_d)
-        m_new = tl.maximum(m, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w_old = tl.exp2(m - m_safe)
-        w = tl.exp2(lse - m_safe)
-        acc = acc * w_old + o * w
-        den = den * w_old + w
-        m = m_new
-    out = tl.where(den > 0.0, acc / tl.where(den > 0.0, den, 1.0), 0.0)
-    tl.store(OUT + pid * D + offs_d, out.to(OUT.dtype.element_ty))
-
-
 @functools.lru_cache(maxsize=4)
 def _kernels(interpret: bool):
-    """`triton.jit` the kernels (per interpreter mode: jit reads TRITON_INTERPRET itself)."""
-    del interpret  # the cache key
+    """`triton.jit` the kernels (per interpreter mode: jit reads TRITON_INTERPRET itself); the merge
+    of the splits is `pipeline.decode_kernels`' (the same partial layout)."""
     global tl
     triton, tl = import_triton()
     # per-step values (the tail grows by one token a step): not specialized, so that a tail of
@@ -181,28 +158,13 @@ def _kernels(interpret: bool):
     varying = ["tail_len", "flat_splits", "total_splits", "chunk"]
     return (
         triton.jit(_partial_kernel, do_not_specialize=varying),
-        triton.jit(_reduce_kernel, do_not_specialize=["total_splits"]),
+        reduce_kernel(interpret),
     )
-
-
-@functools.lru_cache(maxsize=8)
-def _num_sms(index: int | None) -> int:
-    if index is None or not torch.cuda.is_available():
-        return 8  # the interpreter on CPU: a small figure keeps the test grids small
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 def split_size(total_tokens: int, device: torch.device) -> int:
     """Tokens per split: about 8 splits per multiprocessor over the whole store, 128..4096."""
-    index = None
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-    sms = _num_sms(index)
-    return min(4096, max(2 * BLOCK_N, _next_pow2(-(-total_tokens // (8 * sms)))))
+    return split_tokens(total_tokens, device, BLOCK_N)
 
 
 def ragged_decode_attention(
@@ -282,7 +244,7 @@ def ragged_decode_attention(
         chunk,
         scaling * LOG2E,
         G=group,
-        BLOCK_G=max(16, _next_pow2(group)),
+        BLOCK_G=max(16, next_pow2(group)),
         D=d,
         BLOCK_N=block_n,
         TAIL_MASK=mask,
@@ -476,16 +438,8 @@ def ragged_prefill_attention_merged(
     scaling: float,
     attn=None,
 ) -> torch.Tensor:
-    """Attention [b, H, q, d] of a prefill chunk's queries [b, H, q, d] over a ragged store plus
-    its dense tail (no EMPTY slot, no padding query; the chunk is the tail's last q tokens).
-
-    flat_keys/values [N, d] (segments back to back in (row, kv head) order); seg_cu [b*h + 1]
-    int32 cumulative segment lengths; `max_seg` the longest segment (host int, > 0);
-    tail_keys/values [b, h, t, d] (t >= q; any strides with unit stride on d). `attn`: the
-    attention function (default `flash_forward`; tests pass `flash_forward_reference`).
-    The result is a [b, q, H, d]-contiguous tensor seen as [b, H, q, d] (the attention hook's
-    transpose back is then free).
-    """
+    """`ragged_prefill_attention` in "merged" mode (arguments and result as there): flash over the
+    store in place and over the tail apart, merged by their log-sum-exps."""
     attn = attn or flash_forward
     b, num_heads, q_len, d = query.shape
     h, t = tail_keys.shape[1], tail_keys.shape[2]

@@ -17,8 +17,7 @@ with no padded copy and no device sync. What it needs beyond the flat tensors (s
 offsets, int32 lengths, the longest segment as a host int) is computed once per compression
 in `store_dense`. A prefill chunk (several queries, no padding, CUDA fp16/bf16) goes through
 flash attention's varlen mode, one sequence per (row, head): its segment and its tail packed
-side by side (one copy, no padding), lower-right causal (`ragged_kernels.ragged_prefill_attention`;
-its "merged" mode reads the store in place and merges a separate tail call by log-sum-exps):
+side by side (one copy, no padding), lower-right causal (`ragged_kernels.ragged_prefill_attention`):
 no padded copy, no mask. Other calls (padded batches, CPU, no Triton) take the exact masked
 path over the dense view, or the base layer's path while nothing was compressed yet.
 
@@ -208,9 +207,9 @@ class RaggedKVLayer(KVLayer):
         return self.attend_masked(query, step, scaling)
 
     def attend_prefill(self, query: torch.Tensor, scaling: float, attn=None) -> torch.Tensor:
-        """A prefill chunk (no padding, no EMPTY tail slot) over the flat store in place plus the tail:
-        flash over each (row, head)'s segment and causal flash over the tail, merged by their
-        log-sum-exps (`ragged_kernels.ragged_prefill_attention`); `attn` replaces flash in tests."""
+        """A prefill chunk (no padding, no EMPTY tail slot) over the flat store plus the tail: one
+        varlen flash call over each (row, head)'s segment and tail, lower-right causal
+        (`ragged_kernels.ragged_prefill_attention`); `attn` replaces flash in tests."""
         return ragged_kernels.ragged_prefill_attention(
             query,
             self.flat_keys,

@@ -55,9 +55,7 @@ def ragged_layer(b, h, d, chunk, earlier=0, max_len=90, seed=0, dtype=torch.floa
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("earlier", [0, 7])
-@pytest.mark.parametrize("mode", ["packed", "merged"])
-def test_prefill_matches_masked_path(group, d, earlier, mode, monkeypatch):
-    monkeypatch.setattr(rk, "PREFILL_MODE", mode)
+def test_prefill_matches_masked_path(group, d, earlier):
     b, h, chunk = 2, 3, 19
     layer, qpos = ragged_layer(b, h, d, chunk, earlier=earlier, seed=group * d + earlier)
     query = torch.randn(b, h * group, chunk, d, generator=torch.Generator().manual_seed(1))
@@ -81,9 +79,7 @@ def test_attend_takes_the_masked_path_off_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (flash attention)")
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("mode", ["packed", "merged"])
-def test_prefill_flash_matches_masked_path_cuda(group, d, mode, monkeypatch):
-    monkeypatch.setattr(rk, "PREFILL_MODE", mode)
+def test_prefill_flash_matches_masked_path_cuda(group, d):
     b, h, chunk = 2, 4, 200
     kw = dict(earlier=30, max_len=700, seed=group + d, device="cuda")
     layer, qpos = ragged_layer(b, h, d, chunk, dtype=torch.bfloat16, **kw)

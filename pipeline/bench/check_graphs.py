@@ -155,16 +155,12 @@ def _one_step_agreement(gen, measure, pre, batch: int) -> dict:
 
 def check_model(args) -> list[dict]:
     from pipeline.bench import gpu, measure
-    from pipeline.bench.settings import MODEL_SHAPES, BenchSettings
+    from pipeline.bench.settings import BenchSettings
     from policies import Budget, make_policy
 
     device = torch.device("cuda")
-    name = args.model
-    if args.layers:
-        name = f"{args.model}-{args.layers}l"
-        MODEL_SHAPES[name] = dict(MODEL_SHAPES[args.model], num_hidden_layers=args.layers)
-    settings = BenchSettings(model=name, contexts=(args.context,))
-    bm = measure.build_model(settings, device, torch.bfloat16)
+    settings = BenchSettings(model=args.model, contexts=(args.context,))
+    bm = measure.build_model(settings, device, torch.bfloat16, layers=args.layers)
     ids = measure.random_ids(bm, 1, args.context, 0)
     rows = []
     with torch.inference_mode():

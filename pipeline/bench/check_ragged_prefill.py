@@ -266,15 +266,14 @@ def main(argv=None) -> None:
 def model_rows(args):
     from pipeline.bench import gpu
     from pipeline.bench import measure as bm_measure
-    from pipeline.bench.settings import LLAMA_8B, BenchSettings
+    from pipeline.bench.settings import BenchSettings
     from policies import Budget
 
     dev = DEV
     cuda = dev.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    bm_measure.MODEL_SHAPES["llama8b-check"] = dict(LLAMA_8B, num_hidden_layers=args.layers)
-    settings = BenchSettings(model="llama8b-check", contexts=(args.context,))
-    bm = bm_measure.build_model(settings, dev, dtype)
+    settings = BenchSettings(model="llama8b", contexts=(args.context,))
+    bm = bm_measure.build_model(settings, dev, dtype, layers=args.layers)
     bm_measure.use_kvpipe_attention(bm)
     ids = bm_measure.random_ids(bm, 1, args.context, 0)
     rows, kept_by = [], {}

@@ -64,8 +64,13 @@ class BenchModel:
         return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * self.dtype.itemsize
 
 
-def build_model(settings: BenchSettings, device: torch.device, dtype: torch.dtype) -> BenchModel:
-    """A random-weight causal LM with the named shapes, built directly on `device`."""
+def build_model(
+    settings: BenchSettings, device: torch.device, dtype: torch.dtype, layers: int | None = None
+) -> BenchModel:
+    """A random-weight causal LM with the named shapes, built directly on `device`.
+
+    `layers`: fewer decoder layers than the shapes name (the check and profile scripts' quick runs).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     positions = max(8192, 2 * max(settings.contexts) + 1024)
@@ -81,6 +86,8 @@ def build_model(settings: BenchSettings, device: torch.device, dtype: torch.dtyp
         config = AutoConfig.from_pretrained(settings.model)
         config.max_position_embeddings = max(getattr(config, "max_position_embeddings", 0) or 0, positions)
         config.eos_token_id = None
+    if layers:
+        config.num_hidden_layers = layers
     torch.manual_seed(settings.seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")

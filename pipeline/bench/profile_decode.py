@@ -27,7 +27,7 @@ def _top_kernels(prof, limit: int) -> list[tuple[str, float, int]]:
 
 def main(argv=None) -> None:
     from pipeline.bench import gpu, measure
-    from pipeline.bench.settings import LLAMA_8B, BenchSettings
+    from pipeline.bench.settings import BenchSettings
     from policies import Budget, make_policy
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,9 +44,8 @@ def main(argv=None) -> None:
     gpu.prefer_expandable_segments()
     device = gpu.resolve_device("auto")
     dtype = torch.bfloat16 if gpu.is_cuda(device) else torch.float32
-    measure.MODEL_SHAPES["llama8b-profile"] = dict(LLAMA_8B, num_hidden_layers=args.layers)
-    settings = BenchSettings(model="llama8b-profile", contexts=(args.context,))
-    bm = measure.build_model(settings, device, dtype)
+    settings = BenchSettings(model="llama8b", contexts=(args.context,))
+    bm = measure.build_model(settings, device, dtype, layers=args.layers)
     ids = measure.random_ids(bm, 1, args.context, 0)
     from torch.profiler import ProfilerActivity, profile
 

@@ -35,13 +35,16 @@ import time
 
 import torch
 
+from pipeline.bench.settings import MODEL_SHAPES
 from pipeline.kv_cache import StepContext
 from policies import make_policy
 
-SHAPES = {  # query heads, kv heads, head_dim, layers
-    "llama8b": (32, 8, 128, 32),
-    "smollm2": (9, 3, 64, 30),
-}
+
+def _shape(name: str) -> tuple[int, int, int, int]:
+    """(query heads, kv heads, head_dim, layers) of the benchmark's named shapes."""
+    c = MODEL_SHAPES[name]
+    d = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    return c["num_attention_heads"], c["num_key_value_heads"], d, c["num_hidden_layers"]
 
 
 def _sync(dev):
@@ -59,7 +62,7 @@ def kept_digest(layers) -> str:
 
 def run_case(policy_name, shapes, context, chunk, ratio, layers, dev, seed=0, profile=False):
     """(seconds of compression per layer over the whole prefill, peak bytes, digest, profile text)."""
-    num_heads, kv_heads, d, model_layers = SHAPES[shapes]
+    num_heads, kv_heads, d, model_layers = _shape(shapes)
     policy = make_policy(policy_name)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -145,7 +148,7 @@ def micro(dev):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="llama8b", choices=sorted(SHAPES))
+    ap.add_argument("--shapes", default="llama8b", choices=["llama8b", "smollm2"])
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--ratio", type=float, default=0.25)

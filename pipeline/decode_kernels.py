@@ -23,7 +23,13 @@ import functools
 import torch
 
 from pipeline.attention_math import EMPTY
-from pipeline.triton_gate import import_triton, interpreting, kernel_may_run, triton_available
+from pipeline.triton_gate import (
+    import_triton,
+    interpreting,
+    kernel_may_run,
+    multiprocessors,
+    triton_available,
+)
 
 tl = None  # triton.language, imported by `_kernels` at first use
 
@@ -171,13 +177,6 @@ def reduce_kernel(interpret: bool):
     return _kernels(interpret)[1]
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(index: int | None) -> int:
-    if index is None or not torch.cuda.is_available():
-        return 8  # the interpreter on CPU: a small figure keeps the test grids small
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -185,10 +184,8 @@ def next_pow2(x: int) -> int:
 def split_tokens(total: int, device: torch.device, block_n: int = BLOCK_N) -> int:
     """Tokens per split of a split-K decode over `total` tokens: about 8 programs per
     multiprocessor, a power of two in 2 * block_n..4096 (`policies.ragged_kernels` too)."""
-    index = None
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-    return min(4096, max(2 * block_n, next_pow2(-(-total // (8 * _num_sms(index))))))
+    sms = multiprocessors(device, on_cpu=8)
+    return min(4096, max(2 * block_n, next_pow2(-(-total // (8 * sms)))))
 
 
 def split_size(rows_heads: int, capacity: int, device: torch.device) -> int:

@@ -6,6 +6,8 @@ the pipeline itself never interprets a kernel (interpreted decode is far slower 
 torch paths). The interpreter is chosen by TRITON_INTERPRET=1, which must be set before triton is
 first imported in the process (triton.language's own helpers are jit functions made then).
 
+`multiprocessors` is the one launch-sizing fact they share (split-K grids fill the SMs).
+
 Triton is optional: `triton_available` asks without importing it (importing triton is slow), and
 `import_triton` imports it for the modules that define their kernels at import.
 """
@@ -47,3 +49,16 @@ def kernel_may_run(device: torch.device, cpu_opt_in: bool) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and cpu_opt_in and interpreting()
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessors(device: torch.device, on_cpu: int) -> int:
+    """Streaming multiprocessors of a CUDA device; `on_cpu` for CPU tensors (the interpreter in
+    tests: a small figure, so that test grids stay small yet have several splits)."""
+    if device.type != "cuda":
+        return on_cpu
+    return _cuda_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.triton_gate import import_triton
+from pipeline.triton_gate import import_triton, multiprocessors
 
 # triton is optional: without it (or without CUDA) the layer uses its reference path
 triton, tl = import_triton()
@@ -429,19 +429,6 @@ if triton is not None:
         tl.store(LP + part * M + rm, l_i, mask=rm < GROUP)
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (2 for CPU tensors: a few splits in tests)."""
-    if device.type != "cuda":
-        return 2
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 _WORKSPACE: dict[tuple, torch.Tensor] = {}
 
 
@@ -495,7 +482,7 @@ def decode_attention(
     assert bn % store.group_size == 0 and bn & (bn - 1) == 0
     blocks = max(1, triton.cdiv(max(max_tokens, 1), bn))
     if num_splits is None:
-        wanted = _sms(query.device) * programs_per_sm
+        wanted = multiprocessors(query.device, on_cpu=2) * programs_per_sm
         num_splits = max(1, min(blocks, triton.cdiv(wanted, b * h)))
     per_split = triton.cdiv(blocks, num_splits) * bn
     num_splits = triton.cdiv(blocks * bn, per_split)

@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from pipeline.triton_gate import import_triton, interpreting, kernel_may_run
+from pipeline.triton_gate import import_triton, interpreting, kernel_may_run, multiprocessors
 
 triton, tl = import_triton()
 HAVE_TRITON = triton is not None
@@ -346,23 +346,13 @@ if HAVE_TRITON:
         tl.store(OUT + bi.to(tl.int64) * so_b + hi * so_h + dd, out.to(OUT.dtype.element_ty))
 
 
-_SM_COUNT: dict[int, int] = {}
 _FAST_TRIG_OK = True  # cleared if the inline PTX for cos/sin.approx fails to compile
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2  # the interpreter: small, so that tests exercise several splits
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SM_COUNT:
-        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SM_COUNT[i]
 
 
 def plan_splits(programs: int, slots: int, block_n: int, device: torch.device, waves: int = 4):
     """(splits, chunk): enough programs for `waves` per multiprocessor, chunks a multiple of block_n."""
     blocks = max(1, math.ceil(slots / block_n))
-    splits = max(1, min(blocks, math.ceil(waves * _sm_count(device) / max(programs, 1))))
+    splits = max(1, min(blocks, math.ceil(waves * multiprocessors(device, on_cpu=2) / max(programs, 1))))
     chunk = math.ceil(blocks / splits) * block_n
     return math.ceil(max(slots, 1) / chunk), chunk
 

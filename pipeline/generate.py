@@ -139,7 +139,7 @@ class Generator:
         return out.logits[:, -1, :].float()
 
     @staticmethod
-    def _spare_slots(compressing: bool, width: int, hi: int, chunk: int, after_prefill: int) -> int:
+    def _spare_slots(compressing: bool, width: int, hi: int, after_prefill: int) -> int:
         """Slots a layer should allocate beyond its need while prefilling up to column `hi`.
 
         A full cache allocates once, for the whole prompt and every token after it; a
@@ -191,7 +191,7 @@ class Generator:
         for lo in range(0, width, chunk):
             hi = min(width, lo + chunk)
             compress = compressing and (hi == width or chunk_tokens is not None)
-            cache.set_spare(self._spare_slots(compressing, width, hi, chunk, after_prefill))
+            cache.set_spare(self._spare_slots(compressing, width, hi, after_prefill))
             logits = self._forward(
                 cache, ids[:, lo:hi], positions[:, lo:hi], compress, budgets, padded=lo < padded_columns
             )

@@ -97,6 +97,22 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float, inverse: bool =
     return out
 
 
+def rope_one(x: torch.Tensor, positions: torch.Tensor, theta: float, inverse: bool = False) -> torch.Tensor:
+    """`rope` of one token per row (x [b, h, 1, d], positions [b, 1]) without a host read: the angles
+    formed as `rope_table` forms them (float64 products, cos/sin, then float32), so the result is
+    the table's, and a decode step stays capturable in a CUDA graph."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float64) / d))
+    ang = positions.clamp(min=0).double()[:, None, :, None] * inv_freq  # [b, 1, 1, d/2]
+    ang = torch.cat([ang, ang], dim=-1)
+    cos, sin = ang.cos().float(), ang.sin().float()
+    if inverse:
+        sin = -sin
+    xf = x.float()
+    half = torch.cat([-xf[..., d // 2 :], xf[..., : d // 2]], dim=-1)
+    return (xf * cos + half * sin).to(x.dtype)
+
+
 # -- the codebook ------------------------------------------------------------------------------
 def build_codebook(x: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy max-degree codebook of one sequence x [n, d].
@@ -521,6 +537,8 @@ class SpindleLayer(KVLayer):
         flash-decoding gathers book rows by index, scales and rotates them in registers. Every
         stored token precedes the query, so no mask is needed; lengths are `_n`. Prefill, dense
         layers, CPU and machines without triton take the exact path over the dense views."""
+        if step.static_slots is not None:
+            return self.attend_static(query, scaling)
         if self._compressed() and query.shape[2] == 1:
             from policies import spindle_kernels as sk  # triton decides at import whether it interprets
 
@@ -624,6 +642,10 @@ class SpindleLayer(KVLayer):
         row's length, which `note_padding` reports), so decoding never waits for the device."""
         if self.mode == "dense":
             return super().append(keys, values, positions)
+        if keys.shape[2] == 1 and self._room_for_decode():
+            self._decode_write(keys, values, positions)
+            self._widen(1)
+            return None
         b, hk, q, d = keys.shape
         filled = (positions != EMPTY)[:, None, :]
         valid = filled.expand(b, hk, q)
@@ -721,6 +743,134 @@ class SpindleLayer(KVLayer):
         shape = (b, h, q)
         return (units.reshape(b, h, q, d), opens.reshape(shape), counts.reshape(b, h), new_idx.reshape(shape),
                 mag.reshape(shape))  # fmt: skip
+
+    # -- decode appends in place, and the static-shape decode step (`pipeline.decode_graph`) -----
+    # A decode token is written at the device-held counts into the buffers' spare slots, the counts
+    # advance in place, and every view widens by one slot (`_widen`, host-only): no host read and no
+    # new storage, so one CUDA graph serves every step while the buffers stay the same. The eager
+    # step runs the same writer (`append`), so the two store the same bytes.
+    def _room_for_decode(self) -> bool:
+        """Every grown tensor is the used part of its buffer with room for one token plus the trash
+        slot, and the index dtype holds one more book entry (else `append`'s general path reallocates)."""
+        bufs = self.__dict__.get("_bufs", {})
+        for name in self._GROWN:
+            cur = getattr(self, name)
+            if cur is None:
+                continue
+            buf = bufs.get(name)
+            if (
+                buf is None
+                or buf.data_ptr() != cur.data_ptr()
+                or buf.dtype != cur.dtype
+                or buf.stride() != cur.stride()
+                or buf.shape[:2] != cur.shape[:2]
+                or buf.shape[2] < cur.shape[2] + 2
+            ):
+                return False
+        if self.rk.dtype != index_dtype(self.kbook.shape[2] + 1):
+            return False
+        return self.mode != "codebook" or self.rv.dtype == index_dtype(self.vbook.shape[2] + 1)
+
+    def _write(self, name: str, length: torch.Tensor, new: torch.Tensor, valid: torch.Tensor) -> None:
+        """Scatter one token per sequence (`new` [b, h, 1, ...]) into buffer `name` at `length` ([b, h]);
+        where `valid` is False it lands in the trash slot (the buffer's last, never inside a view)."""
+        buf = self._bufs[name]
+        idx = length[..., None].masked_fill(~valid, buf.shape[2] - 1)
+        buf.scatter_(2, _expand_index(idx, new), new.to(buf.dtype))
+
+    def _decode_write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store one decode token per row (keys/values [b, hk, 1, d], positions [b, 1]) in place."""
+        b, hk = keys.shape[:2]
+        e = self._n.shape[1]
+        filled = (positions != EMPTY)[:, None, :]  # [b, 1, 1]
+        valid, valid_e = filled.expand(b, hk, 1), filled.expand(b, e, 1)
+        added = filled[..., 0].long()  # [b, 1]: 1 per stored token (0 for a padding row)
+        if self.mode == "evicted":
+            # a new book entry per kv head; each of its query heads indexes it
+            ids = self.kbook_n[..., None].expand(b, hk, e // hk).reshape(b, e, 1)
+            self._write("kbook", self.kbook_n, keys, valid)
+            self._write("vbook", self.kbook_n, values, valid)
+            self._write("rk", self._n, ids, valid_e)
+            self.kbook_n.add_(added)
+            if self.vbook_n is not self.kbook_n:
+                self.vbook_n.copy_(self.kbook_n)
+        else:
+            kx = keys if self.rope_theta is None else rope_one(keys, positions, self.rope_theta, inverse=True)
+            for x, book, count, theta, idx, mag in (
+                (kx, "kbook", self.kbook_n, self.theta_k, "rk", "mk"),
+                (values, "vbook", self.vbook_n, self.theta_v, "rv", "mv"),
+            ):
+                # matched against the whole buffer (entries past `count` are masked): a fixed grid
+                units, opens, _, new_idx, mags = self._assign(x, valid, self._bufs[book], count, theta)
+                self._write(book, count, units, opens)
+                self._write(idx, self._n, new_idx, valid_e)
+                self._write(mag, self._n, mags, valid_e)
+                count.add_(opens[..., 0].long())
+        pos = positions.to(torch.int32)[:, None, :].expand(b, e, 1)
+        self._write("_pos", self._n, pos, valid_e)
+        self._n.add_(added)
+
+    def _widen(self, steps: int) -> None:
+        """Host bookkeeping of `steps` decode tokens: every view one slot wider per token (an upper
+        bound, as `append`'s decode path always was: a token that joins an entry leaves a dead slot)."""
+        for name in self._GROWN:
+            cur = getattr(self, name)
+            if cur is not None:
+                setattr(self, name, self._bufs[name][:, :, : cur.shape[2] + steps])
+
+    def static_decode_ready(self) -> bool:
+        """A compressed layer takes the static step while its buffers have room (`_room_for_decode`);
+        a dense one as a plain `KVLayer` does."""
+        if self._compressed():
+            return self._room_for_decode()
+        k, v, p = self._k, self._v, self._p
+        return (
+            self.is_initialized
+            and not self.slot_stats
+            and k.used < k.capacity
+            and v.used < v.capacity
+            and p.used < p.capacity
+            and k.used == v.used == p.used
+        )
+
+    @property
+    def slots_used(self) -> int:
+        """The view width (it grows by one per decode step, as the runner's slot index does)."""
+        return self._pos.shape[2] if self._compressed() else self._k.used
+
+    def static_buffers(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor a static step writes or reads: the buffers and the device-held counts."""
+        if not self._compressed():
+            return super().static_buffers()
+        grown = tuple(self._bufs[name] for name in self._GROWN if getattr(self, name) is not None)
+        return (*grown, self._n, self.kbook_n, self.vbook_n)
+
+    def append_static(self, keys, values, positions, slot) -> None:
+        """Write one decode token; the counts on the device say where (the runner's `slot` is unused)."""
+        if not self._compressed():
+            return super().append_static(keys, values, positions, slot)
+        self._decode_write(keys, values, positions)
+
+    def attend_static(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Decode attention over the whole buffers, lengths `_n` read on the device: the kernel's grid
+        follows the capacity (fixed while the buffers stay), not the live count."""
+        if not self._compressed():
+            return super().attend_static(query, scaling)
+        from policies import spindle_kernels as sk
+
+        bufs = self._bufs
+        args = [bufs[name] if getattr(self, name) is not None else None for name in self._GROWN]
+        rope_theta = self.rope_theta if self.mode == "codebook" else None
+        if sk.kernel_available(query.device):
+            out = sk.spindle_decode(query[:, :, 0], *args, self._n, scaling, rope_theta)
+        else:  # the float32 reference over the buffers (no host read either)
+            out = sk.reference_decode(query[:, :, 0], *args, self._n, scaling, rope_theta).to(query.dtype)
+        return out[:, :, None]
+
+    def commit_static(self, steps: int = 1) -> None:
+        if not self._compressed():
+            return super().commit_static(steps)
+        self._widen(steps)
 
     def get_seq_length(self) -> int:
         pos = self.positions

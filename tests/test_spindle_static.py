@@ -1,0 +1,161 @@
+"""SpindleKV's static-shape decode step (`pipeline.decode_graph`) against its dynamic step, on CPU.
+
+The static step writes a decode token at the device-held counts and attends over the whole
+buffers with lengths read on the device; run eagerly ("static" mode) it must give the logits of
+the dynamic step ("eager" mode) at every step, store the same bytes, and hand over to the dynamic
+step when the buffers are full or rows leave the batch.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.generate import GenerationConfig, Generator  # noqa: E402
+from pipeline.kv_cache import EMPTY, CompressedCache  # noqa: E402
+from policies import Budget, make_policy  # noqa: E402
+from policies import spindle_kernels as sk  # noqa: E402
+from policies.base import row_budgets  # noqa: E402
+from policies.spindlekv import SpindleLayer, rope, rope_one  # noqa: E402
+
+PROMPTS = [list(range(300, 360)), list(range(400, 420)), list(range(500, 545))]  # left padding
+# low thresholds so that decode tokens both join entries and open new ones
+PARAMS = [{}, {"rope_theta": 10000.0, "theta_k": 0.3, "theta_v": 0.3}]
+
+
+def _prefilled(gen, prompts, new_tokens):
+    cache = CompressedCache(gen.num_layers, gen.policy)
+    ids, filled = gen._left_pad(prompts)
+    positions = torch.where(filled, filled.long().cumsum(-1) - 1, torch.full_like(ids, EMPTY))
+    lengths = [len(p) for p in prompts]
+    budgets = row_budgets(gen.budget, lengths, gen.device)
+    logits = gen.prefill(cache, ids, positions, budgets, None, new_tokens, ids.shape[1] - min(lengths))
+    return cache, logits, budgets, torch.tensor(lengths)
+
+
+def _generator(model, tok, mode, params):
+    return Generator(model, tok, make_policy("spindlekv", **params), Budget(ratio=0.4), decode_mode=mode)
+
+
+def _decode(model, tok, mode, params, steps):
+    gen = _generator(model, tok, mode, params)
+    cache, logits, budgets, next_pos = _prefilled(gen, PROMPTS, steps)
+    assert {layer.mode for layer in cache.layers} == {"codebook", "evicted"}
+    seen = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            tokens = logits.argmax(-1)
+            logits = gen.decode_step(cache, tokens, next_pos, budgets).clone()
+            next_pos = next_pos + 1
+            seen.append(logits)
+    return torch.stack(seen), cache, gen.decode.counts
+
+
+def _stored(layer: SpindleLayer) -> dict:
+    """What a layer's views hold, per live slot (dead slots past a head's length are not data)."""
+    n = layer._n
+    live = torch.arange(layer._pos.shape[2]) < n[..., None]
+    out = {"_n": n, "kbook_n": layer.kbook_n, "vbook_n": layer.vbook_n, "_pos": layer._pos}
+    for name in ("rk", "rv", "mk", "mv"):
+        t = getattr(layer, name)
+        if t is not None:
+            out[name] = torch.where(live, t, torch.zeros_like(t))
+    for name, count in (("kbook", layer.kbook_n), ("vbook", layer.vbook_n)):
+        book = getattr(layer, name)
+        used = torch.arange(book.shape[2]) < count[..., None]
+        out[name] = torch.where(used[..., None], book, torch.zeros_like(book))
+    return out
+
+
+@pytest.mark.parametrize("params", PARAMS)
+@pytest.mark.parametrize("interpret_kernel", [False, True])
+def test_static_step_equals_dynamic_step(tiny_llama, monkeypatch, params, interpret_kernel):
+    """Logits of every step, the tokens and every stored tensor, with padded rows and both modes."""
+    if interpret_kernel:
+        if not (sk.HAVE_TRITON and sk.interpreter_works()):
+            pytest.skip("the Triton kernels run on CPU under TRITON_INTERPRET=1 only")
+        monkeypatch.setattr(sk, "CPU_INTERPRET", True)
+    model, tok = tiny_llama
+    steps = 5
+    dyn, dyn_cache, dyn_counts = _decode(model, tok, "eager", params, steps)
+    sta, sta_cache, sta_counts = _decode(model, tok, "static", params, steps)
+    assert dyn_counts["eager"] == 0 and sta_counts["eager"] == steps  # each took its own path
+    torch.testing.assert_close(sta, dyn, rtol=1e-4, atol=1e-4)
+    assert torch.equal(sta.argmax(-1), dyn.argmax(-1))
+    for a, b in zip(sta_cache.layers, dyn_cache.layers):
+        assert a.mode == b.mode and a.slots_used == b.slots_used
+        for (name, x), y in zip(_stored(a).items(), _stored(b).values()):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_decode_write_equals_the_general_append(tiny_llama):
+    """The in-place decode writer stores what `append`'s general path (reallocating) stores."""
+    model, tok = tiny_llama
+    params = PARAMS[1]
+    gen = _generator(model, tok, "eager", params)
+    cache, *_ = _prefilled(gen, PROMPTS, 4)
+    g = torch.Generator().manual_seed(3)
+    for layer in cache.layers:
+        b, hk, d = layer.kbook.shape[0], layer.kbook.shape[1], layer.kbook.shape[-1]
+        other = SpindleLayer.__copy__(layer)
+        for name in ("_n", "kbook_n", "vbook_n"):  # counts advance in place: give the copy its own
+            setattr(other, name, getattr(layer, name).clone())
+        other._bufs = {name: buf.clone() for name, buf in layer._bufs.items()}
+        for name in SpindleLayer._GROWN:
+            if getattr(layer, name) is not None:
+                setattr(other, name, other._bufs[name][:, :, : getattr(layer, name).shape[2]])
+        for step in range(3):
+            k, v = torch.randn(2, b, hk, 1, d, generator=g)
+            k = torch.where(torch.rand(b, hk, 1, 1, generator=g) < 0.5, layer.kbook[:, :, :1] * 2, k)
+            pos = torch.tensor([[60 + step], [EMPTY], [60 + step]])  # a padding row too
+            assert layer._room_for_decode()
+            layer.append(k, v, pos)  # the in-place writer
+            other._bufs = {}  # no buffer: the general path, which reallocates
+            other.append(k, v, pos)
+            for (name, x), y in zip(_stored(layer).items(), _stored(other).values()):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_rows_leaving_and_full_buffers_hand_over(tiny_llama):
+    """generate() with a row that stops mid-decode gives the eager tokens; when the reserved room is
+    spent, the dynamic step takes over and still matches."""
+    model, tok = tiny_llama
+    eager, static = (_generator(model, tok, mode, PARAMS[1]) for mode in ("eager", "static"))
+    cfg = GenerationConfig(max_new_tokens=8)
+    first, _ = eager.generate(PROMPTS, cfg)
+    stop = first[1].output_ids[2]  # row 1 stops after 2 tokens: the batch shrinks mid-decode
+    cfg = GenerationConfig(max_new_tokens=8, stop_token_ids=(stop,))
+    a, _ = eager.generate(PROMPTS, cfg)
+    b, _ = static.generate(PROMPTS, cfg)
+    assert [r.output_ids for r in b] == [r.output_ids for r in a]
+    assert "stop" in [r.finish_reason for r in a]
+    assert static.decode.counts["eager"] == 7 and eager.decode.counts["eager"] == 0  # every step static
+
+    # past the reserved room: static steps while it lasts, then the dynamic step
+    steps = 4
+    sta_gen, dyn_gen = (_generator(model, tok, mode, PARAMS[1]) for mode in ("static", "eager"))
+    outs = []
+    for gen in (sta_gen, dyn_gen):
+        cache, logits, budgets, next_pos = _prefilled(gen, PROMPTS, 2)  # room for 2 decode tokens
+        seen = []
+        with torch.inference_mode():
+            for _ in range(steps):
+                logits = gen.decode_step(cache, logits.argmax(-1), next_pos, budgets).clone()
+                next_pos = next_pos + 1
+                seen.append(logits)
+        outs.append(torch.stack(seen))
+    assert 0 < sta_gen.decode.counts["eager"] < steps
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_rope_one_is_rope():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 2, 1, 16, generator=g)
+    pos = torch.tensor([[0], [5], [40000]])
+    for inverse in (False, True):
+        want = rope(x, pos[:, None, :].expand(3, 2, 1), 10000.0, inverse=inverse)
+        torch.testing.assert_close(rope_one(x, pos, 10000.0, inverse=inverse), want, rtol=0, atol=1e-6)

@@ -198,14 +198,18 @@ class KVLayer(CacheLayerMixin):
             self.slot_stats[name] = torch.cat([stat, stat.new_zeros((b, h, q))], dim=-1)
         return self.keys, self.values
 
-    # -- the static-shape decode step (graph-capturable; plain dense layers only) -------------
+    # -- the static-shape decode step (graph-capturable; dense layers, and storage forms that
+    # implement these methods for their own form) --------------------------------------------
     def static_decode_ready(self) -> bool:
-        """Whether this layer can take a static-shape decode step now: a plain dense layer (storage
-        forms override append/attend), no per-slot statistics to follow, room for one more token."""
+        """Whether this layer can take a static-shape decode step now: a plain dense layer (a storage
+        form that overrides append/attend says so itself), no per-slot statistics to follow, room
+        for one more token."""
+        return type(self) is KVLayer and self.is_initialized and self._room_for_one_token()
+
+    def _room_for_one_token(self) -> bool:
+        """No per-slot statistics to follow, and the buffers have room for one more token each."""
         return (
-            type(self) is KVLayer
-            and self.is_initialized
-            and not self.slot_stats
+            not self.slot_stats
             and self._k.used < self._k.capacity
             and self._v.used < self._v.capacity
             and self._p.used < self._p.capacity

@@ -30,6 +30,8 @@ whether any (row, head) is over budget without reading the device.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from pipeline.attention_math import grouped_attention, position_mask
@@ -194,6 +196,8 @@ class RaggedKVLayer(KVLayer):
         return position_mask(self.dense_positions(), query_positions, heads_differ=True)
 
     def attend(self, query: torch.Tensor, step, scaling: float) -> torch.Tensor:
+        if step.static_slots is not None:
+            return self.attend_static(query, scaling)
         if query.shape[2] == 1 and not step.padded and ragged_kernels.usable(query, query.shape[-1]):
             return self.attend_decode(query, scaling)
         if self.max_seg == 0:  # nothing compressed yet: the whole layer is the dense tail
@@ -238,6 +242,40 @@ class RaggedKVLayer(KVLayer):
         )
         return out[:, :, None]
 
+    # -- the static-shape decode step (`pipeline.decode_graph`) -------------------------------
+    # The flat store does not change while decoding (AdaKV compresses at prefill only); the
+    # tail takes the token at the device-held slot like a dense layer (`KVLayer.append_static`),
+    # and the kernel reads the tail's length on the device, its splits sized by the capacity.
+    def static_decode_ready(self) -> bool:
+        return (
+            self.is_initialized
+            and self._room_for_one_token()
+            and ragged_kernels.usable_on(self.device, self.flat_keys.dtype, self.flat_keys.shape[-1])
+        )
+
+    def static_buffers(self) -> tuple[torch.Tensor, ...]:
+        """The tail's whole buffers and the flat store a static step reads (a compression or a row
+        selection replaces the latter, and then a captured step is stale)."""
+        flat = (self.flat_keys, self.flat_values, self.seg_offsets, self.seg_lens32)
+        return (*super().static_buffers(), *flat)
+
+    def attend_static(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        tail_k, tail_v, tail_p = super().static_buffers()
+        out = ragged_kernels.ragged_decode_attention(
+            query[:, :, 0],
+            self.flat_keys,
+            self.flat_values,
+            self.seg_offsets,
+            self.seg_lens32,
+            self.max_seg,
+            tail_k,
+            tail_v,
+            tail_p if self.has_empty else None,
+            scaling,
+            tail_used=self._static_slot,
+        )
+        return out[:, :, None]
+
     def attend_masked(self, query: torch.Tensor, step, scaling: float) -> torch.Tensor:
         """The exact path: masked attention over the padded dense view (a transient copy)."""
         keys, values, positions = self.dense()
@@ -260,10 +298,12 @@ class RaggedKVLayer(KVLayer):
         keys = self._padded(self.flat_keys, self.keys[:, :, :0], 0, index)[rows]
         values = self._padded(self.flat_values, self.values[:, :, :0], 0, index)[rows]
         positions = self._padded(self.flat_positions, self.positions[:, :, :0], EMPTY, index)[rows]
-        tail = (self.keys[rows], self.values[rows], self.positions[rows])
+        tail = [copy.copy(buf) for buf in (self._k, self._v, self._p)]  # capacity kept: decode goes on
+        for buf in tail:
+            buf.select_rows(rows)
         has_empty = self.has_empty  # (of the tail, which stays)
         self.store_dense(keys, values, positions)
-        self.keys, self.values, self.positions = tail
+        self._k, self._v, self._p = tail
         self.has_empty = has_empty
 
     def filled_slots_per_row(self) -> torch.Tensor:

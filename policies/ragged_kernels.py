@@ -12,7 +12,8 @@ chunk of one (row, head)'s segment or of its tail. Each program reads its chunk'
 values once for all `group` query heads of that kv head (GQA), keeps an online softmax, and
 writes a partial output and its log-sum-exp; a second kernel merges the splits. Splits past
 a segment's end exit at once, so the grid is sized from host numbers cached at compression
-(the longest segment), never from a device read.
+(the longest segment), never from a device read. In a static (CUDA-graph) decode step the
+tail's length is read on the device too (`tail_used`) and its splits cover its capacity.
 
 `ragged_decode_reference` computes the same function in float32 with plain torch, one
 (row, head) at a time: the kernel's tests and the GPU check compare with it.
@@ -43,9 +44,14 @@ CPU_INTERPRET = False
 
 def usable(query: torch.Tensor, head_dim: int) -> bool:
     """Whether the kernel can serve this call (else the caller takes its exact torch path)."""
-    if not (triton_available() and kernel_may_run(query.device, CPU_INTERPRET)):
+    return usable_on(query.device, query.dtype, head_dim)
+
+
+def usable_on(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the kernel can serve queries of `dtype` on `device` at this head size."""
+    if not (triton_available() and kernel_may_run(device, CPU_INTERPRET)):
         return False
-    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
     return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
 
@@ -64,6 +70,7 @@ def _partial_kernel(
     TK,
     TV,
     TP,
+    TUSED,
     PO,
     PL,
     stride_qb,
@@ -85,9 +92,12 @@ def _partial_kernel(
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TAIL_MASK: tl.constexpr,
+    DEVICE_TAIL: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     bh = tl.program_id(0)
+    if DEVICE_TAIL:  # a static step: the tail's length is the slot just written + 1, on the device
+        tail_len = (tl.load(TUSED) + 1).to(tl.int32)
     sp = tl.program_id(1)
     b = (bh // h_kv).to(tl.int64)  # tail strides of a long uncompressed prompt pass int32
     kh = bh % h_kv
@@ -180,6 +190,7 @@ def ragged_decode_attention(
     scaling: float,
     chunk: int | None = None,
     out: torch.Tensor | None = None,
+    tail_used: torch.Tensor | None = None,
     block_n: int = BLOCK_N,
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
@@ -191,7 +202,9 @@ def ragged_decode_attention(
     compression: it sizes the grid without a device read); tail_keys/values [b, h, t, d] with
     any strides; tail_positions [b, h, t] when some tail slot may be EMPTY (masked), else
     None. H = group * h. A (row, head) with no token at all gets zeros. `chunk`: tokens per
-    split (default `split_size`); `out` [b, H, d] to write into; the rest tune the launch.
+    split (default `split_size`); `out` [b, H, d] to write into; `tail_used` (a static decode
+    step, `RaggedKVLayer.attend_static`): a 1-element int64 device tensor, the last tail slot
+    in use, with the tail tensors spanning their whole capacity (t); the rest tune the launch.
     """
     b, num_heads, d = query.shape
     h, t = tail_keys.shape[1], tail_keys.shape[2]
@@ -217,6 +230,8 @@ def ragged_decode_attention(
         out = torch.empty((b, num_heads, d), dtype=query.dtype, device=query.device)
     mask = tail_positions is not None
     tp = tail_positions if mask else seg_lens  # any int tensor: never read without TAIL_MASK
+    device_tail = tail_used is not None
+    tu = tail_used if device_tail else seg_lens  # likewise, never read without DEVICE_TAIL
     partial_kernel, reduce_kernel = _kernels(interpreting())
     partial_kernel[(b * h, splits)](
         query,
@@ -227,6 +242,7 @@ def ragged_decode_attention(
         tail_keys,
         tail_values,
         tp,
+        tu,
         partial_out,
         partial_lse,
         query.stride(0),
@@ -248,6 +264,7 @@ def ragged_decode_attention(
         D=d,
         BLOCK_N=block_n,
         TAIL_MASK=mask,
+        DEVICE_TAIL=device_tail,
         IEEE=query.dtype == torch.float32,
         num_warps=num_warps,
         num_stages=num_stages,

@@ -148,24 +148,37 @@ def _prefilled(gen, prompts, new_tokens):
 
 
 @pytest.mark.parametrize(
-    "policy,budget", [("full", None), ("streaming_llm", Budget(tokens=24)), ("snapkv", Budget(tokens=16))]
+    "policy,budget",
+    [
+        ("full", None),
+        ("streaming_llm", Budget(tokens=24)),
+        ("snapkv", Budget(tokens=16)),
+        ("adakv", Budget(tokens=16)),  # ragged per-head store: its own static step (kernel only)
+    ],
 )
 @pytest.mark.parametrize("interpret_kernel", [False, True])
 def test_static_decode_step_equals_dynamic_step(tiny_llama, monkeypatch, policy, budget, interpret_kernel):
     """Logits of every step and the tokens, with padded rows (EMPTY slots) and a compressed cache."""
     from pipeline import decode_kernels as dk
+    from policies import ragged_kernels
 
-    if interpret_kernel:
+    if interpret_kernel or policy == "adakv":
         if not (dk.triton_available() and dk.interpreting()):
             pytest.skip("the Triton kernel runs on CPU under TRITON_INTERPRET=1 only")
         monkeypatch.setattr(dk, "CPU_INTERPRET", True)
+        monkeypatch.setattr(ragged_kernels, "CPU_INTERPRET", True)
+    if policy == "adakv" and not interpret_kernel:
+        pytest.skip("AdaKV's static step has no torch form: the interpreted case covers it")
     model, tok = tiny_llama
     steps = 6
     runs = {}
     for mode in ("eager", "static"):
         gen = Generator(model, tok, make_policy(policy), budget, decode_mode=mode)
         cache, logits, budgets, next_pos = _prefilled(gen, STATIC_PROMPTS, steps)
-        assert cache.layers[0].has_empty  # the padded rows are masked by position
+        if policy == "adakv":  # compression dropped the padding: per-head segments of unequal length
+            assert cache.layers[0].max_seg > 0 and cache.layers[0].seg_lens.unique().numel() > 1
+        else:
+            assert cache.layers[0].has_empty  # the padded rows are masked by position
         seen = []
         with torch.inference_mode():
             for _ in range(steps):
@@ -200,6 +213,38 @@ def test_static_decode_generate_matches_eager_when_rows_leave(tiny_llama):
     assert static.decode.counts["eager"] > 0
 
 
+def test_adakv_static_step_goes_on_after_a_row_leaves(tiny_llama, monkeypatch):
+    """The ragged layer's row selection keeps its tail's capacity: every step stays static and
+    equals the dynamic step (the flat store is rebuilt, so a captured step would be re-made)."""
+    from pipeline import decode_kernels as dk
+    from policies import ragged_kernels
+
+    if not (dk.triton_available() and dk.interpreting()):
+        pytest.skip("the Triton kernel runs on CPU under TRITON_INTERPRET=1 only")
+    monkeypatch.setattr(ragged_kernels, "CPU_INTERPRET", True)
+    model, tok = tiny_llama
+    runs = {}
+    for mode in ("eager", "static"):
+        gen = Generator(model, tok, make_policy("adakv"), Budget(tokens=16), decode_mode=mode)
+        cache, logits, budgets, next_pos = _prefilled(gen, STATIC_PROMPTS, 6)
+        seen = []
+        with torch.inference_mode():
+            for step in range(6):
+                if step == 3:  # row 1 leaves
+                    keep = torch.tensor([0, 2])
+                    cache.select_rows(keep)
+                    logits, budgets, next_pos = logits[keep], budgets[keep], next_pos[keep]
+                tokens = logits.argmax(-1)
+                logits = gen.decode_step(cache, tokens, next_pos, budgets).clone()
+                next_pos = next_pos + 1
+                seen.append(logits)
+        runs[mode] = (seen, gen.decode.counts)
+    (dyn, dyn_counts), (sta, sta_counts) = runs["eager"], runs["static"]
+    assert dyn_counts["eager"] == 0 and sta_counts["eager"] == 6
+    for a, b in zip(sta, dyn):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_decode_mode_switch(tiny_llama, monkeypatch):
     model, tok = tiny_llama
     assert Generator(model, tok, make_policy("full"), None).decode.mode == "eager"  # CPU default
@@ -213,7 +258,8 @@ def test_decode_mode_switch(tiny_llama, monkeypatch):
     gen = Generator(model, tok, make_policy("h2o"), Budget(tokens=8), decode_mode="static")
     gen.generate([list(range(100, 140))], GenerationConfig(max_new_tokens=4))
     assert gen.decode.counts["eager"] == 0
-    # nor do storage forms (their layers store and attend in their own form)
+    # nor do storage forms without a static form of their own, nor AdaKV's ragged layers where
+    # its kernel cannot run (here: CPU without the interpreter opted in)
     for name in ("adakv", "kivi"):
         gen = Generator(model, tok, make_policy(name), Budget(ratio=0.5), decode_mode="static")
         gen.generate([list(range(100, 140))], GenerationConfig(max_new_tokens=3))

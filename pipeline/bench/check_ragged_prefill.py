@@ -1,17 +1,16 @@
-"""`python -m pipeline.bench.check_ragged_prefill`: AdaKV's prefill on the GPU, new path vs old.
+"""`python -m pipeline.bench.check_ragged_prefill`: AdaKV's prefill on the GPU, against the exact path.
 
 One layer at Llama-8B shapes (32 query heads, 8 kv heads, head_dim 128, bf16), one row: a
 `RaggedKVLayer` as AdaKV leaves it after compressing a 32K prompt's first chunks ((row, head)
 segments of `avg` tokens +-50%), plus a prefill chunk of 4096 tokens in its tail.
 
 - attention: `attend` (one varlen flash call over each (row, head)'s segment + tail) vs
-  `attend_masked` (the old path: padded copy + [b, h, q, s] mask + SDPA)
-  vs SDPA over a dense cache of the same average size (what snapkv's layer costs)
-- compression: `AdaKV.compress_layer` on the chunked layer and on a one-shot 32K layer, new
-  layer code vs the old (`OldRaggedKVLayer` below: the code before this change); the kept
-  positions must be identical
+  `attend_masked` (the exact path: padded copy + [b, h, q, s] mask + SDPA) vs SDPA over a
+  dense cache of the same average size (what snapkv's layer costs); relative error of both
+  against the masked path in float32
+- compression: `AdaKV.compress_layer` on the chunked layer and on a one-shot 32K layer
 - model: chunked (4096) and one-shot prefill of a 32K prompt through an 8-layer random
-  Llama-8B (`--layers`), full / snapkv / adakv-old / adakv-new: seconds and peak memory.
+  Llama-8B (`--layers`), full / snapkv / adakv: seconds and peak memory, and adakv's top kernels.
 
 Time: median of `reps` after a warm-up (synchronised wall clock); peak: the allocator's peak
 above what was allocated before the call. A short table is printed last.
@@ -23,7 +22,9 @@ Measured 2026-11-25 13:05, H100 80GB HBM3, torch 2.11 (`--skip-model`): chunk at
   Compression (sort-free selection, host-side budget tests): chunked b=1 3.19 ms, one-shot
   3.00 ms (0.877 GiB).
 
-Earlier (the merged path), 2026-11-25, H100 80GB HBM3, torch 2.11 (defaults: avg 8192 +-50%, chunk 4096, 32K):
+History: the same tool compared these with a frozen copy of the layer before the change
+(removed since; its figures stay here). Earlier (the merged path), 2026-11-25, H100 80GB HBM3,
+torch 2.11 (defaults: avg 8192 +-50%, chunk 4096, 32K):
   chunk attention b=1: new 2.86 ms, 0.221 GiB peak; old masked 20.51 ms, 6.111 GiB; SDPA flash
     over a dense 12288-slot cache 2.32 ms. b=2: 5.10 / 39.37 / 4.37 ms, 0.442 / 13.112 GiB.
     Rel. error vs float32: new 2.8e-3, old 2.3e-3 (bf16); new vs old 3.6e-3.
@@ -47,55 +48,12 @@ import traceback
 import torch
 
 from pipeline.attention_math import dense_bias, grouped_attention
-from pipeline.kv_cache import EMPTY, StepContext
+from pipeline.kv_cache import StepContext
 from policies import make_policy
 from policies.ragged_heads import RaggedKVLayer
 
 GIB = 2**30
 DEV = torch.device("cuda")  # `--device cpu`: a small smoke run of this script's own code
-
-
-class OldRaggedKVLayer(RaggedKVLayer):
-    """The layer before this change: masked attention for q > 1, per-tensor unpack + cat, three
-    boolean-mask copies in `store_dense` (kept to compare time, memory and kept tokens)."""
-
-    def _mask(self):
-        return torch.arange(self.max_seg, device=self.seg_lens.device) < self.seg_lens[..., None]
-
-    @staticmethod
-    def _unpack(flat, fill, mask):
-        out = flat.new_full((*mask.shape, *flat.shape[1:]), fill)
-        out[mask] = flat
-        return out
-
-    def dense_positions(self):
-        return torch.cat([self._unpack(self.flat_positions, EMPTY, self._mask()), self.positions], dim=-1)
-
-    def dense(self):
-        mask = self._mask()
-        keys = torch.cat([self._unpack(self.flat_keys, 0, mask), self.keys], dim=-2)
-        values = torch.cat([self._unpack(self.flat_values, 0, mask), self.values], dim=-2)
-        positions = torch.cat([self._unpack(self.flat_positions, EMPTY, mask), self.positions], dim=-1)
-        return keys, values, positions
-
-    def store_dense(self, keys, values, positions):
-        filled = positions != EMPTY
-        self.flat_keys = keys[filled].contiguous()
-        self.flat_values = values[filled].contiguous()
-        self.flat_positions = positions[filled].to(torch.int32).contiguous()
-        self.seg_lens = filled.sum(-1)
-        self._index_segments(int(self.seg_lens.max()) if self.seg_lens.numel() else 0)
-        b, h, _, d = keys.shape
-        self.keys = keys.new_empty((b, h, 0, d))
-        self.values = values.new_empty((b, h, 0, values.shape[-1]))
-        self.positions = torch.empty((b, h, 0), dtype=torch.int32, device=positions.device)
-        self.has_empty = False
-        self.heads_differ = True
-
-    def attend(self, query, step, scaling):
-        if self.max_seg == 0 or query.shape[2] == 1:
-            return super().attend(query, step, scaling)
-        return self.attend_masked(query, step, scaling)
 
 
 def measure(fn, reps=3):
@@ -138,8 +96,8 @@ def build_state(b, h, d, avg, chunk, prefix_end, g, dtype, dev):
     )
 
 
-def make_layer(cls, st):
-    layer = cls()
+def make_layer(st):
+    layer = RaggedKVLayer()
     b, h, t, d = st["tk"].shape
     layer.lazy_initialization(st["tk"][:, :, :0], st["tv"][:, :, :0])
     if st["fk"].shape[0]:
@@ -151,31 +109,20 @@ def make_layer(cls, st):
     return layer
 
 
-def kept(layer):
-    return layer.seg_lens.cpu(), layer.flat_positions.cpu()
+def kept_tokens(layer) -> int:
+    return int(layer.seg_lens.sum())
 
 
-def head_position_set(seg_lens, flat_positions) -> set:
-    lens = seg_lens.reshape(-1)
-    seg = torch.repeat_interleave(torch.arange(lens.numel()), lens)
-    return set((seg * 2**32 + flat_positions.long()).tolist())
+def compress_row(label, st, q, step, policy, scaling):
+    """AdaKV's compression of a layer built from `st`: time, peak, tokens kept."""
 
-
-def same_kept(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(kept(a), kept(b)))
-
-
-def compress_rows(label, st, q, step, policy, scaling):
-    """AdaKV's compression of the same layer, new code vs old: time, peak, identical kept tokens."""
-
-    def run(cls):
-        layer = make_layer(cls, st)
+    def run():
+        layer = make_layer(st)
         policy.compress_layer(layer, q, step, 0, 1, scaling)
         return layer
 
-    t_new, m_new, new = measure(lambda: run(RaggedKVLayer))
-    t_old, m_old, old = measure(lambda: run(OldRaggedKVLayer))
-    return [(f"{label} new", t_new, m_new, f"same={same_kept(new, old)}"), (f"{label} old", t_old, m_old, "")]
+    t, m, layer = measure(run)
+    return (label, t, m, f"kept {kept_tokens(layer)}")
 
 
 def layer_rows(b, args, g, policy) -> list:
@@ -184,16 +131,14 @@ def layer_rows(b, args, g, policy) -> list:
     scaling = d**-0.5
     # -- attention of one chunk ----------------------------------------------------------
     st = build_state(b, h, d, args.avg, chunk, args.context - chunk, g, dtype, dev)
-    new, old = make_layer(RaggedKVLayer, st), make_layer(OldRaggedKVLayer, st)
+    layer = make_layer(st)
     q = torch.randn(b, chunk, h * group, d, generator=g).to(dev, dtype).transpose(1, 2)
     step = StepContext(cache=None, positions=st["tpos"], padded=False)
-    t_new, m_new, o_new = measure(lambda: new.attend(q, step, scaling))
-    t_old, m_old, o_old = measure(lambda: old.attend(q, step, scaling))
+    t_new, m_new, o_new = measure(lambda: layer.attend(q, step, scaling))
+    t_mask, m_mask, o_mask = measure(lambda: layer.attend_masked(q, step, scaling))
     # float32 reference: the masked path over a float32 copy, 1024 queries at a time (memory)
-    exact = make_layer(
-        OldRaggedKVLayer, {k: v.float() if v.is_floating_point() else v for k, v in st.items()}
-    )
-    err_new = err_old = float("nan")
+    exact = make_layer({k: v.float() if v.is_floating_point() else v for k, v in st.items()})
+    err_new = err_mask = float("nan")
     if b == 1:
         parts = []
         for lo in range(0, chunk, 1024):
@@ -201,26 +146,22 @@ def layer_rows(b, args, g, policy) -> list:
             parts.append(exact.attend_masked(q[:, :, lo : lo + 1024].float(), sub, scaling))
         ref = torch.cat(parts, dim=2)
         err_new = float((o_new.float() - ref).norm() / ref.norm())
-        err_old = float((o_old.float() - ref).norm() / ref.norm())
+        err_mask = float((o_mask.float() - ref).norm() / ref.norm())
         del ref, parts
-    diff = float((o_new.float() - o_old.float()).norm() / o_old.float().norm())
-    del exact, o_new, o_old
+    del exact, o_new, o_mask
     s = args.avg + chunk
     dk = torch.randn(b, h, s, d, generator=g).to(dev, dtype)
     t_fl, m_fl, _ = measure(lambda: grouped_attention(q, dk, dk, dense_bias(chunk, s), scaling))
-    print(
-        f"attention b={b}: rel err vs fp32: new {err_new:.2e} old {err_old:.2e}; new vs old {diff:.2e}",
-        flush=True,
-    )
+    print(f"attention b={b}: rel err vs fp32: packed {err_new:.2e} masked {err_mask:.2e}", flush=True)
     rows = [
-        (f"chunk attn b={b} new (packed)", t_new, m_new, f"err {err_new:.1e}, vs old {diff:.1e}"),
-        (f"chunk attn b={b} old (masked)", t_old, m_old, f"err {err_old:.1e}"),
+        (f"chunk attn b={b} packed", t_new, m_new, f"err {err_new:.1e}"),
+        (f"chunk attn b={b} masked", t_mask, m_mask, f"err {err_mask:.1e}"),
         (f"chunk attn b={b} dense flash", t_fl, m_fl, f"s={s}"),
     ]
     # -- compression of that layer (chunked mode), and of a one-shot layer -----------------
     budget = torch.full((b,), args.avg, device=dev)
     cstep = StepContext(cache=None, positions=st["tpos"], compress=True, row_budgets=budget, padded=False)
-    rows += compress_rows(f"compress chunked b={b}", st, q, cstep, policy, scaling)
+    rows.append(compress_row(f"compress chunked b={b}", st, q, cstep, policy, scaling))
     one = dict(st, fk=st["fk"][:0], fv=st["fv"][:0], fp=st["fp"][:0])
     one["tk"] = torch.randn(b, h, args.context, d, generator=g).to(dev, dtype)
     one["tv"] = torch.randn(b, h, args.context, d, generator=g).to(dev, dtype)
@@ -229,7 +170,7 @@ def layer_rows(b, args, g, policy) -> list:
     ostep = StepContext(
         cache=None, positions=one["tpos"][:, -64:], compress=True, row_budgets=budget, padded=False
     )
-    rows += compress_rows(f"compress one-shot b={b}", one, q1, ostep, policy, scaling)
+    rows.append(compress_row(f"compress one-shot b={b}", one, q1, ostep, policy, scaling))
     print("\n".join(f"{r[0]}: {r[1] * 1e3:.2f} ms {r[2] / GIB:.3f} GiB {r[3]}" for r in rows), flush=True)
     return rows
 
@@ -276,13 +217,11 @@ def model_rows(args):
     bm = bm_measure.build_model(settings, dev, dtype, layers=args.layers)
     bm_measure.use_kvpipe_attention(bm)
     ids = bm_measure.random_ids(bm, 1, args.context, 0)
-    rows, kept_by = [], {}
+    rows = []
     for chunk in (args.chunk, None):
-        for name in ("full", "snapkv", "adakv-old", "adakv"):
+        for name in ("full", "snapkv", "adakv"):
             try:
-                policy = make_policy(name.split("-")[0])
-                if name == "adakv-old":
-                    policy.make_layer = OldRaggedKVLayer
+                policy = make_policy(name)
                 gen = bm_measure.make_generator(bm, policy, Budget(ratio=0.25) if policy.compresses else None)
                 gpu.cleanup(dev)
                 base = gpu.allocated_bytes(dev) or 0
@@ -298,18 +237,8 @@ def model_rows(args):
                 peak = (gpu.peak_bytes(dev) or 0) - base
                 _, stored = bm_measure.kv_bytes(pre.cache)
                 note = f"cache {stored / GIB:.3f} GiB"
-                if name.startswith("adakv"):
-                    kept_by[name] = [kept(layer) for layer in pre.cache.layers]
                 if name == "adakv":
-                    pairs = list(zip(kept_by["adakv"], kept_by["adakv-old"]))
-                    same = [all(torch.equal(x, y) for x, y in zip(a, o)) for a, o in pairs]
-                    overlap = []  # of the (row, head, position)s kept, per layer
-                    for a, o in pairs:
-                        sa, so = head_position_set(*a), head_position_set(*o)
-                        overlap.append(len(sa & so) / max(1, len(so)))
-                    first = same.index(False) if False in same else "-"
-                    note += f" layers same as old {sum(same)}/{len(same)}, first differing {first}"
-                    note += f" min overlap {min(overlap):.3f}"
+                    note += f" kept {sum(kept_tokens(layer) for layer in pre.cache.layers)}"
                 if name == "adakv" and cuda:  # where its time goes now
                     from torch.profiler import ProfilerActivity, profile
 

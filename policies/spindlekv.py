@@ -197,53 +197,105 @@ def _degrees(x: torch.Tensor, mag: torch.Tensor, lengths: torch.Tensor, theta: f
     return deg.masked_fill(torch.arange(n, device=x.device) >= lengths[:, None], 0)
 
 
+_CANDIDATES = 1024  # most candidate centers a greedy step weighs at once
+
+
 def _greedy(
     vec: torch.Tensor, scale: torch.Tensor, degree: torch.Tensor, live: torch.Tensor, theta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`build_codebook`'s greedy over several sequences at once, without storing the graph.
 
     vec [g, K, d] float32 and scale [g, K] give cos(i, j) = (vec_i . vec_j) scale_i scale_j (as the
-    degrees were counted); degree [g, K] (neighbours + 1), live [g, K]. Each step takes, per sequence,
-    the first token of highest live degree; its row of the graph is one matrix-vector product, and the
-    degrees lose the members' columns (a [K, members] product), so memory stays O(K * block).
-    Returns (cluster [g, K] int64: the rank of the center whose entry the token joined, -1 for a token
-    left alone; centers [g, c] int64: the center tokens in the order chosen, -1 padded)."""
+    degrees were counted); degree [g, K] (neighbours + 1), live [g, K]. The one-at-a-time greedy takes
+    the first token of highest live degree as a center, its live neighbours join it, and the degrees
+    lose them. A step here takes, per sequence, as many of those turns as it can prove: the T first
+    tokens in the greedy's order (live degree down, index up) are weighed at once (`_accepted`), and
+    the centers among them that the one-at-a-time greedy would take next, in that order, are taken
+    together. Data with many small clusters (repeated tokens: pairs) needs a few steps instead of one
+    per cluster. Memory stays O(K * block). Returns (cluster [g, K] int64: the rank of the center
+    whose entry the token joined, -1 for a token left alone; centers [g, c] int64: the center tokens
+    in the order chosen, -1 padded)."""
     g, K, d = vec.shape
     dev = vec.device
     degree = degree.to(torch.int64).masked_fill(~live, 0)
     alive = live.clone()
     cluster = torch.full((g, K), -1, dtype=torch.int64, device=dev)
     count = torch.zeros(g, dtype=torch.int64, device=dev)
-    rows = torch.arange(g, device=dev)
     block = max(1, _PAIRS // max(1, g * K))
+    width = max(1, min(K, _CANDIDATES, block))
+    tok = torch.arange(K, device=dev)
     centers = []
     while True:
         live_degree = torch.where(alive, degree, torch.full_like(degree, -1))
-        c = live_degree.argmax(-1)  # the first token of highest live degree
-        active = live_degree[rows, c] > 1
-        cos = torch.bmm(vec, vec[rows, c][:, :, None])[..., 0] * scale * scale[rows, c][:, None]
-        members = (cos > theta) & alive & active[:, None]
-        members[rows, c] = active  # the graph's diagonal
+        order_key = (K + 1 - live_degree) * (K + 1) + tok  # the greedy's order: degree down, index up
+        cand = order_key.topk(width, dim=-1, largest=False, sorted=True).indices  # [g, T]
+        near = _neighbourhoods(vec, scale, alive, cand, theta)  # [g, K, T]
+        accepted = _accepted(near, cand, live_degree.gather(1, cand))
+        member_of = near & accepted[:, None, :]
+        members = member_of.any(-1)
         m_n = members.sum(-1)
         m_max = int(m_n.max())  # (the step's one host sync)
         if m_max == 0:
             break
-        cluster = torch.where(members, count[:, None], cluster)
-        centers.append(torch.where(active, c, torch.full_like(c, -1)))
-        count += active
+        rank = accepted.long().cumsum(-1) - 1  # the order of the step's centers
+        joined = rank.gather(1, member_of.to(torch.int8).argmax(-1))  # each member's (one) center
+        cluster = torch.where(members, count[:, None] + joined, cluster)
+        centers.append(torch.where(accepted, cand, torch.full_like(cand, -1)))
+        count += accepted.sum(-1)
         alive &= ~members
-        order = members.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[:, :m_max]
-        for lo in range(0, m_max, block):
-            j = order[:, lo : lo + block]
-            ok = torch.arange(lo, lo + j.shape[1], device=dev) < m_n[:, None]
-            vj = torch.gather(vec, 1, j[..., None].expand(*j.shape, d))
-            cos = (
-                torch.bmm(vec, vj.transpose(1, 2)) * scale[:, :, None] * torch.gather(scale, 1, j)[:, None, :]
-            )
-            degree -= ((cos > theta) & ok[:, None, :]).sum(-1)
-    # a sequence's active steps come first (its live degrees only fall): its centers, then -1s
-    cent = torch.stack(centers, dim=1) if centers else torch.zeros((g, 0), dtype=torch.int64, device=dev)
-    return cluster, cent
+        _drop_members(vec, scale, degree, members, m_n, m_max, theta, block)
+    if not centers:
+        return cluster, torch.zeros((g, 0), dtype=torch.int64, device=dev)
+    # each sequence's centers in the order chosen, then -1s
+    cent = torch.cat(centers, dim=1)
+    slot = torch.arange(cent.shape[1], device=dev)
+    order = torch.where(cent >= 0, slot, slot + cent.shape[1]).argsort(dim=-1)
+    return cluster, cent.gather(1, order)[:, : int(count.max())]
+
+
+def _neighbourhoods(vec, scale, alive, cand, theta) -> torch.Tensor:
+    """[g, K, T] bool: token u is a live neighbour of candidate t (or t itself, when live): the
+    members candidate t would take as a center now."""
+    g, K, d = vec.shape
+    vc = torch.gather(vec, 1, cand[..., None].expand(*cand.shape, d))
+    cos = torch.bmm(vec, vc.transpose(1, 2)) * scale[:, :, None] * torch.gather(scale, 1, cand)[:, None, :]
+    near = (cos > theta) & alive[:, :, None]
+    near.scatter_(1, cand[:, None, :], torch.gather(alive, 1, cand)[:, None, :])  # the graph's diagonal
+    return near
+
+
+def _accepted(near: torch.Tensor, cand: torch.Tensor, cand_degree: torch.Tensor) -> torch.Tensor:
+    """[g, T] bool: the candidates (in the greedy's order) that the one-at-a-time greedy takes as its
+    next centers, proven from their neighbourhoods (`near` [g, K, T]) before any is taken.
+
+    A candidate is `clean` when its neighbourhood shares no token with an earlier candidate's: no
+    earlier turn changes its live degree or its members. A candidate that is a member of an earlier
+    clean one is removed by that turn (skipped). The first other candidate (one whose degree may
+    have fallen, or of degree <= 1) ends what can be proven: the greedy's next pick after the turns
+    before it is not known without them. Every clean candidate before it is then the first token of
+    highest live degree at its turn (the tokens before it were taken or removed; the others only
+    lose degree), and takes the members it has now."""
+    T = cand.shape[1]
+    earlier = torch.ones((T, T), dtype=torch.bool, device=near.device).tril(-1)  # [k, j]: j before k
+    nf = near.to(torch.bfloat16)  # 0/1: a positive sum of them stays positive in any rounding
+    shares = torch.bmm(nf.transpose(1, 2), nf) > 0  # [g, T, T]: neighbourhoods k and j meet
+    clean = ~(shares & earlier).any(-1) & (cand_degree > 1)
+    is_member = torch.gather(near, 1, cand[:, :, None].expand(*cand.shape, T))  # [g, k, j]: k joins j
+    removed = (is_member & earlier & clean[:, None, :]).any(-1)
+    unproven = ~clean & ~removed
+    return clean & (unproven.long().cumsum(-1) == 0)
+
+
+def _drop_members(vec, scale, degree, members, m_n, m_max: int, theta: float, block: int) -> None:
+    """Live degrees lose this step's members (in place): a [K, members] product at a time."""
+    d = vec.shape[-1]
+    order = members.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[:, :m_max]
+    for lo in range(0, m_max, block):
+        j = order[:, lo : lo + block]
+        ok = torch.arange(lo, lo + j.shape[1], device=vec.device) < m_n[:, None]
+        vj = torch.gather(vec, 1, j[..., None].expand(*j.shape, d))
+        cos = torch.bmm(vec, vj.transpose(1, 2)) * scale[:, :, None] * torch.gather(scale, 1, j)[:, None, :]
+        degree -= ((cos > theta) & ok[:, None, :]).sum(-1)
 
 
 def build_codebooks(

@@ -157,6 +157,63 @@ def decode_attention_reference(
     return out.reshape(b, num_heads, 1, d)
 
 
+def _unpack_asm(shift: int, mask: int) -> str:
+    """PTX: 4 packed bytes ($2) -> their integers at bit `shift` (`mask`) as 4 exact bfloat16 in
+    $0, $1: the integer put in the low byte of a 16-bit lane whose high byte is 0x43 (bfloat16
+    128 + v, by its bits; one byte permute per lane pair, one AND), then minus 128 (one FMA per
+    pair)."""
+    lane_mask = 0x43004300 | (mask << 16) | mask
+    return f"""{{
+    .reg .b32 t, c, one, neg;
+    shr.b32 t, $2, {shift};
+    mov.b32 c, 0x43434343;
+    mov.b32 one, 0x3F803F80;
+    mov.b32 neg, 0xC300C300;
+    prmt.b32 $0, t, c, 0x4140;
+    prmt.b32 $1, t, c, 0x4342;
+    and.b32 $0, $0, {lane_mask:#x};
+    and.b32 $1, $1, {lane_mask:#x};
+    fma.rn.bf16x2 $0, $0, one, neg;
+    fma.rn.bf16x2 $1, $1, one, neg;
+    }}"""
+
+
+def _unpack_all_asm() -> str:
+    """PTX: 4 packed bytes ($8) -> their 2-bit integers at bit offsets 0, 2, 4, 6 as exact
+    bfloat16 (offset s in $2s, $2s+1), as `_unpack_asm` but with its constants set once per 16."""
+    body = []
+    for s in range(4):
+        shifted = "$8" if s == 0 else "t"
+        if s:
+            body.append(f"shr.b32 t, $8, {2 * s};")
+        body += [
+            f"prmt.b32 ${2 * s}, {shifted}, c, 0x4140;",
+            f"prmt.b32 ${2 * s + 1}, {shifted}, c, 0x4342;",
+            f"and.b32 ${2 * s}, ${2 * s}, 0x43034303;",
+            f"and.b32 ${2 * s + 1}, ${2 * s + 1}, 0x43034303;",
+            f"fma.rn.bf16x2 ${2 * s}, ${2 * s}, one, neg;",
+            f"fma.rn.bf16x2 ${2 * s + 1}, ${2 * s + 1}, one, neg;",
+        ]
+    lines = "\n    ".join(body)
+    return f"""{{
+    .reg .b32 t, c, one, neg;
+    mov.b32 c, 0x43434343;
+    mov.b32 one, 0x3F803F80;
+    mov.b32 neg, 0xC300C300;
+    {lines}
+    }}"""
+
+
+if triton is not None:
+    _ASM_2BIT_ALL = tl.constexpr(_unpack_all_asm())
+    _ASM_2BIT_0 = tl.constexpr(_unpack_asm(0, 3))
+    _ASM_2BIT_1 = tl.constexpr(_unpack_asm(2, 3))
+    _ASM_2BIT_2 = tl.constexpr(_unpack_asm(4, 3))
+    _ASM_2BIT_3 = tl.constexpr(_unpack_asm(6, 3))
+    _ASM_4BIT_0 = tl.constexpr(_unpack_asm(0, 15))
+    _ASM_4BIT_1 = tl.constexpr(_unpack_asm(4, 15))
+
+
 # -- the fused kernel --------------------------------------------------------------------------
 
 if triton is not None:
@@ -350,6 +407,181 @@ if triton is not None:
         return m_i, l_i, acc0, acc1, acc2, acc3
 
     @triton.jit
+    def _ints_as_floats(x, t: tl.constexpr, sc, ze, BITS: tl.constexpr, DEQ: tl.constexpr):
+        """The integers at bit offset t of the bytes `x` (uint8), de-quantised as `x' * sc + ze`.
+
+        DEQ 0: shift, mask, int -> float conversion (quarter rate), FMA (sc, ze: scale, zero).
+        DEQ 1: the integer v placed at the top of the mantissa of 1.0 (float32 1 + v / 2**BITS, by
+        its bits), one FMA with sc = 2**BITS * scale, ze = zero - sc (float32; within 2**-20 scale).
+        DEQ 2: 128 + v as bfloat16 by its bits, minus 128 (exact), FMA in bfloat16 (sc, ze:
+        scale, zero in bfloat16). DEQ 3: as DEQ 2 through inline PTX (`_unpack_asm`, CUDA only).
+        DEQ 4 (2 bits): `x` already unpacked by `_unpack_all`, one bfloat16 FMA."""
+        MASK: tl.constexpr = (1 << BITS) - 1
+        if DEQ == 1:
+            TOP: tl.constexpr = 23 - BITS
+            bits_ = ((x.to(tl.int32) << (TOP - t * BITS)) & (MASK << TOP)) | 0x3F800000
+            return bits_.to(tl.float32, bitcast=True) * sc + ze
+        elif DEQ == 2:
+            v16 = ((x >> (t * BITS)) & MASK).to(tl.int16) | 0x4300
+            return (v16.to(tl.bfloat16, bitcast=True) - 128.0).to(tl.bfloat16) * sc + ze
+        elif DEQ == 3:
+            return _unpack_bf16(x, t, BITS) * sc + ze
+        elif DEQ == 4:
+            return x * sc + ze  # x: `_unpack_all`'s integers at offset t
+        else:
+            return ((x >> (t * BITS)) & MASK).to(tl.float32) * sc + ze
+
+    @triton.jit
+    def _unpack_bf16(x, t: tl.constexpr, BITS: tl.constexpr):
+        """The integers at bit offset t of the bytes `x` as exact bfloat16 (`_unpack_asm`)."""
+        if BITS == 2:
+            if t == 0:
+                asm: tl.constexpr = _ASM_2BIT_0
+            elif t == 1:
+                asm: tl.constexpr = _ASM_2BIT_1
+            elif t == 2:
+                asm: tl.constexpr = _ASM_2BIT_2
+            else:
+                asm: tl.constexpr = _ASM_2BIT_3
+        elif t == 0:
+            asm: tl.constexpr = _ASM_4BIT_0
+        else:
+            asm: tl.constexpr = _ASM_4BIT_1
+        return tl.inline_asm_elementwise(asm, "=r,=r,r", [x], dtype=tl.bfloat16, is_pure=True, pack=4)
+
+    @triton.jit
+    def _unpack_all(x, BITS: tl.constexpr, DEQ: tl.constexpr):
+        """DEQ 4: the integers at every bit offset of the bytes `x` (2 bits: `_unpack_all_asm`);
+        other DEQ: `x` itself for each offset (`_ints_as_floats` unpacks)."""
+        if DEQ == 4:
+            u0, u1, u2, u3 = tl.inline_asm_elementwise(
+                _ASM_2BIT_ALL, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
+                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=4,
+            )  # fmt: skip
+        else:
+            u0, u1, u2, u3 = x, x, x, x
+        return u0, u1, u2, u3
+
+    @triton.jit
+    def _scales(s, z, BITS: tl.constexpr, DEQ: tl.constexpr):
+        """(sc, ze) of `_ints_as_floats` from a group's scale and zero (model dtype)."""
+        if DEQ == 1:
+            sc = s.to(tl.float32) * (1 << BITS)
+            return sc, z.to(tl.float32) - sc
+        elif DEQ >= 2:
+            return s.to(tl.bfloat16), z.to(tl.bfloat16)
+        else:
+            return s.to(tl.float32), z.to(tl.float32)
+
+    @triton.jit
+    def _value_bytes(vq_base, vs_base, vz_base, tok, svt, sut, D: tl.constexpr, GV: tl.constexpr,
+                     BITS: tl.constexpr, DEQ: tl.constexpr):  # fmt: skip
+        """Value bytes [NB, D/GV, GV/PER] of tokens `tok` (all quantised) and their (sc, ze)."""
+        PER: tl.constexpr = 8 // BITS
+        NGV: tl.constexpr = D // GV
+        GVB: tl.constexpr = GV // PER
+        gi = tl.arange(0, NGV)
+        jv = tl.arange(0, GVB)
+        vb = tl.load(vq_base + tok[:, None, None] * svt + gi[None, :, None] * GVB + jv[None, None, :])
+        sptr = tok[:, None, None] * sut + gi[None, :, None]
+        sc, ze = _scales(tl.load(vs_base + sptr), tl.load(vz_base + sptr), BITS, DEQ)
+        return vb, sc, ze
+
+    @triton.jit
+    def _pv4(
+        acc, p, vb, sc, ze, t: tl.constexpr, dt, BITS: tl.constexpr, DEQ: tl.constexpr, IEEE: tl.constexpr
+    ):
+        """acc [M, D/PER] (channels j * PER + t) += p [M, NB] @ the values at bit offset t of vb."""
+        NB: tl.constexpr = vb.shape[0]
+        v = tl.reshape(_ints_as_floats(vb, t, sc, ze, BITS, DEQ), (NB, vb.shape[1] * vb.shape[2]))
+        if IEEE:
+            return tl.dot(p, v.to(dt), acc, input_precision="ieee")
+        return tl.dot(p, v.to(dt), acc)
+
+    @triton.jit
+    def _scores(q, kb, s: tl.constexpr, sc, ze, D: tl.constexpr, NB: tl.constexpr, BITS: tl.constexpr,
+                DEQ: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+        """q [M, D] @ the keys at bit offset s of the key bytes kb [D, NG, GB] -> [M, NB]."""
+        kt = tl.reshape(_ints_as_floats(kb, s, sc, ze, BITS, DEQ), (D, NB)).to(q.dtype)
+        if IEEE:
+            return tl.dot(q, kt, input_precision="ieee")
+        return tl.dot(q, kt)
+
+    @triton.jit
+    def _pv_sub(
+        acc0, acc1, acc2, acc3, p, vb, sc, ze, BITS: tl.constexpr, DEQ: tl.constexpr, IEEE: tl.constexpr
+    ):
+        """Every accumulator t (channels j * PER + t) += p [M, NB] @ those values of one sub-tile."""
+        dt = p.dtype
+        v0, v1, v2, v3 = _unpack_all(vb, BITS, DEQ)
+        acc0 = _pv4(acc0, p, v0, sc, ze, 0, dt, BITS, DEQ, IEEE)
+        acc1 = _pv4(acc1, p, v1, sc, ze, 1, dt, BITS, DEQ, IEEE)
+        if BITS == 2:
+            acc2 = _pv4(acc2, p, v2, sc, ze, 2, dt, BITS, DEQ, IEEE)
+            acc3 = _pv4(acc3, p, v3, sc, ze, 3, dt, BITS, DEQ, IEEE)
+        return acc0, acc1, acc2, acc3
+
+    @triton.jit
+    def _fast_tile(
+        q, m_i, l_i, acc0, acc1, acc2, acc3, start, qk_scale,
+        kq_base, ks_base, kz_base, vq_base, vs_base, vz_base, skg, ssg, svt, sut,
+        D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr,
+        DEQ: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """A tile of BN tokens whose keys and values are all quantised (the bulk of a long cache):
+        as `_tile` with FAST, but all PER sub-tiles' scores first, then one online-softmax rescale
+        per tile (not per sub-tile), and the de-quantisation `_ints_as_floats` (DEQ)."""
+        PER: tl.constexpr = 8 // BITS
+        GB: tl.constexpr = G // PER
+        NG: tl.constexpr = BN // G
+        NB: tl.constexpr = BN // PER
+        dt = q.dtype
+        c = tl.arange(0, D)
+        grp = start // G + tl.arange(0, NG)
+        jb = tl.arange(0, GB)
+        kb = tl.load(kq_base + grp[None, :, None] * skg + c[:, None, None] * GB + jb[None, None, :])
+        sptr = grp[None, :, None] * ssg + c[:, None, None]
+        ksc, kze = _scales(tl.load(ks_base + sptr), tl.load(kz_base + sptr), BITS, DEQ)
+        r = tl.arange(0, NB)
+        first = start + (r // GB) * G + (r % GB) * PER  # token at bit offset 0 of each column's byte
+        vb0, vsc0, vze0 = _value_bytes(vq_base, vs_base, vz_base, first, svt, sut, D, GV, BITS, DEQ)
+        vb1, vsc1, vze1 = _value_bytes(vq_base, vs_base, vz_base, first + 1, svt, sut, D, GV, BITS, DEQ)
+        k0, k1, k2, k3 = _unpack_all(kb, BITS, DEQ)
+        s0 = _scores(q, k0, 0, ksc, kze, D, NB, BITS, DEQ, IEEE)
+        s1 = _scores(q, k1, 1, ksc, kze, D, NB, BITS, DEQ, IEEE)
+        if PER == 4:
+            vb2, vsc2, vze2 = _value_bytes(vq_base, vs_base, vz_base, first + 2, svt, sut, D, GV, BITS, DEQ)
+            vb3, vsc3, vze3 = _value_bytes(vq_base, vs_base, vz_base, first + 3, svt, sut, D, GV, BITS, DEQ)
+            s2 = _scores(q, k2, 2, ksc, kze, D, NB, BITS, DEQ, IEEE)
+            s3 = _scores(q, k3, 3, ksc, kze, D, NB, BITS, DEQ, IEEE)
+            top = tl.maximum(
+                tl.maximum(tl.max(s0, 1), tl.max(s1, 1)), tl.maximum(tl.max(s2, 1), tl.max(s3, 1))
+            )
+        else:
+            top = tl.maximum(tl.max(s0, 1), tl.max(s1, 1))
+        m_new = tl.maximum(m_i, top * qk_scale)  # finite: every token of the tile is inside
+        alpha = tl.exp2(m_i - m_new)
+        p0 = tl.exp2(s0 * qk_scale - m_new[:, None])
+        p1 = tl.exp2(s1 * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p0, 1) + tl.sum(p1, 1)
+        acc0, acc1, acc2, acc3 = _pv_sub(
+            acc0 * alpha[:, None], acc1 * alpha[:, None], acc2 * alpha[:, None], acc3 * alpha[:, None],
+            p0.to(dt), vb0, vsc0, vze0, BITS, DEQ, IEEE,
+        )  # fmt: skip
+        acc0, acc1, acc2, acc3 = _pv_sub(acc0, acc1, acc2, acc3, p1.to(dt), vb1, vsc1, vze1, BITS, DEQ, IEEE)
+        if PER == 4:
+            p2 = tl.exp2(s2 * qk_scale - m_new[:, None])
+            p3 = tl.exp2(s3 * qk_scale - m_new[:, None])
+            l_i += tl.sum(p2, 1) + tl.sum(p3, 1)
+            acc0, acc1, acc2, acc3 = _pv_sub(
+                acc0, acc1, acc2, acc3, p2.to(dt), vb2, vsc2, vze2, BITS, DEQ, IEEE
+            )
+            acc0, acc1, acc2, acc3 = _pv_sub(
+                acc0, acc1, acc2, acc3, p3.to(dt), vb3, vsc3, vze3, BITS, DEQ, IEEE
+            )
+        return m_new, l_i, acc0, acc1, acc2, acc3
+
+    @triton.jit
     def _store_acc(
         OP,
         part,
@@ -370,10 +602,17 @@ if triton is not None:
         Q, N, NK, NV, KQ, KS, KZ, KR, VQ, VS, VZ, VR, OP, MP, LP,
         sqb, sqh, skb, skh, skg, ssb, ssh, ssg, srb, srh, srt, svb, svh, svt, sub, suh, sut, swb, swh, swt,
         Wk, Wv,
-        H: tl.constexpr, per_split, num_splits, qk_scale,
+        H: tl.constexpr, per_split, num_parts, qk_scale,
         D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
-        GROUP: tl.constexpr, M: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+        GROUP: tl.constexpr, M: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, DEQ: tl.constexpr,
+        PART: tl.constexpr,
     ):  # fmt: skip
+        """Partial attention of one (row, kv head) over one part of its tokens. PART 0: split
+        program_id(1) of `per_split` tokens, all its tiles; PART 1: only the fast tiles of that
+        split (tokens below `quant_end`, whose keys and values are all quantised); PART 2: the
+        tail [quant_end, n) (residual rings, the last partial tile), written as the last part.
+        Parts 1 and 2 are two launches of one kernel, so the fast one is compiled without the
+        tail's code (registers for more programs per SM)."""
         PER: tl.constexpr = 8 // BITS
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -403,23 +642,37 @@ if triton is not None:
         vs_base = VS + b * sub + h * suh
         vz_base = VZ + b * sub + h * suh
         vr_base = VR + b * swb + h * swh
+        quant_end = (tl.minimum(n, tl.minimum(nk, nv)) // BN) * BN
         lo = split * per_split
         hi = tl.minimum(lo + per_split, n)
-        quant = tl.minimum(hi, tl.minimum(nk, nv))
-        fast_end = tl.maximum(lo, lo + ((quant - lo) // BN) * BN)
-        for start in range(lo, fast_end, BN):
-            m_i, l_i, acc0, acc1, acc2, acc3 = _tile(
-                q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
-                kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
-                skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, True,
-            )  # fmt: skip
-        for start in range(fast_end, hi, BN):
-            m_i, l_i, acc0, acc1, acc2, acc3 = _tile(
-                q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
-                kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
-                skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, False,
-            )  # fmt: skip
-        part = bh * num_splits + split
+        if PART == 2:
+            lo = quant_end
+            hi = n
+        fast_end = tl.maximum(lo, tl.minimum(hi, quant_end))
+        if PART != 2:
+            for start in range(lo, fast_end, BN):
+                if DEQ < 0:
+                    m_i, l_i, acc0, acc1, acc2, acc3 = _tile(
+                        q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
+                        kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
+                        skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, True,
+                    )  # fmt: skip
+                else:
+                    m_i, l_i, acc0, acc1, acc2, acc3 = _fast_tile(
+                        q, m_i, l_i, acc0, acc1, acc2, acc3, start, qk_scale,
+                        kq_base, ks_base, kz_base, vq_base, vs_base, vz_base, skg, ssg, svt, sut,
+                        D, G, GV, BITS, BN, DEQ, IEEE,
+                    )  # fmt: skip
+        if PART != 1:
+            for start in range(fast_end, hi, BN):
+                m_i, l_i, acc0, acc1, acc2, acc3 = _tile(
+                    q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
+                    kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
+                    skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, False,
+                )  # fmt: skip
+        part = bh * num_parts + split
+        if PART == 2:
+            part = bh * num_parts + num_parts - 1
         _store_acc(OP, part, acc0, 0, M, D, PER, GROUP)
         _store_acc(OP, part, acc1, 1, M, D, PER, GROUP)
         if PER == 4:
@@ -443,6 +696,10 @@ def _workspace(device: torch.device, numel: int) -> torch.Tensor:
     return buf
 
 
+DEFAULT_DEQ = 4  # the fast tiles' de-quantisation (`_ints_as_floats`); -1: the former tile
+DEFAULT_WARPS = 4
+DEFAULT_STAGES = 2  # software pipelining of the fast loop's loads
+DEFAULT_MAXNREG = None  # no register cap
 PROGRAMS_PER_SM = 8  # split-K: programs per SM when the (row, head)s alone are too few
 
 
@@ -459,16 +716,20 @@ def decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     block_n: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     programs_per_sm: int | None = None,
+    deq: int | None = None,
+    num_stages: int | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Fused decode attention [b, H, 1, d] (query's dtype) over the packed store.
 
     `max_tokens` is a host-side upper bound of `store.n` (no device sync here); `num_splits`
     overrides how many programs share one (row, kv head)'s tokens (default: enough for
     `programs_per_sm` programs per SM); `block_n` (a multiple of the key group and of
-    16 * (8 // bits), a power of two) and `num_warps` tune the split kernel (swept by
-    `pipeline.bench.check_kivi`).
+    16 * (8 // bits), a power of two), `num_warps`, `num_stages` and `deq` (`_ints_as_floats`;
+    -1: the former tile in one launch) and `maxnreg` (a register cap: more programs per SM) tune
+    the split kernel (swept by `pipeline.bench.check_kivi`).
     """
     if triton is None:
         raise RuntimeError("kivi decode kernel needs triton")
@@ -477,6 +738,7 @@ def decode_attention(
     group = num_heads // h
     assert q_len == 1 and num_heads == group * h
     m = max(16, triton.next_power_of_2(group))
+    deq = _deq_for(query.dtype, query.device, store.bits, DEFAULT_DEQ if deq is None else deq)
     programs_per_sm = programs_per_sm or PROGRAMS_PER_SM
     bn = block_n or default_block_n(store.bits)
     assert bn % store.group_size == 0 and bn & (bn - 1) == 0
@@ -486,8 +748,9 @@ def decode_attention(
         num_splits = max(1, min(blocks, triton.cdiv(wanted, b * h)))
     per_split = triton.cdiv(blocks, num_splits) * bn
     num_splits = triton.cdiv(blocks * bn, per_split)
+    num_parts = num_splits + (deq >= 0)  # the tail takes a part of its own
     dev = query.device
-    parts = b * h * num_splits
+    parts = b * h * num_parts
     ws = _workspace(dev, parts * m * (d + 2))
     o_part = ws[: parts * m * d].view(parts, m, d)
     m_part = ws[parts * m * d : parts * m * (d + 1)].view(parts, m)
@@ -502,8 +765,7 @@ def decode_attention(
     for t in (kq, ks, kr, vq, vs, vr):
         assert t.stride(-1) == 1
     assert kq.stride(3) == kq.shape[4] and query.stride(-1) == 1
-    gv = d // vs.shape[-1]
-    _kivi_decode_split[(b * h, num_splits)](
+    args = (
         query, n, nk, nv, kq, ks, kz, kr, vq, vs, vz, vr, o_part, m_part, l_part,
         query.stride(0), query.stride(1),
         kq.stride(0), kq.stride(1), kq.stride(2),
@@ -513,15 +775,36 @@ def decode_attention(
         vs.stride(0), vs.stride(1), vs.stride(2),
         vr.stride(0), vr.stride(1), vr.stride(2),
         kr.shape[2], vr.shape[2],
-        H=h, per_split=per_split, num_splits=num_splits, qk_scale=scaling * math.log2(math.e),
-        D=d, G=store.group_size, GV=gv, BITS=store.bits, GROUP=group, M=m, BN=bn,
-        IEEE=query.dtype == torch.float32, num_warps=num_warps,
     )  # fmt: skip
+    meta = dict(
+        H=h, per_split=per_split, num_parts=num_parts, qk_scale=scaling * math.log2(math.e),
+        D=d, G=store.group_size, GV=d // vs.shape[-1], BITS=store.bits, GROUP=group, M=m, BN=bn,
+        IEEE=query.dtype == torch.float32, DEQ=deq,
+    )  # fmt: skip
+    warps = num_warps or DEFAULT_WARPS
+    stages = num_stages or DEFAULT_STAGES
+    tune = dict(num_warps=warps, num_stages=stages)
+    if maxnreg or DEFAULT_MAXNREG:
+        tune["maxnreg"] = maxnreg or DEFAULT_MAXNREG
+    if deq < 0:
+        _kivi_decode_split[(b * h, num_splits)](*args, **meta, PART=0, **tune)
+    else:
+        _kivi_decode_split[(b * h, num_splits)](*args, **meta, PART=1, **tune)
+        _kivi_decode_split[(b * h, 1)](*args, **dict(meta, DEQ=-1), PART=2, num_warps=4)  # DEQ unused
     _kivi_decode_merge[(b * h,)](
         o_part, m_part, l_part, out, out.stride(0), out.stride(1),
-        H=h, num_splits=num_splits, D=d, GROUP=group, M=m,
+        H=h, num_splits=num_parts, D=d, GROUP=group, M=m,
     )  # fmt: skip
     return out
+
+
+def _deq_for(dtype: torch.dtype, device: torch.device, bits: int, deq: int) -> int:
+    """DEQ 2 to 4 de-quantise in bfloat16: exact only for bfloat16 scales, and none runs in the
+    interpreter (its bfloat16 bitcasts are wrong; DEQ 3 and 4 are inline PTX): those take DEQ 1.
+    DEQ 4 is for 2 bits; 4 bits take DEQ 3."""
+    if deq >= 2 and (dtype != torch.bfloat16 or device.type != "cuda"):
+        return 1
+    return 3 if deq == 4 and bits != 2 else deq
 
 
 # -- de-quantisation into a dense tensor (prefill over earlier chunks) ---------------------------

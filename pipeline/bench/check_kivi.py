@@ -11,15 +11,14 @@ shapes (32 query heads, 8 kv heads, head_dim 128, bf16), 32K tokens, batch 4 and
   (GQA folded into the query axis, no mask);
 - sdpa-bf16: SDPA's flash kernel over a full-precision bf16 cache of the same length;
 - step: one layer's whole decode step (append + flush + attend) with the fused kernel;
-- sweep: the fused kernel's block size, warps and programs per SM (`SWEEP`, batch 4 and 75 at
-  2 bits), each checked against the float64 reference; the best per batch named, and a
-  `PICK programs_per_sm` line (the module default that wins at the largest batch);
+- sweep: the fused kernel's variants side by side (`SWEEP`, batch 4 and 75 at 2 bits: the former
+  kernel first, then de-quantisation, block size, warps, pipeline stages, register cap and
+  programs per SM), each checked against the float64 reference; a table per batch, fastest first;
 - prefill: one layer's attention at 32K tokens (batch 1): one-shot (append + attend: flash over
   the forward's own tokens) and chunked (4096-token chunks: append + attend + flush each), time
   and peak memory above the inputs, against flash over a bf16 cache (`prefill-bf16`).
 
-`--quick`: batch 4 and 75 at 2 bits only, the sweep at the default block and warps, no SDPA
-comparisons, no prefill.
+`--quick`: batch 4 and 75 at 2 bits only (with the sweep), no SDPA comparisons, no prefill.
 
 Bytes are the fewest each must move (inputs read once; deq+sdpa also writes and reads back
 bf16 keys/values). Full numbers go to $OUT/check_kivi.json (or ./check_kivi.json); a table last.
@@ -42,8 +41,21 @@ from policies.kivi_kernels import KiviStore, decode_attention, decode_attention_
 H, HKV, D = 32, 8, 128
 DT = torch.bfloat16
 DEV = "cuda"  # a CPU smoke test under TRITON_INTERPRET=1 sets "cpu" (and DT float16)
-# kernel configurations timed at 2 bits: (block_n, num_warps, programs_per_sm)
-SWEEP = [(128, 4, 8), (128, 4, 4), (64, 4, 8), (256, 4, 8), (128, 8, 8)]
+# kernel configurations timed at 2 bits (decode_attention keyword arguments; the first is the
+# former kernel: deq=-1, its tile in one launch with Triton's default 3 stages)
+SWEEP = [
+    dict(deq=-1, block_n=128, num_warps=4, num_stages=3, programs_per_sm=8),
+    dict(deq=2, block_n=128, num_warps=4, num_stages=2, programs_per_sm=8),
+    dict(deq=3, block_n=128, num_warps=4, num_stages=2, programs_per_sm=8),
+    dict(deq=4, block_n=128, num_warps=4, num_stages=2, programs_per_sm=8),
+    dict(deq=4, block_n=128, num_warps=4, num_stages=3, programs_per_sm=8),
+    dict(deq=4, block_n=128, num_warps=4, num_stages=1, programs_per_sm=8),
+    dict(deq=4, block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, maxnreg=128),
+    dict(deq=4, block_n=128, num_warps=4, num_stages=2, programs_per_sm=16),
+    dict(deq=4, block_n=128, num_warps=4, num_stages=2, programs_per_sm=4),
+    dict(deq=4, block_n=256, num_warps=4, num_stages=2, programs_per_sm=8),
+    dict(deq=4, block_n=256, num_warps=8, num_stages=2, programs_per_sm=8),
+]
 QUICK = False  # --quick: batch 4 and 75 at 2 bits, no SDPA comparisons
 
 
@@ -141,6 +153,33 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def _label(cfg: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in cfg.items())
+
+
+def sweep(q, store, layer, b, n, scaling, out, packed, results) -> None:
+    """Every SWEEP configuration at this batch: median time and error against the float64 reference
+    (poisoned output first, a few rows)."""
+    few = slice(0, min(b, 4))
+    ref = reference64(q[few], rows(layer._store(), few), scaling)
+    for cfg in SWEEP:
+        kw = dict(cfg, max_tokens=n, out=out)
+        try:
+            out.fill_(float("nan"))
+            decode_attention(q, store, scaling, **kw)  # compiles
+            _sync()
+            err = rel_err(out[few], ref)
+            good = bool(torch.isfinite(out).all()) and err < 1e-2
+            ms = bench(lambda kw=kw: decode_attention(q, store, scaling, **kw))
+        except Exception as e:  # e.g. shared memory, an option this triton lacks
+            print(f"sweep b={b} {_label(cfg)}: {type(e).__name__}: {e}"[:300], flush=True)
+            continue
+        row = dict(check="sweep", config=_label(cfg), batch=b, tokens=n, bits=2, ms=ms, rel_err=err, ok=good)
+        results.append(dict(row, gbs=packed / ms / 1e6))
+        print(f"sweep b={b} {_label(cfg)}: {ms:.4f} ms {packed / ms / 1e6:.0f} GB/s err {err:.1e}"
+              f"{'' if good else ' FAIL'}", flush=True)  # fmt: skip
+
+
 def time_config(b: int, n: int, bits: int, results: list, copy_gbs: float) -> bool:
     _empty()
     scaling = D**-0.5
@@ -158,20 +197,8 @@ def time_config(b: int, n: int, bits: int, results: list, copy_gbs: float) -> bo
 
     packed = int(layer.kept_bytes_per_row().sum())
     t_fused = bench(lambda: decode_attention(q, store, scaling, max_tokens=n, out=out))
-    if bits == 2 and SWEEP:  # block size / warps / programs per SM
-        for bn, warps, pps in SWEEP:
-            kw = dict(max_tokens=n, out=out, block_n=bn, num_warps=warps, programs_per_sm=pps)
-            try:
-                ms = bench(lambda kw=kw: decode_attention(q, store, scaling, **kw))
-                err_s = rel_err(out[few], reference64(q[few], rows(layer._store(), few), scaling))
-            except Exception as e:  # e.g. shared memory
-                print(f"sweep block_n={bn} warps={warps} pps={pps}: {type(e).__name__}: {e}"[:300])
-                continue
-            row = dict(check="sweep", batch=b, bits=bits, block_n=bn, num_warps=warps)
-            row.update(programs_per_sm=pps, ok=bool(err_s < 1e-2))
-            results.append(dict(row, ms=ms, gbs=packed / ms / 1e6, rel_err=err_s))
-            print(f"sweep b={b} bits={bits} block_n={bn} warps={warps} pps={pps}: "
-                  f"{ms:.4f} ms {packed / ms / 1e6:.0f} GB/s err {err_s:.1e}", flush=True)  # fmt: skip
+    if bits == 2 and SWEEP:
+        sweep(q, store, layer, b, n, scaling, out, packed, results)
     kv16 = b * HKV * n * D * 2 * 2
     folded = q.reshape(b, HKV, H // HKV, D)
 
@@ -332,6 +359,26 @@ def time_prefill(n: int, bits: int, results: list, chunk: int = 4096) -> bool:
     return ok
 
 
+def _fall_back_if_default_fails() -> None:
+    """If the module's default de-quantisation does not compile on this triton, the next simpler one
+    (so that one failure does not cost the whole run)."""
+    from policies import kivi_kernels
+
+    gen = torch.Generator().manual_seed(9)
+    store = random_store(1, 2, D, 2, 32, 300, gen)
+    q = torch.randn((1, 8, 1, D), generator=gen).to(DT).to(DEV)
+    for deq in (kivi_kernels.DEFAULT_DEQ, 3, 2, -1):
+        try:
+            decode_attention(q, store, D**-0.5, max_tokens=300, deq=deq)
+            _sync()
+        except Exception as e:
+            print(f"default deq={deq} failed: {type(e).__name__}: {e}"[:400])
+            continue
+        kivi_kernels.DEFAULT_DEQ = deq
+        print(f"default deq={deq}")
+        return
+
+
 def main() -> int:
     global QUICK
     QUICK = "--quick" in sys.argv[1:]
@@ -342,6 +389,7 @@ def main() -> int:
 
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     results: list = []
+    _fall_back_if_default_fails()
     ok = check_random(results)
     buf = torch.empty(2**28, dtype=torch.float32, device=DEV)  # 1 GiB
     dst = torch.empty_like(buf)
@@ -352,7 +400,6 @@ def main() -> int:
     configs = [(4, 32768, 2), (75, 32768, 2), (4, 32768, 4), (32, 32768, 4)]
     if QUICK:
         configs = [(4, 32768, 2), (75, 32768, 2)]
-        SWEEP[:] = [c for c in SWEEP if c[:2] == (128, 4)]
     for b, n, bits in configs:
         ok &= time_config(b, n, bits, results, copy_gbs)
     if not QUICK:
@@ -373,19 +420,12 @@ def main() -> int:
     for r in results:
         if r["check"] == "prefill":
             print(f"{r['name']:<28}{r['tokens']:>8}{r['bits']:>5}{r['ms']:>10.2f}{r['peak_gib']:>10.2f}")
-    sweep = [r for r in results if r["check"] == "sweep" and r["ok"]]
-    if sweep:
-        for bsz in sorted({r["batch"] for r in sweep}):
-            best = min((r for r in sweep if r["batch"] == bsz), key=lambda r: r["ms"])
-            cfg = f"block_n={best['block_n']} warps={best['num_warps']} pps={best['programs_per_sm']}"
-            print(f"best kernel config (b={bsz}, 2-bit): {cfg} {best['ms']:.4f} ms")
-        # the module default that can be set (PROGRAMS_PER_SM), chosen at the largest batch among
-        # the configurations with the default block and warps
-        top = max(r["batch"] for r in sweep)
-        pick = [r for r in sweep if r["batch"] == top and r["block_n"] == 128 and r["num_warps"] == 4]
-        if pick:
-            best = min(pick, key=lambda r: r["ms"])
-            print(f"PICK {best['programs_per_sm']}")
+    ok &= all(r["ok"] for r in results if r["check"] == "sweep")
+    swept = [r for r in results if r["check"] == "sweep" and r["ok"]]
+    for bsz in sorted({r["batch"] for r in swept}):
+        print(f"\nsweep b={bsz} (2-bit), fastest first:")
+        for r in sorted((r for r in swept if r["batch"] == bsz), key=lambda r: r["ms"]):
+            print(f"  {r['ms']:8.4f} ms {r['gbs']:6.0f} GB/s  {r['config']}")
     errs = [r["rel_err"] for r in results if "rel_err" in r]
     print(f"correctness: {'all ok' if ok else 'FAILED'}; max rel err vs float64 {max(errs):.2e}")
     return 0 if ok and all(math.isfinite(e) for e in errs) else 1

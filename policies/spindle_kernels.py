@@ -177,16 +177,31 @@ if HAVE_TRITON:
         return ch * cl - sh * sl, sh * cl + ch * sl
 
     @triton.jit
+    def _best_entry(cos, entry, valid, best, arg):
+        """Fold a block's cosines into the running (largest cosine, lowest entry reaching it); entries
+        come in token order, so equal cosines keep the lower entry (as `best_match`'s first index)."""
+        cos = tl.where(valid, cos, -2.0)
+        bm = tl.max(cos, 0)
+        am = tl.min(tl.where((cos == bm) & valid, entry, 2147483647), 0)
+        upd = (bm > best) | ((bm == best) & (am < arg))
+        return tl.where(upd, bm, best), tl.where(upd, am, arg)
+
+    @triton.jit
     def _shared_kernel(
-        Q, KB, VB, RK, RV, MK, MV, POS, N, INV, PM, PL, PACC,
+        Q, KB, VB, RK, RV, MK, MV, POS, N, INV, PM, PL, PACC, XK, XV, RX, BEST, ARG,
         sq_b, sq_h, skb_b, skb_h, skb_c, svb_b, svb_h, svb_c,
         srk_b, srk_h, srv_b, srv_h, smk_b, smk_h, smv_b, smv_h, sp_b, sp_h, sn_b, sn_h,
-        E, SPLITS, chunk, qscale, HROWS,
+        E, SPLITS, PSTRIDE, chunk, qscale, HROWS,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_MAG: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_IEEE: tl.constexpr, FAST_TRIG: tl.constexpr,
-        TABLE: tl.constexpr,
+        TABLE: tl.constexpr, MATCH: tl.constexpr,
     ):  # fmt: skip
-        """One (row, kv head, token range): the G query heads of the kv head against its tokens."""
+        """One (row, kv head, token range): the G query heads of the kv head against its tokens.
+
+        MATCH: also the best book entry for a new key XK / value XV ([b, E, D], 1/norm RX [b, E, 2])
+        among the entries these tokens read (every live entry is read by some token), as (cosine,
+        entry) per split into BEST / ARG [b, E, 2, SPLITS]: the decode append's match, without a
+        second pass over the books."""
         HALF: tl.constexpr = D // 2
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -205,6 +220,17 @@ if HAVE_TRITON:
         q2 = q2 * qscale
         if HAS_ROPE and not TABLE:
             inv = tl.load(INV + dh)
+        if MATCH:
+            xrow = (bi * E + ei) * D
+            xk1 = tl.load(XK + xrow + dh).to(tl.float32)
+            xk2 = tl.load(XK + xrow + HALF + dh).to(tl.float32)
+            xv = tl.load(XV + xrow + dd).to(tl.float32)
+            rxk = tl.load(RX + (bi * E + ei) * 2)
+            rxv = tl.load(RX + (bi * E + ei) * 2 + 1)
+            best_k = tl.max(tl.full([BLOCK_N], -2.0, tl.float32), 0)
+            best_v = best_k
+            arg_k = tl.min(tl.full([BLOCK_N], 2147483647, tl.int32), 0)
+            arg_v = arg_k
         m = tl.full([GP], float("-inf"), tl.float32)
         l_sum = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
@@ -219,6 +245,9 @@ if HAVE_TRITON:
             krow = kb_head + ik * skb_c
             k1 = tl.load(krow[:, None] + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
             k2 = tl.load(krow[:, None] + HALF + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            if MATCH:  # against the stored (un-rotated) rows
+                ck = (tl.sum(k1 * xk1[None, :], 1) + tl.sum(k2 * xk2[None, :], 1)) * rxk
+                best_k, arg_k = _best_entry(ck, ik.to(tl.int32), valid, best_k, arg_k)
             if HAS_ROPE:
                 p = tl.load(POS + bi * sp_b + ei * sp_h + offs, mask=valid, other=0)
                 if TABLE:
@@ -243,6 +272,9 @@ if HAVE_TRITON:
             iv = tl.load(rv_row + offs, mask=valid, other=0).to(tl.int64)
             v = tl.load(vb_head + iv[:, None] * svb_c + dd[None, :], mask=valid[:, None], other=0.0)
             v = v.to(tl.float32)
+            if MATCH:
+                cv = tl.sum(v * xv[None, :], 1) * rxv
+                best_v, arg_v = _best_entry(cv, iv.to(tl.int32), valid, best_v, arg_v)
             if HAS_MAG:
                 mvt = tl.load(MV + bi * smv_b + ei * smv_h + offs, mask=valid, other=0.0).to(tl.float32)
                 pr = pr * mvt[None, :]
@@ -252,10 +284,16 @@ if HAVE_TRITON:
                 acc = acc * alpha[:, None] + tl.dot(pr, v)
             m = m_new
         h = ei * G + g
-        part = (bi * (E * G) + h) * SPLITS + split
+        part = (bi * (E * G) + h) * PSTRIDE + split
         tl.store(PM + part, m, mask=gmask)
         tl.store(PL + part, l_sum, mask=gmask)
         tl.store(PACC + part[:, None] * D + dd[None, :], acc, mask=gmask[:, None])
+        if MATCH:
+            at = (bi * E + ei) * 2 * SPLITS + split
+            tl.store(BEST + at, best_k)
+            tl.store(ARG + at, arg_k)
+            tl.store(BEST + at + SPLITS, best_v)
+            tl.store(ARG + at + SPLITS, arg_v)
 
     @triton.jit
     def _per_head_kernel(
@@ -388,6 +426,57 @@ def spindle_decode(
     of float32 angles) or "libdevice" (float32 angles, libdevice cos/sin); `fast_trig` True/False is
     the older spelling of "fast"/"libdevice".
     """
+    if rope_mode is None:
+        rope_mode = "table" if fast_trig is None else ("fast" if fast_trig else "libdevice")
+    part = _partials(
+        query, kbook, vbook, rk, rv, mk, mv, pos, n, scaling, rope_theta,
+        splits=splits, block_n=block_n, num_warps=num_warps, rope_mode=rope_mode,
+    )  # fmt: skip
+    return reduce_partials(part, query.dtype, out)
+
+
+def spindle_decode_match(
+    query, kbook, vbook, rk, rv, mk, mv, pos, n, scaling, rope_theta, xk, xv, rx
+) -> tuple[Partials, torch.Tensor, torch.Tensor]:
+    """A codebook layer's decode attention over its stored tokens, and the decode append's match in
+    the same pass (GQA codebook layers: rk.shape[1] == kbook.shape[1] < query heads).
+
+    xk, xv [b, hk, d] (the new key, un-rotated when the book is, and value), rx [b, hk, 2] float32
+    (their 1 / norms). Returns (partials with one free split slot, the last, for the caller's new
+    token; best [b, hk, 2] float32, the largest cosine of key / value with a live book entry, -2
+    when none; arg [b, hk, 2] int64, the lowest entry reaching it, 0 when none): what `best_match`
+    gives for one token, up to the summation order of the cosine."""
+    part = _partials(query, kbook, vbook, rk, rv, mk, mv, pos, n, scaling, rope_theta, match=(xk, xv, rx))
+    best, arg = part.best, part.arg  # [b, hk, 2, splits]
+    top = best.max(dim=-1).values
+    first = torch.where(best == top[..., None], arg, torch.full_like(arg, 2**31 - 1)).min(dim=-1).values
+    return part, top, torch.where(top > -2.0, first, torch.zeros_like(first)).long()
+
+
+class Partials:
+    """Split-K partial results of `_partials`: running max, sum and output per (row, head, split)."""
+
+    def __init__(self, pm, pl, pacc, best=None, arg=None) -> None:
+        self.pm, self.pl, self.pacc, self.best, self.arg = pm, pl, pacc, best, arg
+
+
+def reduce_partials(part: Partials, dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Combine the split partials into the attention output [b, H, d] (`dtype`, or into `out`)."""
+    b, num_heads, slots, d = part.pacc.shape
+    if out is None:
+        out = torch.empty((b, num_heads, d), dtype=dtype, device=part.pacc.device)
+    _reduce_kernel[(b * num_heads,)](
+        part.pm, part.pl, part.pacc, out, out.stride(0), out.stride(1), num_heads, slots,
+        D=d, SP=triton.next_power_of_2(slots), num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def _partials(
+    query, kbook, vbook, rk, rv, mk, mv, pos, n, scaling, rope_theta,
+    splits=None, block_n=None, num_warps=None, rope_mode="table", match=None,
+) -> Partials:  # fmt: skip
+    """Launch the split kernel (see `spindle_decode`); with `match`, the fused match and a free slot."""
     if not HAVE_TRITON:
         raise RuntimeError("spindle_decode needs triton")
     b, num_heads, d = query.shape
@@ -403,8 +492,6 @@ def spindle_decode(
     has_rope = rope_theta is not None
     mk_, mv_ = (mk, mv) if has_mag else (rk, rk)  # placeholders, never read
     pos_ = pos if has_rope else rk
-    if rope_mode is None:
-        rope_mode = "table" if fast_trig is None else ("fast" if fast_trig else "libdevice")
     if rope_mode not in ("table", "fast", "libdevice"):
         raise ValueError(f"rope_mode {rope_mode!r}")
     table = has_rope and rope_mode == "table"
@@ -415,6 +502,8 @@ def spindle_decode(
     else:
         inv = inv_freq(d, rope_theta, query.device) if has_rope else None
     shared = e == hk and group > 1
+    if match is not None and not shared:
+        raise ValueError("the fused match serves GQA codebook layers (one index row per kv head)")
     if block_n is None:  # tuned on an H100 at Llama-8B shapes (check_spindle)
         block_n = 32 if shared else 64
     programs = b * e
@@ -423,13 +512,19 @@ def spindle_decode(
     else:
         chunk = math.ceil(math.ceil(max(s, 1) / splits) / block_n) * block_n
     dev = query.device
-    pm = torch.empty((b, num_heads, splits), dtype=torch.float32, device=dev)
+    slots = splits + (match is not None)  # the free slot: the caller's new token
+    pm = torch.empty((b, num_heads, slots), dtype=torch.float32, device=dev)
     pl = torch.empty_like(pm)
     if inv is None:
         inv = pm  # a placeholder, never read without RoPE
-    pacc = torch.empty((b, num_heads, splits, d), dtype=torch.float32, device=dev)
-    if out is None:
-        out = torch.empty((b, num_heads, d), dtype=query.dtype, device=dev)
+    pacc = torch.empty((b, num_heads, slots, d), dtype=torch.float32, device=dev)
+    best = arg = None
+    if match is not None:
+        xk, xv, rx = (t.contiguous() for t in match)
+        best = torch.empty((b, hk, 2, splits), dtype=torch.float32, device=dev)
+        arg = torch.empty((b, hk, 2, splits), dtype=torch.int32, device=dev)
+    else:
+        xk = xv = rx = best_ = arg_ = pm  # placeholders, never read
     qscale = scaling * LOG2E
     args = (
         query, kbook, vbook, rk, rv, mk_, mv_, pos_, n, inv, pm, pl, pacc,
@@ -445,15 +540,17 @@ def spindle_decode(
             raise ValueError("per-token tensors must be contiguous along tokens")
     global _FAST_TRIG_OK
     fast_trig = has_rope and rope_mode == "fast" and dev.type == "cuda" and _FAST_TRIG_OK
+    if match is not None:
+        best_, arg_ = best, arg
 
     def launch(fast: bool) -> None:
         if shared:
             gp = max(16, triton.next_power_of_2(group))
             _shared_kernel[(programs, splits)](
-                *args, e, splits, chunk, qscale, hrows,
+                *args[:13], xk, xv, rx, best_, arg_, *args[13:], e, splits, slots, chunk, qscale, hrows,
                 G=group, GP=gp, D=d, BLOCK_N=block_n, HAS_MAG=has_mag, HAS_ROPE=has_rope,
                 DOT_IEEE=query.dtype == torch.float32 and dev.type == "cuda", FAST_TRIG=fast, TABLE=table,
-                num_warps=num_warps or 4,
+                MATCH=match is not None, num_warps=num_warps or 4,
             )  # fmt: skip
         else:
             _per_head_kernel[(programs, splits)](
@@ -470,11 +567,7 @@ def spindle_decode(
             launch(False)
     else:
         launch(False)
-    _reduce_kernel[(b * num_heads,)](
-        pm, pl, pacc, out, out.stride(0), out.stride(1), num_heads, splits,
-        D=d, SP=triton.next_power_of_2(splits), num_warps=4,
-    )  # fmt: skip
-    return out
+    return Partials(pm, pl, pacc, best, arg)
 
 
 # -- prefill / append: similarity counts and best matches (codebook layers) ----------------------

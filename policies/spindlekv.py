@@ -42,6 +42,7 @@ unless the codebook layers alone exceed it.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,9 @@ from policies.seqstore import _expand_index, compact, front_mask
 from policies.signals import KEEP_BASE, attention_probs, in_window, pool_in_position_order, window_size
 
 BIG = 2**40
+# Codebook layers fold the decode append's match into the attention kernel (`SpindleLayer._attend_pending`);
+# cleared if that kernel cannot be built here (the match then runs apart, `best_match`).
+FUSED_MATCH = True
 
 
 # -- RoPE (default type, rotate-half convention as Llama/Qwen/Mistral in transformers) -----------
@@ -453,6 +457,7 @@ class SpindleLayer(KVLayer):
     def __init__(self) -> None:
         super().__init__()
         self.mode = "dense"
+        self._pending = None  # a decode token held from `append` to `attend` (codebook layers)
 
     # -- views ------------------------------------------------------------------------------
     def _view(self, which: str) -> torch.Tensor:
@@ -589,26 +594,15 @@ class SpindleLayer(KVLayer):
         flash-decoding gathers book rows by index, scales and rotates them in registers. Every
         stored token precedes the query, so no mask is needed; lengths are `_n`. Prefill, dense
         layers, CPU and machines without triton take the exact path over the dense views."""
+        if self.__dict__.get("_pending") is not None:
+            return self._attend_pending(query, scaling, static=step.static_slots is not None)
         if step.static_slots is not None:
             return self.attend_static(query, scaling)
         if self._compressed() and query.shape[2] == 1:
             from policies import spindle_kernels as sk  # triton decides at import whether it interprets
 
             if sk.kernel_available(query.device):
-                out = sk.spindle_decode(
-                    query[:, :, 0],
-                    self.kbook,
-                    self.vbook,
-                    self.rk,
-                    self.rv,
-                    self.mk,
-                    self.mv,
-                    self._pos,
-                    self._n,
-                    scaling,
-                    self.rope_theta if self.mode == "codebook" else None,
-                )
-                return out[:, :, None]
+                return self._attend_stored(query, scaling)
         if self._compressed():
             # a prefill chunk over the storage's dense views: without empty slots and padding the new
             # tokens are the last q slots of every head and every kept token precedes them (flash)
@@ -619,6 +613,14 @@ class SpindleLayer(KVLayer):
                 bias = dense_bias(query.shape[2], keys.shape[2])
             return grouped_attention(query, keys, values, bias, scaling)
         return super().attend(query, step, scaling)
+
+    def _attend_stored(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """The kernel over the stored tokens (views; lengths `_n`): [b, H, 1, d]."""
+        from policies import spindle_kernels as sk
+
+        storage = [getattr(self, name) for name in self._GROWN]
+        rope_theta = self.rope_theta if self.mode == "codebook" else None
+        return sk.spindle_decode(query[:, :, 0], *storage, self._n, scaling, rope_theta)[:, :, None]
 
     # Compressed storage grows in place: each per-token tensor and book is the used part of a
     # zero-filled buffer with spare slots (plus one trash slot for padding tokens), so a decode
@@ -695,7 +697,7 @@ class SpindleLayer(KVLayer):
         if self.mode == "dense":
             return super().append(keys, values, positions)
         if keys.shape[2] == 1 and self._room_for_decode():
-            self._decode_write(keys, values, positions)
+            self._decode_write_or_defer(keys, values, positions)
             self._widen(1)
             return None
         b, hk, q, d = keys.shape
@@ -901,7 +903,97 @@ class SpindleLayer(KVLayer):
         """Write one decode token; the counts on the device say where (the runner's `slot` is unused)."""
         if not self._compressed():
             return super().append_static(keys, values, positions, slot)
-        self._decode_write(keys, values, positions)
+        self._decode_write_or_defer(keys, values, positions)
+
+    # -- codebook layers: the decode append's match folded into attention ----------------------
+    # A decode token joins the book entry of highest cosine (> theta) or opens one: matching it reads
+    # both books, and attention reads them again right after. Every live entry is read by some stored
+    # token, so the attention kernel finds the best entry on its way (`spindle_decode_match`): the
+    # append waits for the query (the token is held from `append` to `attend`, the next call on the
+    # layer), attention runs over the tokens stored before it, the token is written, and its own term
+    # joins the softmax as one more split.
+    def _decode_write_or_defer(self, keys, values, positions) -> None:
+        from policies import spindle_kernels as sk
+
+        if self.mode == "codebook" and FUSED_MATCH and sk.kernel_available(keys.device):
+            self._pending = (keys, values, positions)
+        else:
+            self._decode_write(keys, values, positions)
+
+    def _attend_pending(self, query: torch.Tensor, scaling: float, static: bool) -> torch.Tensor:
+        """Attention of a decode query with the held token's append (see above): [b, H, 1, d]."""
+        global FUSED_MATCH
+        from policies import spindle_kernels as sk
+
+        keys, values, positions = self._pending
+        self._pending = None
+        fused = None
+        if query.shape[1] > keys.shape[1]:  # GQA: the shared kernel serves the match
+            kx = keys if self.rope_theta is None else rope_one(keys, positions, self.rope_theta, inverse=True)
+            x = {"k": kx[:, :, 0], "v": values[:, :, 0]}
+            mag = {which: _norms(t) for which, t in x.items()}
+            rx = torch.stack([1.0 / mag["k"].clamp(min=1e-12), 1.0 / mag["v"].clamp(min=1e-12)], dim=-1)
+            storage = [self._bufs[name] for name in self._GROWN]
+            try:
+                fused = sk.spindle_decode_match(
+                    query[:, :, 0], *storage, self._n, scaling, self.rope_theta, x["k"], x["v"], rx
+                )
+            except Exception as exc:  # noqa: BLE001 - the fused kernel did not build here: match apart
+                FUSED_MATCH = False
+                warnings.warn(f"spindlekv: no fused decode match ({exc}); matching apart", stacklevel=2)
+        if fused is None:
+            self._decode_write(keys, values, positions)
+            return self.attend_static(query, scaling) if static else self._attend_stored(query, scaling)
+        part, best, arg = fused
+        entries = self._write_matched(x, mag, best, arg, positions)
+        self._new_token_term(part, query, entries, positions, scaling)
+        self._n.add_((positions != EMPTY).long())
+        return sk.reduce_partials(part, query.dtype)[:, :, None]
+
+    def _write_matched(self, x: dict, mag: dict, best, arg, positions) -> dict:
+        """Store the held token from its match, as `_assign` decides for one token; its entries."""
+        b, hk = best.shape[:2]
+        valid = (positions != EMPTY).expand(b, hk)  # [b, hk]
+        entries = {}
+        for j, which in enumerate(("k", "v")):
+            count = self.kbook_n if which == "k" else self.vbook_n
+            theta = self.theta_k if which == "k" else self.theta_v
+            opens = valid & (best[..., j] <= theta)
+            entry = torch.where(opens, count, arg[..., j])
+            book = which + "book"
+            units = _units(x[which][:, :, None], mag[which][:, :, None], self._bufs[book].dtype)
+            self._write(book, count, units, opens[..., None])
+            self._write("r" + which, self._n, entry[..., None], valid[..., None])
+            self._write("m" + which, self._n, mag[which][:, :, None], valid[..., None])
+            count.add_(opens.long())
+            entries[which] = entry
+        pos = positions.to(torch.int32).expand(b, hk)[..., None]
+        self._write("_pos", self._n, pos, valid[..., None])
+        return entries
+
+    def _new_token_term(self, part, query, entries: dict, positions, scaling: float) -> None:
+        """The held token's softmax term in the partials' free slot: its key is its entry times its
+        stored magnitude (rotated by its position when the book holds un-rotated keys)."""
+        from policies import spindle_kernels as sk
+
+        b, num_heads, _, d = query.shape
+        hk = entries["k"].shape[1]
+        group = num_heads // hk
+        rows = {}
+        for which in ("k", "v"):
+            idx = entries[which][..., None, None].expand(b, hk, 1, d)
+            mag = self._bufs["m" + which].gather(2, self._n[..., None]).float()  # as stored
+            rows[which] = torch.gather(self._bufs[which + "book"], 2, idx)[:, :, 0].float() * mag
+        key = rows["k"]
+        if self.rope_theta is not None:
+            key = rope_one(key[:, :, None], positions, self.rope_theta)[:, :, 0]
+        q = query[:, :, 0].float().reshape(b, hk, group, d) * (scaling * sk.LOG2E)
+        score = torch.einsum("bhgd,bhd->bhg", q, key).reshape(b, num_heads)
+        valid = positions != EMPTY  # [b, 1]
+        part.pm[:, :, -1] = torch.where(valid, score, float("-inf"))
+        part.pl[:, :, -1] = valid.float()
+        value = rows["v"][:, :, None].expand(b, hk, group, d).reshape(b, num_heads, d)
+        part.pacc[:, :, -1] = value * valid[..., None]
 
     def attend_static(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Decode attention over the whole buffers, lengths `_n` read on the device: the kernel's grid

@@ -269,3 +269,31 @@ def test_rope_modes_match_reference_at_large_positions(rope_mode, mode):
     out = sk.spindle_decode(**st, block_n=32, rope_mode=rope_mode)
     assert _rel(out, ref) < (1e-5 if rope_mode == "table" else 1e-3)
     assert sk.rope_tables(64, 500000.0, "cpu").shape == (128 + 2 * (sk.ROPE_TABLE_POSITIONS // 64), 32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rope_theta", [None, 10000.0])
+def test_fused_match_finds_the_best_entry_the_tokens_read(rope_theta):
+    """`spindle_decode_match`: the attention partials of `spindle_decode` (free slot empty) and, per
+    (row, kv head), the largest cosine of the new key / value with a book entry some live token reads,
+    at its lowest entry (ties made on purpose)."""
+    g = torch.Generator().manual_seed(11)
+    st = random_storage(2, 2, 4, 64, 90, "codebook", rope_theta, gen=g)
+    b, hk, d = 2, 2, 64
+    xk, xv = torch.randn(b, hk, d, generator=g), torch.randn(b, hk, d, generator=g)
+    xk[0, 0] = st["kbook"][0, 0, int(st["rk"][0, 0, 5])] * 3  # an exact match
+    st["kbook"][0, 0, int(st["rk"][0, 0, 7])] = st["kbook"][0, 0, int(st["rk"][0, 0, 5])]  # a tie
+    xv[1, 1] = st["vbook"][1, 1, int(st["rv"][1, 1, 0])] * 0.5
+    rx = torch.stack([1 / xk.norm(dim=-1), 1 / xv.norm(dim=-1)], dim=-1)
+    part, best, arg = sk.spindle_decode_match(**st, xk=xk, xv=xv, rx=rx)
+    part.pm[..., -1], part.pl[..., -1], part.pacc[..., -1, :] = float("-inf"), 0.0, 0.0
+    assert _rel(sk.reduce_partials(part, st["query"].dtype), sk.reference_decode(**st)) < 1e-5
+    live = torch.arange(90) < st["n"][..., None]
+    for j, (book, idx, x) in enumerate(((st["kbook"], st["rk"], xk), (st["vbook"], st["rv"], xv))):
+        read = torch.zeros(b, hk, book.shape[2] + 1, dtype=torch.bool)
+        read.scatter_(2, torch.where(live, idx.long(), book.shape[2]), True)
+        cos = torch.einsum("bhcd,bhd->bhc", book.float(), x) * rx[..., j, None]
+        bm, am = cos.masked_fill(~read[..., :-1], -2.0).max(dim=-1)
+        torch.testing.assert_close(best[..., j], bm, rtol=0, atol=1e-6)
+        assert torch.equal(arg[..., j], am), j
+    assert best[0, 0, 0] > 0.9999 and arg[0, 0, 0] == min(int(st["rk"][0, 0, 5]), int(st["rk"][0, 0, 7]))

@@ -41,20 +41,21 @@ def _generator(model, tok, mode, params):
     return Generator(model, tok, make_policy("spindlekv", **params), Budget(ratio=0.4), decode_mode=mode)
 
 
+@torch.inference_mode()  # as `Generator.generate` runs (Triton's interpreter writes its arguments back)
 def _decode(model, tok, mode, params, steps):
     gen = _generator(model, tok, mode, params)
     cache, logits, budgets, next_pos = _prefilled(gen, PROMPTS, steps)
     assert {layer.mode for layer in cache.layers} == {"codebook", "evicted"}
     seen = []
-    with torch.inference_mode():
-        for _ in range(steps):
-            tokens = logits.argmax(-1)
-            logits = gen.decode_step(cache, tokens, next_pos, budgets).clone()
-            next_pos = next_pos + 1
-            seen.append(logits)
+    for _ in range(steps):
+        tokens = logits.argmax(-1)
+        logits = gen.decode_step(cache, tokens, next_pos, budgets).clone()
+        next_pos = next_pos + 1
+        seen.append(logits)
     return torch.stack(seen), cache, gen.decode.counts
 
 
+@torch.inference_mode()
 def _stored(layer: SpindleLayer) -> dict:
     """What a layer's views hold, per live slot (dead slots past a head's length are not data)."""
     n = layer._n
@@ -159,3 +160,25 @@ def test_rope_one_is_rope():
     for inverse in (False, True):
         want = rope(x, pos[:, None, :].expand(3, 2, 1), 10000.0, inverse=inverse)
         torch.testing.assert_close(rope_one(x, pos, 10000.0, inverse=inverse), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("params", PARAMS)
+def test_fused_match_stores_and_attends_as_the_separate_match(tiny_llama, monkeypatch, params):
+    """Codebook layers with the match folded into attention (the kernel path) decode as with the
+    separate match (`best_match`, then attention over the stored token): logits and stored bytes."""
+    from policies import spindlekv
+
+    if not (sk.HAVE_TRITON and sk.interpreter_works()):
+        pytest.skip("the Triton kernels run on CPU under TRITON_INTERPRET=1 only")
+    monkeypatch.setattr(sk, "CPU_INTERPRET", True)
+    model, tok = tiny_llama
+    assert model.config.num_attention_heads > model.config.num_key_value_heads  # GQA: the fused kernel
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(spindlekv, "FUSED_MATCH", fused)
+        runs.append(_decode(model, tok, "static", params, 4))
+    (a, a_cache, _), (b, b_cache, _) = runs
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for x_layer, y_layer in zip(a_cache.layers, b_cache.layers):
+        for (name, x), y in zip(_stored(x_layer).items(), _stored(y_layer).values()):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)

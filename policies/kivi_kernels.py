@@ -554,16 +554,13 @@ if triton is not None:
             vb3, vsc3, vze3 = _value_bytes(vq_base, vs_base, vz_base, first + 3, svt, sut, D, GV, BITS, DEQ)
             s2 = _scores(q, k2, 2, ksc, kze, D, NB, BITS, DEQ, IEEE)
             s3 = _scores(q, k3, 3, ksc, kze, D, NB, BITS, DEQ, IEEE)
-            top = tl.maximum(
-                tl.maximum(tl.max(s0, 1), tl.max(s1, 1)), tl.maximum(tl.max(s2, 1), tl.max(s3, 1))
-            )
+            top = tl.max(tl.maximum(tl.maximum(s0, s1), tl.maximum(s2, s3)), 1)  # one reduction
         else:
-            top = tl.maximum(tl.max(s0, 1), tl.max(s1, 1))
+            top = tl.max(tl.maximum(s0, s1), 1)
         m_new = tl.maximum(m_i, top * qk_scale)  # finite: every token of the tile is inside
         alpha = tl.exp2(m_i - m_new)
         p0 = tl.exp2(s0 * qk_scale - m_new[:, None])
         p1 = tl.exp2(s1 * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p0, 1) + tl.sum(p1, 1)
         acc0, acc1, acc2, acc3 = _pv_sub(
             acc0 * alpha[:, None], acc1 * alpha[:, None], acc2 * alpha[:, None], acc3 * alpha[:, None],
             p0.to(dt), vb0, vsc0, vze0, BITS, DEQ, IEEE,
@@ -572,13 +569,15 @@ if triton is not None:
         if PER == 4:
             p2 = tl.exp2(s2 * qk_scale - m_new[:, None])
             p3 = tl.exp2(s3 * qk_scale - m_new[:, None])
-            l_i += tl.sum(p2, 1) + tl.sum(p3, 1)
+            l_i = l_i * alpha + tl.sum((p0 + p1) + (p2 + p3), 1)  # one reduction
             acc0, acc1, acc2, acc3 = _pv_sub(
                 acc0, acc1, acc2, acc3, p2.to(dt), vb2, vsc2, vze2, BITS, DEQ, IEEE
             )
             acc0, acc1, acc2, acc3 = _pv_sub(
                 acc0, acc1, acc2, acc3, p3.to(dt), vb3, vsc3, vze3, BITS, DEQ, IEEE
             )
+        else:
+            l_i = l_i * alpha + tl.sum(p0 + p1, 1)
         return m_new, l_i, acc0, acc1, acc2, acc3
 
     @triton.jit

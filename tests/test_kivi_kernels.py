@@ -146,6 +146,29 @@ def test_kernel_matches_reference(bits, group, d, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("deq", [-1, 1] + ([2, 3, 4] if not INTERPRETED else []))
+@pytest.mark.parametrize("bits,group,d", [(2, 4, 128), (4, 1, 64)])
+def test_every_dequantisation_matches_the_reference(deq, bits, group, d):
+    """The fast tiles' de-quantisations (`deq`; -1: the former single-launch tile) on a ragged store
+    whose lengths put the fast/tail boundary inside splits; bfloat16 on CUDA (DEQ 2-4 need it),
+    float32 under the interpreter (DEQ 2-4 fall back to 1 there)."""
+    dtype = torch.float32 if INTERPRETED else torch.bfloat16
+    b, h = 3, 2
+    max_n = 300 if INTERPRETED else 2000
+    store = random_store(b, h, d, bits, 32, max_n, dtype, DEVICE, seed=deq + 50)
+    store.nk = torch.minimum(store.n // 32 * 32, store.nk + 160 - store.nk % 32)  # whole groups
+    q = torch.randn(b, group * h, 1, d, generator=torch.Generator().manual_seed(8)).to(dtype).to(DEVICE)
+    ref = decode_attention_reference(q, store, d**-0.5)
+    for splits, block_n, stages in ((None, None, None), (3, 64, 1), (2, 256, 3)):
+        out = torch.full_like(q, float("nan"))
+        kw = dict(num_splits=splits, block_n=block_n, num_stages=stages, deq=deq, out=out)
+        decode_attention(q, store, d**-0.5, max_tokens=max_n, **kw)
+        assert torch.isfinite(out).all()
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert rel_err(out, ref) < tol, (splits, block_n, rel_err(out, ref))
+
+
+@needs_kernel
 def test_kernel_supports_the_shapes_it_tiles():
     """The kernel needs d / (8 // bits) >= 16 (its value sub-tiles' matrix products) and G <= its block."""
     q = torch.zeros(1, 4, 1, 32)

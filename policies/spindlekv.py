@@ -55,6 +55,7 @@ from policies.seqstore import _expand_index, compact, front_mask
 from policies.signals import KEEP_BASE, attention_probs, in_window, pool_in_position_order, window_size
 
 BIG = 2**40
+_SPENT = "spindlekv_spent"  # StepContext.extras: (next layer, kept bytes per row of the layers before it)
 # Codebook layers fold the decode append's match into the attention kernel (`SpindleLayer._attend_pending`);
 # cleared if that kernel cannot be built here (the match then runs apart, `best_match`).
 FUSED_MATCH = True
@@ -560,7 +561,7 @@ class SpindleLayer(KVLayer):
         else:
             hk = self.kbook.shape[1]
             group = num_heads // hk
-            entry = self.rk.long()
+            entry = self.rk.long().clamp(min=0)  # slots past a head's length may hold -1 (never selected)
             kvec, vvec = self.kbook, self.vbook
             pos_e = self._pos
         b = selected.shape[0]
@@ -1136,8 +1137,21 @@ class SpindleKV(Policy):
         if layer_idx < self.num_shallow(num_layers):
             if layer.mode == "dense":
                 layer.to_codebook(p.theta_k, p.theta_v, p.rope_theta)
-            return  # a codebook layer takes new tokens in as they come
-        self._evict(layer, queries, step, layer_idx, num_layers, scaling)
+            # (a codebook layer takes new tokens in as they come)
+        else:
+            self._evict(layer, queries, step, layer_idx, num_layers, scaling)
+        spent = self._spent_before(step, layer_idx) + layer.kept_bytes_per_row()
+        step.extras[_SPENT] = (layer_idx + 1, spent)
+
+    @staticmethod
+    def _spent_before(step, layer_idx: int):
+        """Kept bytes per row ([b], or 0) of layers 0..layer_idx-1: the running sum this forward's
+        compressions left (layers compress in order), else summed over the layers (a few kernels each;
+        summing at every layer cost O(layers^2) small launches per compressing forward)."""
+        run = step.extras.get(_SPENT)
+        if run is not None and run[0] == layer_idx:
+            return run[1]
+        return sum(step.cache.layers[j].kept_bytes_per_row() for j in range(layer_idx))
 
     def _evict(self, layer: SpindleLayer, queries, step, layer_idx, num_layers, scaling) -> None:
         p = self.params
@@ -1149,7 +1163,7 @@ class SpindleKV(Policy):
         # byte allowance of this layer: what the row may still spend, by pyramid weight
         s_bytes = keys.element_size()
         target = step.row_budgets.to(torch.int64) * hk * 2 * d * s_bytes * num_layers
-        spent = sum(step.cache.layers[j].kept_bytes_per_row() for j in range(layer_idx))
+        spent = self._spent_before(step, layer_idx)
         weights = self.pyramid_weights(num_layers)
         share = weights[layer_idx] / sum(weights[layer_idx:])
         allowance = ((target - spent).clamp(min=0).double() * share).floor().to(torch.int64)  # [b]

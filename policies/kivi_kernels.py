@@ -262,10 +262,10 @@ if triton is not None:
     @triton.jit
     def _values(
         vq_base, vs_base, vz_base, tok, nv, svt, sut,
-        D: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr,
+        D: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
     ):  # fmt: skip
         """Packed value bytes [NB, D/GV, GV/PER] of tokens `tok` [NB], scales/zeros [NB, D/GV, 1]
-        (each byte and each scale loaded once); FAST: every token's value is quantised."""
+        (each byte and each scale loaded once; zero past `nv`)."""
         PER: tl.constexpr = 8 // BITS
         NGV: tl.constexpr = D // GV
         GVB: tl.constexpr = GV // PER
@@ -273,56 +273,51 @@ if triton is not None:
         jv = tl.arange(0, GVB)
         bptr = vq_base + tok[:, None, None] * svt + gi[None, :, None] * GVB + jv[None, None, :]
         sptr = tok[:, None, None] * sut + gi[None, :, None]
-        if FAST:
-            vb = tl.load(bptr)
-            vs = tl.load(vs_base + sptr).to(tl.float32)
-            vz = tl.load(vz_base + sptr).to(tl.float32)
-        else:
-            ok = (tok < nv)[:, None, None]
-            vb = tl.load(bptr, mask=ok, other=0)
-            vs = tl.load(vs_base + sptr, mask=ok, other=0.0).to(tl.float32)
-            vz = tl.load(vz_base + sptr, mask=ok, other=0.0).to(tl.float32)
+        ok = (tok < nv)[:, None, None]
+        vb = tl.load(bptr, mask=ok, other=0)
+        vs = tl.load(vs_base + sptr, mask=ok, other=0.0).to(tl.float32)
+        vz = tl.load(vz_base + sptr, mask=ok, other=0.0).to(tl.float32)
         return vb, vs, vz
 
     @triton.jit
     def _pv(
         acc, p, vb, vs, vz, t: tl.constexpr, tok, n, nv, vr_base, swt, Wv, dt,
-        D: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
+        D: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
-        """acc [M, D/PER] (channels j * PER + t) += p [M, NB] @ values of tokens `tok` there."""
+        """acc [M, D/PER] (channels j * PER + t) += p [M, NB] @ values of tokens `tok` there (the
+        residual ring's from `nv` on)."""
         PER: tl.constexpr = 8 // BITS
         NGV: tl.constexpr = D // GV
         GVB: tl.constexpr = GV // PER
         MASK: tl.constexpr = (1 << BITS) - 1
         NB: tl.constexpr = tok.shape[0]
         v3 = ((vb >> (t * BITS)) & MASK).to(tl.float32) * vs + vz  # [NB, NGV, GVB]
-        if not FAST:
-            gi = tl.arange(0, NGV)
-            jv = tl.arange(0, GVB)
-            ch = (gi[None, :, None] * GVB + jv[None, None, :]) * PER + t
-            res = ((tok >= nv) & (tok < n))[:, None, None]
-            vres = tl.load(vr_base + (tok % Wv)[:, None, None] * swt + ch, mask=res, other=0.0)
-            v3 = tl.where((tok < nv)[:, None, None], v3, vres.to(tl.float32))
+        gi = tl.arange(0, NGV)
+        jv = tl.arange(0, GVB)
+        ch = (gi[None, :, None] * GVB + jv[None, None, :]) * PER + t
+        res = ((tok >= nv) & (tok < n))[:, None, None]
+        vres = tl.load(vr_base + (tok % Wv)[:, None, None] * swt + ch, mask=res, other=0.0)
+        v3 = tl.where((tok < nv)[:, None, None], v3, vres.to(tl.float32))
         v = tl.reshape(v3, (NB, D // PER)).to(dt)
         if IEEE:
             return acc + tl.dot(p, v, input_precision="ieee")
         return acc + tl.dot(p, v)
 
     @triton.jit
-    def _tile(
+    def _tail_tile(
         q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
         kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
         skg, ssg, srt, svt, sut, swt, Wk, Wv,
         D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr,
-        IEEE: tl.constexpr, FAST: tl.constexpr,
+        IEEE: tl.constexpr,
     ):  # fmt: skip
-        """One tile of BN tokens from `start` (a multiple of BN and G). Every load of the tile is
-        issued first (key bytes [D, BN/G, G/PER] and their per-group scales once, the value bytes of
-        each sub-tile once), then PER sub-tiles, one per bit offset of the key bytes: sub-tile s
-        holds the tokens at bit offset s (token = group start + byte * PER + s), so a key byte tile
-        is shifted, never gathered. Values are de-quantised per bit offset t of their bytes too,
-        into accumulator t (channels j * PER + t). FAST: every token's key and value is quantised
-        (no residual loads, no length masks)."""
+        """One tile of BN tokens from `start` (a multiple of BN and G) of the tail: tokens past the
+        quantised ones come from the residual rings, tokens past `n` are masked. Every load of the
+        tile is issued first (key bytes [D, BN/G, G/PER] and their per-group scales once, the value
+        bytes of each sub-tile once), then PER sub-tiles, one per bit offset of the key bytes:
+        sub-tile s holds the tokens at bit offset s (token = group start + byte * PER + s), so a key
+        byte tile is shifted, never gathered. Values are de-quantised per bit offset t of their
+        bytes too, into accumulator t (channels j * PER + t)."""
         PER: tl.constexpr = 8 // BITS
         GB: tl.constexpr = G // PER  # bytes per channel of a key group
         NG: tl.constexpr = BN // G  # key groups in the tile
@@ -337,41 +332,33 @@ if triton is not None:
         sptr = grp[None, :, None] * ssg + c[:, None, None]
         r = tl.arange(0, NB)
         first = start + (r // GB) * G + (r % GB) * PER  # token at bit offset 0 of each column's byte
-        if FAST:
-            kb = tl.load(kptr)  # [D, NG, GB]
-            ks = tl.load(ks_base + sptr).to(tl.float32)  # [D, NG, 1]
-            kz = tl.load(kz_base + sptr).to(tl.float32)
-        else:
-            kok = ((start + gl * G) < nk)[None, :, None]  # nk is a multiple of G: whole groups
-            kb = tl.load(kptr, mask=kok, other=0)
-            ks = tl.load(ks_base + sptr, mask=kok, other=0.0).to(tl.float32)
-            kz = tl.load(kz_base + sptr, mask=kok, other=0.0).to(tl.float32)
-        vb0, vs0, vz0 = _values(vq_base, vs_base, vz_base, first, nv, svt, sut, D, GV, BITS, FAST)
-        vb1, vs1, vz1 = _values(vq_base, vs_base, vz_base, first + 1, nv, svt, sut, D, GV, BITS, FAST)
+        kok = ((start + gl * G) < nk)[None, :, None]  # nk is a multiple of G: whole groups
+        kb = tl.load(kptr, mask=kok, other=0)  # [D, NG, GB]
+        ks = tl.load(ks_base + sptr, mask=kok, other=0.0).to(tl.float32)  # [D, NG, 1]
+        kz = tl.load(kz_base + sptr, mask=kok, other=0.0).to(tl.float32)
+        vb0, vs0, vz0 = _values(vq_base, vs_base, vz_base, first, nv, svt, sut, D, GV, BITS)
+        vb1, vs1, vz1 = _values(vq_base, vs_base, vz_base, first + 1, nv, svt, sut, D, GV, BITS)
         if PER == 4:
-            vb2, vs2, vz2 = _values(vq_base, vs_base, vz_base, first + 2, nv, svt, sut, D, GV, BITS, FAST)
-            vb3, vs3, vz3 = _values(vq_base, vs_base, vz_base, first + 3, nv, svt, sut, D, GV, BITS, FAST)
+            vb2, vs2, vz2 = _values(vq_base, vs_base, vz_base, first + 2, nv, svt, sut, D, GV, BITS)
+            vb3, vs3, vz3 = _values(vq_base, vs_base, vz_base, first + 3, nv, svt, sut, D, GV, BITS)
         else:
             vb2, vs2, vz2 = vb0, vs0, vz0
             vb3, vs3, vz3 = vb1, vs1, vz1
         for s in tl.static_range(PER):
             tok = first + s
             kt = tl.reshape(((kb >> (s * BITS)) & MASK).to(tl.float32) * ks + kz, (D, NB))
-            if not FAST:
-                inside = tok < n
-                kres = tl.load(
-                    kr_base + (tok % Wk)[None, :] * srt + c[:, None],
-                    mask=((tok >= nk) & inside)[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                kt = tl.where((tok < nk)[None, :], kt, kres)
+            inside = tok < n
+            kres = tl.load(
+                kr_base + (tok % Wk)[None, :] * srt + c[:, None],
+                mask=((tok >= nk) & inside)[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            kt = tl.where((tok < nk)[None, :], kt, kres)
             if IEEE:
                 scores = tl.dot(q, kt.to(dt), input_precision="ieee")
             else:
                 scores = tl.dot(q, kt.to(dt))
-            scores = scores * qk_scale
-            if not FAST:
-                scores = tl.where(inside[None, :], scores, -float("inf"))
+            scores = tl.where(inside[None, :], scores * qk_scale, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
@@ -389,20 +376,20 @@ if triton is not None:
                 vb, vs, vz = vb3, vs3, vz3
             acc0 = _pv(
                 acc0 * alpha[:, None], p, vb, vs, vz, 0, tok, n, nv, vr_base, swt, Wv, dt,
-                D, GV, BITS, IEEE, FAST,
+                D, GV, BITS, IEEE,
             )  # fmt: skip
             acc1 = _pv(
                 acc1 * alpha[:, None], p, vb, vs, vz, 1, tok, n, nv, vr_base, swt, Wv, dt,
-                D, GV, BITS, IEEE, FAST,
+                D, GV, BITS, IEEE,
             )  # fmt: skip
             if PER == 4:
                 acc2 = _pv(
                     acc2 * alpha[:, None], p, vb, vs, vz, 2, tok, n, nv, vr_base, swt, Wv, dt,
-                    D, GV, BITS, IEEE, FAST,
+                    D, GV, BITS, IEEE,
                 )  # fmt: skip
                 acc3 = _pv(
                     acc3 * alpha[:, None], p, vb, vs, vz, 3, tok, n, nv, vr_base, swt, Wv, dt,
-                    D, GV, BITS, IEEE, FAST,
+                    D, GV, BITS, IEEE,
                 )  # fmt: skip
         return m_i, l_i, acc0, acc1, acc2, acc3
 
@@ -410,26 +397,21 @@ if triton is not None:
     def _ints_as_floats(x, t: tl.constexpr, sc, ze, BITS: tl.constexpr, DEQ: tl.constexpr):
         """The integers at bit offset t of the bytes `x` (uint8), de-quantised as `x' * sc + ze`.
 
-        DEQ 0: shift, mask, int -> float conversion (quarter rate), FMA (sc, ze: scale, zero).
-        DEQ 1: the integer v placed at the top of the mantissa of 1.0 (float32 1 + v / 2**BITS, by
-        its bits), one FMA with sc = 2**BITS * scale, ze = zero - sc (float32; within 2**-20 scale).
-        DEQ 2: 128 + v as bfloat16 by its bits, minus 128 (exact), FMA in bfloat16 (sc, ze:
-        scale, zero in bfloat16). DEQ 3: as DEQ 2 through inline PTX (`_unpack_asm`, CUDA only).
-        DEQ 4 (2 bits): `x` already unpacked by `_unpack_all`, one bfloat16 FMA."""
+        DEQ 1 (any dtype; the interpreter): the integer v placed at the top of the mantissa of 1.0
+        (float32 1 + v / 2**BITS, by its bits), one FMA with sc = 2**BITS * scale, ze = zero - sc
+        (float32; within 2**-20 scale).
+        DEQ 3 (bfloat16, CUDA): v as an exact bfloat16 by inline PTX (`_unpack_asm`: 128 + v by its
+        bits, minus 128), then one bfloat16 FMA (sc, ze: scale, zero).
+        DEQ 4 (bfloat16, CUDA, 2 bits): `x` already unpacked by `_unpack_all`, one bfloat16 FMA."""
         MASK: tl.constexpr = (1 << BITS) - 1
         if DEQ == 1:
             TOP: tl.constexpr = 23 - BITS
             bits_ = ((x.to(tl.int32) << (TOP - t * BITS)) & (MASK << TOP)) | 0x3F800000
             return bits_.to(tl.float32, bitcast=True) * sc + ze
-        elif DEQ == 2:
-            v16 = ((x >> (t * BITS)) & MASK).to(tl.int16) | 0x4300
-            return (v16.to(tl.bfloat16, bitcast=True) - 128.0).to(tl.bfloat16) * sc + ze
         elif DEQ == 3:
             return _unpack_bf16(x, t, BITS) * sc + ze
-        elif DEQ == 4:
-            return x * sc + ze  # x: `_unpack_all`'s integers at offset t
         else:
-            return ((x >> (t * BITS)) & MASK).to(tl.float32) * sc + ze
+            return x * sc + ze  # x: `_unpack_all`'s integers at offset t
 
     @triton.jit
     def _unpack_bf16(x, t: tl.constexpr, BITS: tl.constexpr):
@@ -468,10 +450,8 @@ if triton is not None:
         if DEQ == 1:
             sc = s.to(tl.float32) * (1 << BITS)
             return sc, z.to(tl.float32) - sc
-        elif DEQ >= 2:
-            return s.to(tl.bfloat16), z.to(tl.bfloat16)
         else:
-            return s.to(tl.float32), z.to(tl.float32)
+            return s.to(tl.bfloat16), z.to(tl.bfloat16)
 
     @triton.jit
     def _value_bytes(vq_base, vs_base, vz_base, tok, svt, sut, D: tl.constexpr, GV: tl.constexpr,
@@ -529,8 +509,9 @@ if triton is not None:
         DEQ: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         """A tile of BN tokens whose keys and values are all quantised (the bulk of a long cache):
-        as `_tile` with FAST, but all PER sub-tiles' scores first, then one online-softmax rescale
-        per tile (not per sub-tile), and the de-quantisation `_ints_as_floats` (DEQ)."""
+        as `_tail_tile` without masks or rings, but all PER sub-tiles' scores first, then one max,
+        one sum and one online-softmax rescale per tile, and the de-quantisation `_ints_as_floats`
+        (DEQ), whose integers are never converted by int -> float instructions."""
         PER: tl.constexpr = 8 // BITS
         GB: tl.constexpr = G // PER
         NG: tl.constexpr = BN // G
@@ -604,14 +585,13 @@ if triton is not None:
         H: tl.constexpr, per_split, num_parts, qk_scale,
         D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
         GROUP: tl.constexpr, M: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, DEQ: tl.constexpr,
-        PART: tl.constexpr,
+        TAIL: tl.constexpr,
     ):  # fmt: skip
-        """Partial attention of one (row, kv head) over one part of its tokens. PART 0: split
-        program_id(1) of `per_split` tokens, all its tiles; PART 1: only the fast tiles of that
-        split (tokens below `quant_end`, whose keys and values are all quantised); PART 2: the
-        tail [quant_end, n) (residual rings, the last partial tile), written as the last part.
-        Parts 1 and 2 are two launches of one kernel, so the fast one is compiled without the
-        tail's code (registers for more programs per SM)."""
+        """Partial attention of one (row, kv head) over one part of its tokens: split program_id(1)
+        of `per_split` tokens, its fast tiles (tokens below `quant_end`, whose keys and values are
+        all quantised: `_fast_tile`); TAIL: the tail [quant_end, n) (residual rings, the last
+        partial tile: `_tail_tile`), written as the last part. Two launches of one kernel, so the
+        fast one is compiled without the tail's code (registers for more programs per SM)."""
         PER: tl.constexpr = 8 // BITS
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -644,34 +624,22 @@ if triton is not None:
         quant_end = (tl.minimum(n, tl.minimum(nk, nv)) // BN) * BN
         lo = split * per_split
         hi = tl.minimum(lo + per_split, n)
-        if PART == 2:
-            lo = quant_end
-            hi = n
-        fast_end = tl.maximum(lo, tl.minimum(hi, quant_end))
-        if PART != 2:
-            for start in range(lo, fast_end, BN):
-                if DEQ < 0:
-                    m_i, l_i, acc0, acc1, acc2, acc3 = _tile(
-                        q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
-                        kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
-                        skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, True,
-                    )  # fmt: skip
-                else:
-                    m_i, l_i, acc0, acc1, acc2, acc3 = _fast_tile(
-                        q, m_i, l_i, acc0, acc1, acc2, acc3, start, qk_scale,
-                        kq_base, ks_base, kz_base, vq_base, vs_base, vz_base, skg, ssg, svt, sut,
-                        D, G, GV, BITS, BN, DEQ, IEEE,
-                    )  # fmt: skip
-        if PART != 1:
-            for start in range(fast_end, hi, BN):
-                m_i, l_i, acc0, acc1, acc2, acc3 = _tile(
+        if TAIL:
+            for start in range(quant_end, n, BN):
+                m_i, l_i, acc0, acc1, acc2, acc3 = _tail_tile(
                     q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
                     kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
-                    skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE, False,
+                    skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE,
                 )  # fmt: skip
-        part = bh * num_parts + split
-        if PART == 2:
             part = bh * num_parts + num_parts - 1
+        else:
+            for start in range(lo, tl.minimum(hi, quant_end), BN):
+                m_i, l_i, acc0, acc1, acc2, acc3 = _fast_tile(
+                    q, m_i, l_i, acc0, acc1, acc2, acc3, start, qk_scale,
+                    kq_base, ks_base, kz_base, vq_base, vs_base, vz_base, skg, ssg, svt, sut,
+                    D, G, GV, BITS, BN, DEQ, IEEE,
+                )  # fmt: skip
+            part = bh * num_parts + split
         _store_acc(OP, part, acc0, 0, M, D, PER, GROUP)
         _store_acc(OP, part, acc1, 1, M, D, PER, GROUP)
         if PER == 4:
@@ -695,7 +663,7 @@ def _workspace(device: torch.device, numel: int) -> torch.Tensor:
     return buf
 
 
-DEFAULT_DEQ = 4  # the fast tiles' de-quantisation (`_ints_as_floats`); -1: the former tile
+DEFAULT_DEQ = 4  # the fast tiles' de-quantisation (`_ints_as_floats`)
 DEFAULT_WARPS = 4
 DEFAULT_STAGES = 2  # software pipelining of the fast loop's loads
 DEFAULT_MAXNREG = None  # no register cap
@@ -726,9 +694,9 @@ def decode_attention(
     `max_tokens` is a host-side upper bound of `store.n` (no device sync here); `num_splits`
     overrides how many programs share one (row, kv head)'s tokens (default: enough for
     `programs_per_sm` programs per SM); `block_n` (a multiple of the key group and of
-    16 * (8 // bits), a power of two), `num_warps`, `num_stages` and `deq` (`_ints_as_floats`;
-    -1: the former tile in one launch) and `maxnreg` (a register cap: more programs per SM) tune
-    the split kernel (swept by `pipeline.bench.check_kivi`).
+    16 * (8 // bits), a power of two), `num_warps`, `num_stages`, `deq` (`_ints_as_floats`) and
+    `maxnreg` (a register cap: more programs per SM) tune the fast kernel (swept by
+    `pipeline.bench.check_kivi`).
     """
     if triton is None:
         raise RuntimeError("kivi decode kernel needs triton")
@@ -747,7 +715,7 @@ def decode_attention(
         num_splits = max(1, min(blocks, triton.cdiv(wanted, b * h)))
     per_split = triton.cdiv(blocks, num_splits) * bn
     num_splits = triton.cdiv(blocks * bn, per_split)
-    num_parts = num_splits + (deq >= 0)  # the tail takes a part of its own
+    num_parts = num_splits + 1  # the tail takes a part of its own
     dev = query.device
     parts = b * h * num_parts
     ws = _workspace(dev, parts * m * (d + 2))
@@ -785,11 +753,8 @@ def decode_attention(
     tune = dict(num_warps=warps, num_stages=stages)
     if maxnreg or DEFAULT_MAXNREG:
         tune["maxnreg"] = maxnreg or DEFAULT_MAXNREG
-    if deq < 0:
-        _kivi_decode_split[(b * h, num_splits)](*args, **meta, PART=0, **tune)
-    else:
-        _kivi_decode_split[(b * h, num_splits)](*args, **meta, PART=1, **tune)
-        _kivi_decode_split[(b * h, 1)](*args, **dict(meta, DEQ=-1), PART=2, num_warps=4)  # DEQ unused
+    _kivi_decode_split[(b * h, num_splits)](*args, **meta, TAIL=False, **tune)
+    _kivi_decode_split[(b * h, 1)](*args, **dict(meta, DEQ=1), TAIL=True, num_warps=4)  # DEQ unused
     _kivi_decode_merge[(b * h,)](
         o_part, m_part, l_part, out, out.stride(0), out.stride(1),
         H=h, num_splits=num_parts, D=d, GROUP=group, M=m,
@@ -798,10 +763,9 @@ def decode_attention(
 
 
 def _deq_for(dtype: torch.dtype, device: torch.device, bits: int, deq: int) -> int:
-    """DEQ 2 to 4 de-quantise in bfloat16: exact only for bfloat16 scales, and none runs in the
-    interpreter (its bfloat16 bitcasts are wrong; DEQ 3 and 4 are inline PTX): those take DEQ 1.
-    DEQ 4 is for 2 bits; 4 bits take DEQ 3."""
-    if deq >= 2 and (dtype != torch.bfloat16 or device.type != "cuda"):
+    """DEQ 3 and 4 de-quantise in bfloat16 (exact only for bfloat16 scales) through inline PTX
+    (CUDA only): other dtypes and the interpreter take DEQ 1. DEQ 4 is for 2 bits; 4 bits take 3."""
+    if deq >= 3 and (dtype != torch.bfloat16 or device.type != "cuda"):
         return 1
     return 3 if deq == 4 and bits != 2 else deq
 

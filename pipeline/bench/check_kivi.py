@@ -11,9 +11,10 @@ shapes (32 query heads, 8 kv heads, head_dim 128, bf16), 32K tokens, batch 4 and
   (GQA folded into the query axis, no mask);
 - sdpa-bf16: SDPA's flash kernel over a full-precision bf16 cache of the same length;
 - step: one layer's whole decode step (append + flush + attend) with the fused kernel;
-- sweep: the fused kernel's variants side by side (`SWEEP`, batch 4 and 75 at 2 bits: the former
-  kernel first, then de-quantisation, block size, warps, pipeline stages, register cap and
-  programs per SM), each checked against the float64 reference; a table per batch, fastest first;
+- sweep: the fused kernel's variants side by side (`SWEEP`, batch 4 and 75 at 2 bits:
+  de-quantisation, block size, warps, pipeline stages, register cap, programs per SM; with
+  `--baseline PATH` another kivi_kernels.py first, e.g. an earlier commit's, at its defaults),
+  each checked against the float64 reference; a table per batch, fastest first;
 - prefill: one layer's attention at 32K tokens (batch 1): one-shot (append + attend: flash over
   the forward's own tokens) and chunked (4096-token chunks: append + attend + flush each), time
   and peak memory above the inputs, against flash over a bf16 cache (`prefill-bf16`).
@@ -41,10 +42,8 @@ from policies.kivi_kernels import KiviStore, decode_attention, decode_attention_
 H, HKV, D = 32, 8, 128
 DT = torch.bfloat16
 DEV = "cuda"  # a CPU smoke test under TRITON_INTERPRET=1 sets "cpu" (and DT float16)
-# kernel configurations timed at 2 bits (decode_attention keyword arguments; the first is the
-# former kernel: deq=-1, its tile in one launch with Triton's default 3 stages)
+# kernel configurations timed at 2 bits (decode_attention keyword arguments)
 SWEEP = [
-    dict(deq=-1, block_n=128, num_warps=4, num_stages=3, programs_per_sm=8),
     dict(deq=4, block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, maxnreg=128),
     dict(deq=4, block_n=128, num_warps=4, num_stages=3, programs_per_sm=8, maxnreg=128),
     dict(deq=4, block_n=128, num_warps=4, num_stages=2, programs_per_sm=16, maxnreg=128),
@@ -55,6 +54,7 @@ SWEEP = [
     dict(deq=3, block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, maxnreg=128),
     dict(deq=4, block_n=128, num_warps=4, num_stages=2, programs_per_sm=8),
 ]
+BASELINE = None  # --baseline PATH: another kivi_kernels.py (e.g. an earlier commit's), timed first
 QUICK = False  # --quick: batch 4 and 75 at 2 bits, no SDPA comparisons
 
 
@@ -156,20 +156,35 @@ def _label(cfg: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in cfg.items())
 
 
+def _baseline_module():
+    """The module at BASELINE, imported once under its own name."""
+    import importlib.util
+
+    if "kivi_kernels_baseline" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("kivi_kernels_baseline", BASELINE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kivi_kernels_baseline"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["kivi_kernels_baseline"]
+
+
 def sweep(q, store, layer, b, n, scaling, out, packed, results) -> None:
     """Every SWEEP configuration at this batch: median time and error against the float64 reference
     (poisoned output first, a few rows)."""
     few = slice(0, min(b, 4))
     ref = reference64(q[few], rows(layer._store(), few), scaling)
-    for cfg in SWEEP:
+    baseline = [dict(baseline=BASELINE)] if BASELINE else []
+    for cfg in baseline + SWEEP:
         kw = dict(cfg, max_tokens=n, out=out)
+        attend = _baseline_module().decode_attention if "baseline" in kw else decode_attention
+        kw.pop("baseline", None)
         try:
             out.fill_(float("nan"))
-            decode_attention(q, store, scaling, **kw)  # compiles
+            attend(q, store, scaling, **kw)  # compiles
             _sync()
             err = rel_err(out[few], ref)
             good = bool(torch.isfinite(out).all()) and err < 1e-2
-            ms = bench(lambda kw=kw: decode_attention(q, store, scaling, **kw))
+            ms = bench(lambda kw=kw, attend=attend: attend(q, store, scaling, **kw))
         except Exception as e:  # e.g. shared memory, an option this triton lacks
             print(f"sweep b={b} {_label(cfg)}: {type(e).__name__}: {e}"[:300], flush=True)
             continue
@@ -367,7 +382,7 @@ def _fall_back_if_default_fails() -> None:
     gen = torch.Generator().manual_seed(9)
     store = random_store(1, 2, D, 2, 32, 300, gen)
     q = torch.randn((1, 8, 1, D), generator=gen).to(DT).to(DEV)
-    for deq in (kivi_kernels.DEFAULT_DEQ, 3, 2, -1):
+    for deq in (kivi_kernels.DEFAULT_DEQ, 3, 1):
         try:
             decode_attention(q, store, D**-0.5, max_tokens=300, deq=deq)
             _sync()
@@ -380,8 +395,10 @@ def _fall_back_if_default_fails() -> None:
 
 
 def main() -> int:
-    global QUICK
+    global QUICK, BASELINE
     QUICK = "--quick" in sys.argv[1:]
+    if "--baseline" in sys.argv[1:]:
+        BASELINE = sys.argv[sys.argv.index("--baseline") + 1]
     if not torch.cuda.is_available():
         print("check_kivi needs a CUDA GPU")
         return 2

@@ -502,6 +502,48 @@ if triton is not None:
         return acc0, acc1, acc2, acc3
 
     @triton.jit
+    def _wide_tile(
+        q, m_i, l_i, acc0, acc1, acc2, acc3, start, qk_scale,
+        kq_base, ks_base, kz_base, vq_base, vs_base, vz_base, skg, ssg, svt, sut,
+        D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr,
+        DEQ: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """As `_fast_tile` (2 bits) with one key product over the whole tile (the PER sub-tiles
+        joined back into token order: fewer barriers, more registers) and one value product per
+        accumulator."""
+        PER: tl.constexpr = 8 // BITS
+        GB: tl.constexpr = G // PER
+        NG: tl.constexpr = BN // G
+        dt = q.dtype
+        c = tl.arange(0, D)
+        grp = start // G + tl.arange(0, NG)
+        jb = tl.arange(0, GB)
+        kb = tl.load(kq_base + grp[None, :, None] * skg + c[:, None, None] * GB + jb[None, None, :])
+        sptr = grp[None, :, None] * ssg + c[:, None, None]
+        ksc, kze = _scales(tl.load(ks_base + sptr), tl.load(kz_base + sptr), BITS, DEQ)
+        tok = start + tl.arange(0, BN)
+        vb, vsc, vze = _value_bytes(vq_base, vs_base, vz_base, tok, svt, sut, D, GV, BITS, DEQ)
+        k0, k1, k2, k3 = _unpack_all(kb, BITS, DEQ)
+        k0 = _ints_as_floats(k0, 0, ksc, kze, BITS, DEQ)
+        k1 = _ints_as_floats(k1, 1, ksc, kze, BITS, DEQ)
+        k2 = _ints_as_floats(k2, 2, ksc, kze, BITS, DEQ)
+        k3 = _ints_as_floats(k3, 3, ksc, kze, BITS, DEQ)
+        kt = tl.reshape(tl.join(tl.join(k0, k2), tl.join(k1, k3)), (D, BN)).to(dt)  # token order
+        if IEEE:
+            scores = tl.dot(q, kt, input_precision="ieee")
+        else:
+            scores = tl.dot(q, kt)
+        m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc0, acc1, acc2, acc3 = _pv_sub(
+            acc0 * alpha[:, None], acc1 * alpha[:, None], acc2 * alpha[:, None], acc3 * alpha[:, None],
+            p.to(dt), vb, vsc, vze, BITS, DEQ, IEEE,
+        )  # fmt: skip
+        return m_new, l_i, acc0, acc1, acc2, acc3
+
+    @triton.jit
     def _fast_tile(
         q, m_i, l_i, acc0, acc1, acc2, acc3, start, qk_scale,
         kq_base, ks_base, kz_base, vq_base, vs_base, vz_base, skg, ssg, svt, sut,
@@ -585,7 +627,7 @@ if triton is not None:
         H: tl.constexpr, per_split, num_parts, qk_scale,
         D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
         GROUP: tl.constexpr, M: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, DEQ: tl.constexpr,
-        TAIL: tl.constexpr,
+        TAIL: tl.constexpr, WIDE: tl.constexpr,
     ):  # fmt: skip
         """Partial attention of one (row, kv head) over one part of its tokens: split program_id(1)
         of `per_split` tokens, its fast tiles (tokens below `quant_end`, whose keys and values are
@@ -634,11 +676,18 @@ if triton is not None:
             part = bh * num_parts + num_parts - 1
         else:
             for start in range(lo, tl.minimum(hi, quant_end), BN):
-                m_i, l_i, acc0, acc1, acc2, acc3 = _fast_tile(
-                    q, m_i, l_i, acc0, acc1, acc2, acc3, start, qk_scale,
-                    kq_base, ks_base, kz_base, vq_base, vs_base, vz_base, skg, ssg, svt, sut,
-                    D, G, GV, BITS, BN, DEQ, IEEE,
-                )  # fmt: skip
+                if WIDE:
+                    m_i, l_i, acc0, acc1, acc2, acc3 = _wide_tile(
+                        q, m_i, l_i, acc0, acc1, acc2, acc3, start, qk_scale,
+                        kq_base, ks_base, kz_base, vq_base, vs_base, vz_base, skg, ssg, svt, sut,
+                        D, G, GV, BITS, BN, DEQ, IEEE,
+                    )  # fmt: skip
+                else:
+                    m_i, l_i, acc0, acc1, acc2, acc3 = _fast_tile(
+                        q, m_i, l_i, acc0, acc1, acc2, acc3, start, qk_scale,
+                        kq_base, ks_base, kz_base, vq_base, vs_base, vz_base, skg, ssg, svt, sut,
+                        D, G, GV, BITS, BN, DEQ, IEEE,
+                    )  # fmt: skip
             part = bh * num_parts + split
         _store_acc(OP, part, acc0, 0, M, D, PER, GROUP)
         _store_acc(OP, part, acc1, 1, M, D, PER, GROUP)
@@ -666,7 +715,8 @@ def _workspace(device: torch.device, numel: int) -> torch.Tensor:
 DEFAULT_DEQ = 4  # the fast tiles' de-quantisation (`_ints_as_floats`)
 DEFAULT_WARPS = 4
 DEFAULT_STAGES = 2  # software pipelining of the fast loop's loads
-DEFAULT_MAXNREG = None  # no register cap
+DEFAULT_MAXNREG = 128  # a register cap: 4 programs of 4 warps per SM
+DEFAULT_WIDE = False
 PROGRAMS_PER_SM = 8  # split-K: programs per SM when the (row, head)s alone are too few
 
 
@@ -688,6 +738,7 @@ def decode_attention(
     deq: int | None = None,
     num_stages: int | None = None,
     maxnreg: int | None = None,
+    wide: bool | None = None,
 ) -> torch.Tensor:
     """Fused decode attention [b, H, 1, d] (query's dtype) over the packed store.
 
@@ -695,8 +746,8 @@ def decode_attention(
     overrides how many programs share one (row, kv head)'s tokens (default: enough for
     `programs_per_sm` programs per SM); `block_n` (a multiple of the key group and of
     16 * (8 // bits), a power of two), `num_warps`, `num_stages`, `deq` (`_ints_as_floats`) and
-    `maxnreg` (a register cap: more programs per SM) tune the fast kernel (swept by
-    `pipeline.bench.check_kivi`).
+    `maxnreg` (a register cap: more programs per SM) and `wide` (2 bits: `_wide_tile`) tune the
+    fast kernel (swept by `pipeline.bench.check_kivi`).
     """
     if triton is None:
         raise RuntimeError("kivi decode kernel needs triton")
@@ -753,8 +804,9 @@ def decode_attention(
     tune = dict(num_warps=warps, num_stages=stages)
     if maxnreg or DEFAULT_MAXNREG:
         tune["maxnreg"] = maxnreg or DEFAULT_MAXNREG
-    _kivi_decode_split[(b * h, num_splits)](*args, **meta, TAIL=False, **tune)
-    _kivi_decode_split[(b * h, 1)](*args, **dict(meta, DEQ=1), TAIL=True, num_warps=4)  # DEQ unused
+    wide = (DEFAULT_WIDE if wide is None else wide) and store.bits == 2
+    _kivi_decode_split[(b * h, num_splits)](*args, **meta, TAIL=False, WIDE=wide, **tune)
+    _kivi_decode_split[(b * h, 1)](*args, **dict(meta, DEQ=1), TAIL=True, WIDE=False, num_warps=4)
     _kivi_decode_merge[(b * h,)](
         o_part, m_part, l_part, out, out.stride(0), out.stride(1),
         H=h, num_splits=num_parts, D=d, GROUP=group, M=m,

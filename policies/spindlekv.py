@@ -56,9 +56,13 @@ from policies.signals import KEEP_BASE, attention_probs, in_window, pool_in_posi
 
 BIG = 2**40
 _SPENT = "spindlekv_spent"  # StepContext.extras: (next layer, kept bytes per row of the layers before it)
-# Codebook layers fold the decode append's match into the attention kernel (`SpindleLayer._attend_pending`);
-# cleared if that kernel cannot be built here (the match then runs apart, `best_match`).
-FUSED_MATCH = True
+# Codebook layers may fold the decode append's match into the attention kernel
+# (`SpindleLayer._attend_pending`; cleared if that kernel cannot be built). Off: measured on an H100
+# (`python -m pipeline.bench.check_spindle_decode`, Llama-8B shapes, 8 layers, 32K, graph steps) it
+# was no faster: batch 4 4.21 ms fused vs 3.65 ms apart, batch 48 13.55 vs 13.78 ms; one layer's
+# kernel at batch 48, 32K: 5.81 ms fused vs 5.12 ms for attention (3.35) + `best_match` on both
+# books. Its cosines are float32 element-wise sums (the FMA units), not tensor-core products.
+FUSED_MATCH = False
 
 
 # -- RoPE (default type, rotate-half convention as Llama/Qwen/Mistral in transformers) -----------

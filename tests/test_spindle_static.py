@@ -182,3 +182,20 @@ def test_fused_match_stores_and_attends_as_the_separate_match(tiny_llama, monkey
     for x_layer, y_layer in zip(a_cache.layers, b_cache.layers):
         for (name, x), y in zip(_stored(x_layer).items(), _stored(y_layer).values()):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_static_step_equals_dynamic_step_with_the_fused_match(tiny_llama, monkeypatch):
+    from policies import spindlekv
+
+    if not (sk.HAVE_TRITON and sk.interpreter_works()):
+        pytest.skip("the Triton kernels run on CPU under TRITON_INTERPRET=1 only")
+    monkeypatch.setattr(sk, "CPU_INTERPRET", True)
+    monkeypatch.setattr(spindlekv, "FUSED_MATCH", True)
+    model, tok = tiny_llama
+    dyn, dyn_cache, _ = _decode(model, tok, "eager", PARAMS[1], 4)
+    sta, sta_cache, counts = _decode(model, tok, "static", PARAMS[1], 4)
+    assert counts["eager"] == 4
+    torch.testing.assert_close(sta, dyn, rtol=1e-4, atol=1e-4)
+    for a, b in zip(sta_cache.layers, dyn_cache.layers):
+        for (name, x), y in zip(_stored(a).items(), _stored(b).values()):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)

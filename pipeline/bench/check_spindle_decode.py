@@ -15,6 +15,14 @@ chunks and tiled to each batch): decode steps in the graphs mode with `FUSED_MAT
 step time (CUDA events, median), captures/replays, and per step the logits' relative difference
 and greedy token agreement between the two (bf16: the two compute the same function in a
 different summation order).
+
+Measured 2026-11-25, H100 80GB HBM3, torch 2.11, triton 3.6 (code b13b877):
+  kernel: every case agrees (cosines within 4e-7, the same entries, partials equal to
+  `spindle_decode`); batch 4, 8K: fused 0.328 ms vs 0.505 ms apart (attention alone 0.147);
+  batch 48, 32K: fused 5.81 ms vs 5.12 ms apart (attention alone 3.35); batch 4, 8K with RoPE:
+  0.577 vs 0.963 ms.
+  model, 8 layers, 32K, graph steps: batch 4 4.21 ms fused vs 3.65 ms apart, batch 48 13.55 vs
+  13.78 ms; logits within 1.8% relative (bf16), greedy tokens equal. So `FUSED_MATCH` is off.
 """
 
 from __future__ import annotations

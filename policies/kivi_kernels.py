@@ -14,24 +14,42 @@ queries are the newest tokens, so no mask is needed beyond the lengths). The sto
 
 `decode_attention` (CUDA, or the Triton interpreter on CPU tensors) is flash decoding: the
 token axis is split among programs, each program takes one (row, kv head, split) with all
-`group` query heads of that kv head (so the packed bytes are read once), de-quantises blocks
-of tokens in registers and keeps an online softmax; a second small kernel merges the splits.
-Within a block the tokens are visited in the order the key bytes hold them (all tokens at bit
-offset 0 of their byte, then offset `bits`, ...): softmax attention does not depend on the
-order of the tokens, and this way a loaded key byte tile is shifted, never gathered.
+`group` query heads of that kv head (so the packed bytes are read once), de-quantises tiles of
+tokens in registers and keeps an online softmax; a small kernel merges the splits. Within a tile
+the tokens are visited in the order the key bytes hold them (all tokens at bit offset 0 of their
+byte, then offset `bits`, ...): softmax attention does not depend on the order of the tokens,
+and this way a loaded key byte tile is shifted, never gathered.
 
-Each program takes 128-token tiles at 2 bits (64 at 4 bits): every load of a tile is issued
-first and each byte and scale loaded once (3-D tiles, a group's scales broadcast in registers),
-values are de-quantised per bit offset into `8 // bits` accumulators, and the split-K grid aims
-at `PROGRAMS_PER_SM` programs per SM (`python -m pipeline.bench.check_kivi` times it and sweeps
-block size, warps and programs per SM). Llama-8B shapes, 2 bits, 32K tokens, one layer:
-0.226-0.242 ms at batch 4 and 3.77 ms at batch 75 on an H100 (420-505 GB/s over the packed
-bytes); 0.232-0.249 / 3.88 ms on an H200. Two other split kernels were measured slower and
-removed (history, not worth retrying): 64-token blocks loading each value byte once per channel
-it holds (0.553 ms at batch 4 on an H100, cb524fc), and 2-D tiles with integers made floats by
-their bits (0.373 ms at batch 4, 6.06 ms at batch 75 on an H200).
-The kernel is still far from the copy bandwidth: per element it shifts, masks, converts, scales
-and rounds to the model dtype, and every sub-tile converts its operands' layouts for `tl.dot`.
+Two launches of one split kernel: the fast tiles (`_fast_tile`: tokens below the last whole
+tile whose keys and values are all quantised, the bulk of a long cache: no masks, no rings,
+loads software-pipelined) and the tail (`_tail_tile`: residual rings, lengths; one program per
+(row, head), its own part for the merge). The fast kernel is compiled without the tail's code,
+under a register cap (`DEFAULTS`: 128, so 4 programs of 4 warps or 8 of 2 fit an SM). Its
+de-quantisation has no int -> float conversion (quarter-rate on the H100): in bfloat16 on CUDA,
+inline PTX permutes the packed bytes into the low bytes of 16-bit lanes under 0x43 (bfloat16
+128 + v, exact), masks, subtracts 128 (all four 2-bit offsets of a register per call), then one
+packed bfloat16 FMA applies scale and zero (DEQ 4; DEQ 3 per offset for 4 bits); elsewhere the
+integer is put in a float32 mantissa by its bits and one FMA follows (DEQ 1, the interpreter's
+path). A tile's PER key products come first, then one max, one sum and one rescale per tile.
+
+Llama-8B shapes, 2 bits, 32K tokens, one layer, H100, one run (check_kivi --quick --baseline,
+ea0bb46): 1.87 ms at batch 75 (1019 GB/s over the packed bytes and scales) and 0.164 ms at
+batch 4, against 3.85 / 0.246 ms for the former kernel in the same run (2.06x / 1.50x). The
+target (about 1.1 ms at batch 75) is not reached. Where the time goes (SASS of the fast loop
+per 128-token tile and thread, ptxas for sm_90): ~1300 instructions, of which ~280 register
+moves assembling the query's operand fragments for each key product, ~260 packed FMAs and ~330
+permute/logic ops of the de-quantisation, ~64 HMMA, 36 barriers; IPC about 1.5 per SM (latency:
+every value sub-tile goes through shared memory to become a transposed operand, each sub-tile's
+probabilities too). History, measured slower and removed (not worth retrying): the former
+single-launch kernel (128-token 3-D tiles, int -> float conversions, 255 registers and spills:
+0.226-0.246 ms at batch 4, 3.67-3.85 ms at batch 75 on an H100; 0.232-0.249 / 3.88 on an H200);
+de-quantisation through Triton bfloat16 bitcasts without inline PTX (0.589 ms at batch 4, 2.75
+at 75, H100, 928f7ac); one key product over the whole tile with the sub-tiles joined back into
+token order (3.56-3.99 ms at batch 75: the joined keys go through shared memory); 256-token
+tiles of 8 warps (4.03 ms at 75); no register cap (2.88 ms at 75); a cap of 96 (spills, 2.38);
+64-token blocks loading each value byte once per channel it holds (0.553 ms at batch 4, H100,
+cb524fc); 2-D tiles with integers made floats by their bits and per-element scale loads (0.373
+ms at batch 4, 6.06 ms at batch 75, H200).
 
 `decode_attention_reference` computes the same function in float32 with plain torch.
 
@@ -502,48 +520,6 @@ if triton is not None:
         return acc0, acc1, acc2, acc3
 
     @triton.jit
-    def _wide_tile(
-        q, m_i, l_i, acc0, acc1, acc2, acc3, start, qk_scale,
-        kq_base, ks_base, kz_base, vq_base, vs_base, vz_base, skg, ssg, svt, sut,
-        D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr,
-        DEQ: tl.constexpr, IEEE: tl.constexpr,
-    ):  # fmt: skip
-        """As `_fast_tile` (2 bits) with one key product over the whole tile (the PER sub-tiles
-        joined back into token order: fewer barriers, more registers) and one value product per
-        accumulator."""
-        PER: tl.constexpr = 8 // BITS
-        GB: tl.constexpr = G // PER
-        NG: tl.constexpr = BN // G
-        dt = q.dtype
-        c = tl.arange(0, D)
-        grp = start // G + tl.arange(0, NG)
-        jb = tl.arange(0, GB)
-        kb = tl.load(kq_base + grp[None, :, None] * skg + c[:, None, None] * GB + jb[None, None, :])
-        sptr = grp[None, :, None] * ssg + c[:, None, None]
-        ksc, kze = _scales(tl.load(ks_base + sptr), tl.load(kz_base + sptr), BITS, DEQ)
-        tok = start + tl.arange(0, BN)
-        vb, vsc, vze = _value_bytes(vq_base, vs_base, vz_base, tok, svt, sut, D, GV, BITS, DEQ)
-        k0, k1, k2, k3 = _unpack_all(kb, BITS, DEQ)
-        k0 = _ints_as_floats(k0, 0, ksc, kze, BITS, DEQ)
-        k1 = _ints_as_floats(k1, 1, ksc, kze, BITS, DEQ)
-        k2 = _ints_as_floats(k2, 2, ksc, kze, BITS, DEQ)
-        k3 = _ints_as_floats(k3, 3, ksc, kze, BITS, DEQ)
-        kt = tl.reshape(tl.join(tl.join(k0, k2), tl.join(k1, k3)), (D, BN)).to(dt)  # token order
-        if IEEE:
-            scores = tl.dot(q, kt, input_precision="ieee")
-        else:
-            scores = tl.dot(q, kt)
-        m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc0, acc1, acc2, acc3 = _pv_sub(
-            acc0 * alpha[:, None], acc1 * alpha[:, None], acc2 * alpha[:, None], acc3 * alpha[:, None],
-            p.to(dt), vb, vsc, vze, BITS, DEQ, IEEE,
-        )  # fmt: skip
-        return m_new, l_i, acc0, acc1, acc2, acc3
-
-    @triton.jit
     def _fast_tile(
         q, m_i, l_i, acc0, acc1, acc2, acc3, start, qk_scale,
         kq_base, ks_base, kz_base, vq_base, vs_base, vz_base, skg, ssg, svt, sut,
@@ -627,7 +603,7 @@ if triton is not None:
         H: tl.constexpr, per_split, num_parts, qk_scale,
         D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
         GROUP: tl.constexpr, M: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, DEQ: tl.constexpr,
-        TAIL: tl.constexpr, WIDE: tl.constexpr,
+        TAIL: tl.constexpr,
     ):  # fmt: skip
         """Partial attention of one (row, kv head) over one part of its tokens: split program_id(1)
         of `per_split` tokens, its fast tiles (tokens below `quant_end`, whose keys and values are
@@ -676,18 +652,11 @@ if triton is not None:
             part = bh * num_parts + num_parts - 1
         else:
             for start in range(lo, tl.minimum(hi, quant_end), BN):
-                if WIDE:
-                    m_i, l_i, acc0, acc1, acc2, acc3 = _wide_tile(
-                        q, m_i, l_i, acc0, acc1, acc2, acc3, start, qk_scale,
-                        kq_base, ks_base, kz_base, vq_base, vs_base, vz_base, skg, ssg, svt, sut,
-                        D, G, GV, BITS, BN, DEQ, IEEE,
-                    )  # fmt: skip
-                else:
-                    m_i, l_i, acc0, acc1, acc2, acc3 = _fast_tile(
-                        q, m_i, l_i, acc0, acc1, acc2, acc3, start, qk_scale,
-                        kq_base, ks_base, kz_base, vq_base, vs_base, vz_base, skg, ssg, svt, sut,
-                        D, G, GV, BITS, BN, DEQ, IEEE,
-                    )  # fmt: skip
+                m_i, l_i, acc0, acc1, acc2, acc3 = _fast_tile(
+                    q, m_i, l_i, acc0, acc1, acc2, acc3, start, qk_scale,
+                    kq_base, ks_base, kz_base, vq_base, vs_base, vz_base, skg, ssg, svt, sut,
+                    D, G, GV, BITS, BN, DEQ, IEEE,
+                )  # fmt: skip
             part = bh * num_parts + split
         _store_acc(OP, part, acc0, 0, M, D, PER, GROUP)
         _store_acc(OP, part, acc1, 1, M, D, PER, GROUP)
@@ -712,17 +681,20 @@ def _workspace(device: torch.device, numel: int) -> torch.Tensor:
     return buf
 
 
-DEFAULT_DEQ = 4  # the fast tiles' de-quantisation (`_ints_as_floats`)
-DEFAULT_WARPS = 4
-DEFAULT_STAGES = 2  # software pipelining of the fast loop's loads
-DEFAULT_MAXNREG = 128  # a register cap: 4 programs of 4 warps per SM
-DEFAULT_WIDE = False
-PROGRAMS_PER_SM = 8  # split-K: programs per SM when the (row, head)s alone are too few
+DEFAULT_DEQ = 4  # the fast tiles' de-quantisation (`_ints_as_floats`; 4 bits take DEQ 3)
+# the fast kernel's launch per bit width. 2 bits: the fastest at batch 75 (32K tokens, Llama-8B
+# shapes) in check_kivi's sweep on an H100 (1.87 ms; 0.164 ms at batch 4, where 64-token tiles,
+# 2 stages and 8 programs per SM took 0.147 ms). 4 bits: not timed since the rewrite (checked for
+# correctness on the H100 with these settings), the former kernel's 64-token tiles and 4 warps
+DEFAULTS = {
+    2: dict(block_n=64, num_warps=2, num_stages=3, programs_per_sm=16, maxnreg=128),
+    4: dict(block_n=64, num_warps=4, num_stages=2, programs_per_sm=8, maxnreg=128),
+}
 
 
 def default_block_n(bits: int) -> int:
-    """Tokens per tile: 32 tokens per sub-tile (128 at 2 bits, 64 at 4 bits)."""
-    return 32 * (8 // bits)
+    """Tokens per tile (a power of two, a multiple of the key group)."""
+    return DEFAULTS[bits]["block_n"]
 
 
 def decode_attention(
@@ -738,7 +710,6 @@ def decode_attention(
     deq: int | None = None,
     num_stages: int | None = None,
     maxnreg: int | None = None,
-    wide: bool | None = None,
 ) -> torch.Tensor:
     """Fused decode attention [b, H, 1, d] (query's dtype) over the packed store.
 
@@ -746,8 +717,8 @@ def decode_attention(
     overrides how many programs share one (row, kv head)'s tokens (default: enough for
     `programs_per_sm` programs per SM); `block_n` (a multiple of the key group and of
     16 * (8 // bits), a power of two), `num_warps`, `num_stages`, `deq` (`_ints_as_floats`) and
-    `maxnreg` (a register cap: more programs per SM) and `wide` (2 bits: `_wide_tile`) tune the
-    fast kernel (swept by `pipeline.bench.check_kivi`).
+    `maxnreg` (a register cap: more programs per SM) tune the fast kernel (swept by
+    `pipeline.bench.check_kivi`; defaults per bit width in `DEFAULTS`).
     """
     if triton is None:
         raise RuntimeError("kivi decode kernel needs triton")
@@ -757,7 +728,8 @@ def decode_attention(
     assert q_len == 1 and num_heads == group * h
     m = max(16, triton.next_power_of_2(group))
     deq = _deq_for(query.dtype, query.device, store.bits, DEFAULT_DEQ if deq is None else deq)
-    programs_per_sm = programs_per_sm or PROGRAMS_PER_SM
+    tuned = DEFAULTS[store.bits]
+    programs_per_sm = programs_per_sm or tuned["programs_per_sm"]
     bn = block_n or default_block_n(store.bits)
     assert bn % store.group_size == 0 and bn & (bn - 1) == 0
     blocks = max(1, triton.cdiv(max(max_tokens, 1), bn))
@@ -799,14 +771,10 @@ def decode_attention(
         D=d, G=store.group_size, GV=d // vs.shape[-1], BITS=store.bits, GROUP=group, M=m, BN=bn,
         IEEE=query.dtype == torch.float32, DEQ=deq,
     )  # fmt: skip
-    warps = num_warps or DEFAULT_WARPS
-    stages = num_stages or DEFAULT_STAGES
-    tune = dict(num_warps=warps, num_stages=stages)
-    if maxnreg or DEFAULT_MAXNREG:
-        tune["maxnreg"] = maxnreg or DEFAULT_MAXNREG
-    wide = (DEFAULT_WIDE if wide is None else wide) and store.bits == 2
-    _kivi_decode_split[(b * h, num_splits)](*args, **meta, TAIL=False, WIDE=wide, **tune)
-    _kivi_decode_split[(b * h, 1)](*args, **dict(meta, DEQ=1), TAIL=True, WIDE=False, num_warps=4)
+    tune = dict(num_warps=num_warps or tuned["num_warps"], num_stages=num_stages or tuned["num_stages"])
+    tune["maxnreg"] = maxnreg or tuned["maxnreg"]
+    _kivi_decode_split[(b * h, num_splits)](*args, **meta, TAIL=False, **tune)
+    _kivi_decode_split[(b * h, 1)](*args, **dict(meta, DEQ=1), TAIL=True, num_warps=4)  # DEQ unused
     _kivi_decode_merge[(b * h,)](
         o_part, m_part, l_part, out, out.stride(0), out.stride(1),
         H=h, num_splits=num_parts, D=d, GROUP=group, M=m,

@@ -159,13 +159,13 @@ def test_every_dequantisation_matches_the_reference(deq, bits, group, d):
     store.nk = torch.minimum(store.n // 32 * 32, store.nk + 160 - store.nk % 32)  # whole groups
     q = torch.randn(b, group * h, 1, d, generator=torch.Generator().manual_seed(8)).to(dtype).to(DEVICE)
     ref = decode_attention_reference(q, store, d**-0.5)
-    for splits, block_n, stages, wide in ((None, None, None, False), (3, 64, 1, True), (2, 256, 3, False)):
+    for splits, block_n, stages in ((None, None, None), (3, 128, 1), (2, 256, 2)):
         out = torch.full_like(q, float("nan"))
-        kw = dict(num_splits=splits, block_n=block_n, num_stages=stages, deq=deq, out=out, wide=wide)
+        kw = dict(num_splits=splits, block_n=block_n, num_stages=stages, deq=deq, out=out)
         decode_attention(q, store, d**-0.5, max_tokens=max_n, **kw)
         assert torch.isfinite(out).all()
         tol = 1e-5 if dtype == torch.float32 else 2e-2
-        assert rel_err(out, ref) < tol, (splits, block_n, wide, rel_err(out, ref))
+        assert rel_err(out, ref) < tol, (splits, block_n, rel_err(out, ref))
 
 
 @needs_kernel

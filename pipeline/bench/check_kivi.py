@@ -44,19 +44,15 @@ DT = torch.bfloat16
 DEV = "cuda"  # a CPU smoke test under TRITON_INTERPRET=1 sets "cpu" (and DT float16)
 # kernel configurations timed at 2 bits (decode_attention keyword arguments)
 SWEEP = [
+    dict(deq=4, block_n=64, num_warps=2, num_stages=3, programs_per_sm=16, maxnreg=128),
+    dict(deq=4, block_n=64, num_warps=2, num_stages=2, programs_per_sm=8, maxnreg=128),
+    dict(deq=4, block_n=64, num_warps=2, num_stages=3, programs_per_sm=32, maxnreg=128),
     dict(deq=4, block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, maxnreg=128),
     dict(deq=4, block_n=128, num_warps=4, num_stages=3, programs_per_sm=8, maxnreg=128),
     dict(deq=4, block_n=128, num_warps=4, num_stages=2, programs_per_sm=16, maxnreg=128),
-    dict(deq=4, block_n=128, num_warps=4, num_stages=3, programs_per_sm=16, maxnreg=128),
     dict(deq=4, block_n=128, num_warps=4, num_stages=2, programs_per_sm=32, maxnreg=128),
     dict(deq=4, block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, maxnreg=96),
-    dict(deq=4, block_n=64, num_warps=2, num_stages=2, programs_per_sm=8, maxnreg=128),
-    dict(deq=4, block_n=64, num_warps=2, num_stages=3, programs_per_sm=16, maxnreg=128),
     dict(deq=3, block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, maxnreg=128),
-    dict(deq=4, block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, maxnreg=168, wide=True),
-    dict(deq=4, block_n=128, num_warps=4, num_stages=3, programs_per_sm=8, maxnreg=168, wide=True),
-    dict(deq=4, block_n=128, num_warps=4, num_stages=2, programs_per_sm=16, maxnreg=168, wide=True),
-    dict(deq=4, block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, maxnreg=255, wide=True),
 ]
 BASELINE = None  # --baseline PATH: another kivi_kernels.py (e.g. an earlier commit's), timed first
 QUICK = False  # --quick: batch 4 and 75 at 2 bits, no SDPA comparisons

@@ -36,9 +36,10 @@ Llama-8B shapes, 2 bits, 32K tokens, one layer, H100, one run (check_kivi --quic
 ea0bb46): 1.87 ms at batch 75 (1019 GB/s over the packed bytes and scales) and 0.164 ms at
 batch 4, against 3.85 / 0.246 ms for the former kernel in the same run (2.06x / 1.50x). The
 target (about 1.1 ms at batch 75) is not reached. Where the time goes (SASS of the fast loop
-per 128-token tile and thread, ptxas for sm_90): ~1300 instructions, of which ~280 register
-moves assembling the query's operand fragments for each key product, ~260 packed FMAs and ~330
-permute/logic ops of the de-quantisation, ~64 HMMA, 36 barriers; IPC about 1.5 per SM (latency:
+per 128-token tile of 4 warps, per thread, ptxas for sm_90; 64-token tiles of 2 warps are alike
+per token): ~1300 instructions, of which ~280 register moves assembling the query's operand
+fragments for each key product, ~260 packed FMAs and ~330 permute/logic ops of the
+de-quantisation, ~64 HMMA, 36 barriers; IPC about 1.5 per SM (latency:
 every value sub-tile goes through shared memory to become a transposed operand, each sub-tile's
 probabilities too). History, measured slower and removed (not worth retrying): the former
 single-launch kernel (128-token 3-D tiles, int -> float conversions, 255 registers and spills:

@@ -113,6 +113,31 @@ def test_merge_prefers_measured_cells(tiny_run):
     assert list(out.glob("bench-merged-*.md"))
 
 
+def test_merge_keeps_each_cell_against_its_own_runs_full(tiny_run):
+    """Prefill times move between runs: a merged report must not compare one run's cell with
+    another run's full cell."""
+    result, _, _ = tiny_run
+    slower = json.loads(json.dumps(result))
+    slower["cells"] = [c for c in slower["cells"] if c["policy"] == "full"]
+    for c in slower["cells"]:
+        for mode in ("oneshot", "chunked"):
+            c["prefill"][mode]["seconds"] *= 2
+    merged = report.merge([result, slower])
+    report.finalize(merged)  # what `save` does
+    own = {c["key"]: c["derived"] for c in result["cells"]}
+    checked = 0
+    for cell in merged["cells"]:
+        if cell["policy"] == "full":
+            assert cell["run"] == 1  # the later run's full cell replaced the first one's
+        elif cell["status"] == "ok":
+            assert cell["run"] == 0
+            assert cell["derived"]["overhead_pct_oneshot"] == own[cell["key"]]["overhead_pct_oneshot"]
+            checked += 1
+    assert checked > 0
+    md = report.markdown(merged)
+    assert "## Merged runs" in md and "run 1: full" in md
+
+
 def test_settings_validate():
     with pytest.raises(ValueError):
         BenchSettings(ratios=(1.5,))

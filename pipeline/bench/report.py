@@ -49,7 +49,12 @@ def _get(d: dict | None, *keys):
 
 
 def derive(result: dict) -> None:
-    """Per cell: overhead vs full (same mode), throughput ratio vs full, step vs HF generate."""
+    """Per cell: overhead vs full (same mode), throughput ratio vs full, step vs HF generate.
+
+    A merged report keeps what each cell's own run derived (`merge`): prefill times move a few
+    percent between runs, so a ratio is only taken between cells measured in the same run."""
+    if result.get("status") == "merged":
+        return
     hf: dict = {}  # (context, batch) -> the faster HF variant (default or no-cuDNN backends)
     for h in result.get("baselines", {}).get("hf_generate", []):
         key = (h.get("context"), h.get("batch"))
@@ -400,12 +405,26 @@ def markdown(result: dict) -> str:
         "",
         "`max B` ends with `+` when the --max-batch cap stopped the search. `ovh` = (policy prefill - "
         "full prefill) / full prefill, same mode, same run. `tok/s x full` = policy decode tok/s at its "
-        "largest batch / full's at its largest batch.",
+        "largest batch / full's at its largest batch."
+        + (
+            " Merged report: each cell's `ovh` and `x full` are against the full cell of the run it came "
+            "from (below), which may differ from the full row shown."
+            if result.get("merged_from")
+            else ""
+        ),
         "",
         "## Targets",
         "",
     ]
     lines += ["- " + x.replace("PASS", "**PASS**").replace("FAIL", "**FAIL**") for x in target_lines(result)]
+    runs = result.get("merged_from") or []
+    if runs:
+        lines += ["", "## Merged runs", ""]
+        lines += [f"{i}. {r.get('started')}: `{r.get('command')}`" for i, r in enumerate(runs)]
+        by_run: dict = {}
+        for c in result.get("cells", []):
+            by_run.setdefault(c.get("run"), []).append(label(c))
+        lines += [f"- run {i}: {', '.join(cells)}" for i, cells in sorted(by_run.items(), key=str)]
     hf = result.get("baselines", {}).get("hf_generate", [])
     if hf:
         lines += ["", "## HF generate baseline", "", "```", json.dumps(hf, indent=1, default=str), "```"]
@@ -459,6 +478,11 @@ def merge(results: list[dict]) -> dict:
     """One report from several runs (e.g. one per context): the best status wins per cell."""
     if not results:
         raise ValueError("nothing to merge")
+    results = [json.loads(json.dumps(r)) for r in results]
+    for i, r in enumerate(results):
+        derive(r)  # against the run's own full cells (a merged report never re-derives)
+        for c in r.get("cells", []):
+            c["run"] = i
     merged = json.loads(json.dumps(results[0]))
     merged["merged_from"] = [
         {

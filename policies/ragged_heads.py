@@ -226,8 +226,17 @@ class RaggedKVLayer(KVLayer):
             attn=attn,
         )
 
-    def attend_decode(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """One query per row ([b, H, 1, d]) over the flat store in place plus the tail (the kernel)."""
+    def attend_decode(
+        self, query: torch.Tensor, scaling: float, tail_used: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One query per row ([b, H, 1, d]) over the flat store in place plus the tail (the kernel).
+
+        `tail_used` (a static step): the device-held index of the tail's last slot; the kernel then
+        reads the tail's whole buffers and their length on the device."""
+        if tail_used is None:
+            tail_k, tail_v, tail_p = self.keys, self.values, self.positions
+        else:
+            tail_k, tail_v, tail_p = super().static_buffers()
         out = ragged_kernels.ragged_decode_attention(
             query[:, :, 0],
             self.flat_keys,
@@ -235,10 +244,11 @@ class RaggedKVLayer(KVLayer):
             self.seg_offsets,
             self.seg_lens32,
             self.max_seg,
-            self.keys,
-            self.values,
-            self.positions if self.has_empty else None,
+            tail_k,
+            tail_v,
+            tail_p if self.has_empty else None,
             scaling,
+            tail_used=tail_used,
         )
         return out[:, :, None]
 
@@ -260,21 +270,7 @@ class RaggedKVLayer(KVLayer):
         return (*super().static_buffers(), *flat)
 
     def attend_static(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        tail_k, tail_v, tail_p = super().static_buffers()
-        out = ragged_kernels.ragged_decode_attention(
-            query[:, :, 0],
-            self.flat_keys,
-            self.flat_values,
-            self.seg_offsets,
-            self.seg_lens32,
-            self.max_seg,
-            tail_k,
-            tail_v,
-            tail_p if self.has_empty else None,
-            scaling,
-            tail_used=self._static_slot,
-        )
-        return out[:, :, None]
+        return self.attend_decode(query, scaling, tail_used=self._static_slot)
 
     def attend_masked(self, query: torch.Tensor, step, scaling: float) -> torch.Tensor:
         """The exact path: masked attention over the padded dense view (a transient copy)."""

@@ -79,9 +79,11 @@ def main(argv=None) -> None:
                 measure.decode_steps(gen, state, args.steps)
                 gpu.sync(device)
             layer = state.cache.layers[0]
+            # stored bytes, not `layer.keys`: a storage form builds that view by de-quantising
+            # or gathering the whole layer (an OOM at large batches)
             print(
                 f"\n== {name}: {step_ms:.2f} ms/step at batch {args.batch}, {args.layers} layers; "
-                f"layer 0 keys {tuple(layer.keys.shape)} stride {layer.keys.stride()} "
+                f"layer 0 {type(layer).__name__} stores {layer.stored_bytes() / 2**20:.1f} MiB "
                 f"has_empty={layer.has_empty} heads_differ={layer.heads_differ}"
             )
             for key, ms, count in _top_kernels(prof, args.top):

@@ -161,7 +161,11 @@ def _kernels(device: torch.device):
     return sk if device.type == "cuda" and sk.kernel_available(device) else None
 
 
-_PAIRS = 1 << 26  # float32 elements of a similarity block on the torch path / bools of a subgraph
+_PAIRS = 1 << 26  # float32 elements of the greedy's similarity blocks (its candidate width follows it)
+# Chunk appends and the CPU paths take smaller blocks: their whole [P, q, C] matrices were a chunked
+# prefill's largest transient (0.6 GiB on SmolLM2 shapes, where the bound leaves ~0.1 GiB).
+_SIMS = 1 << 22  # float32 elements of a similarity block (16 MiB)
+_LINKS = 1 << 24  # bools of the in-chunk candidates' link matrices handled at once (16 MiB)
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +200,7 @@ def _degrees(x: torch.Tensor, mag: torch.Tensor, lengths: torch.Tensor, theta: f
         unit = _units(x, mag, torch.float32)
         live = torch.arange(n, device=x.device) < lengths[:, None]
         deg = torch.zeros((P, n), dtype=torch.int32, device=x.device)
-        step = max(1, _PAIRS // max(1, P * n))
+        step = max(1, _SIMS // max(1, P * n))  # the CPU path: blocks as small as `_resolve_chunk`'s
         for lo in range(0, n, step):
             g = (unit[:, lo : lo + step] @ unit.transpose(1, 2)) > theta
             g &= live[:, None, :]
@@ -375,7 +379,7 @@ def _best_match_torch(unit: torch.Tensor, book: torch.Tensor, count: torch.Tenso
     C = book.shape[1]
     best = torch.full((P, q), -2.0, device=unit.device)
     arg = torch.zeros((P, q), dtype=torch.int64, device=unit.device)
-    step = max(1, _PAIRS // max(1, P * q))
+    step = max(1, _SIMS // max(1, P * q))
     for lo in range(0, C, step):
         cos = torch.einsum("pcd,pqd->pqc", book[:, lo : lo + step].float(), unit)
         live = torch.arange(lo, lo + cos.shape[-1], device=unit.device) < count[:, None]
@@ -391,7 +395,10 @@ def _resolve_chunk(unit, units_b, valid, cand, best_old, arg_old, count, theta):
     unit [P, q, d] float32 (the tokens), units_b [P, q, d] (their entries, as stored); a candidate
     (no old entry above theta) opens iff no earlier opener matches it; any token joins the best of the
     old entries and the earlier openers' entries (the old first on ties, then the earliest opener).
-    Only candidates can open, so the similarities are taken against them alone ([P, q, candidates]).
+    Only candidates can open, so the similarities are taken against them alone. Memory: the links
+    among candidates ([g, C, C] bools, at most `_LINKS`) and similarity blocks of at most `_SIMS`
+    floats; the whole [P, q, C] similarity matrix (float32, three of them alive at once) was the
+    largest transient of a chunked prefill (0.6 GiB on SmolLM2 shapes, 4096-token chunks).
     """
     P, q, d = unit.shape
     dev = unit.device
@@ -402,27 +409,16 @@ def _resolve_chunk(unit, units_b, valid, cand, best_old, arg_old, count, theta):
     if C2 == 0:
         return opens, new_idx
     c_ok = torch.arange(C2, device=dev) < c_n[:, None]
-    tok = torch.arange(q, device=dev)
-    per = max(1, _PAIRS // (q * C2))
+    per = max(1, _LINKS // (C2 * C2))
     for lo in range(0, P, per):
         sl = slice(lo, lo + per)
         g = unit[sl].shape[0]
         ct, ok = c_tok[sl], c_ok[sl]
         entries = torch.gather(units_b[sl], 1, ct[..., None].expand(g, C2, d)).float()
-        cos = unit[sl] @ entries.transpose(1, 2)  # [g, t, c] cos(token t, entry of candidate c)
-        before = (ct[:, None, :] < tok[None, :, None]) & ok[:, None, :]  # candidate c precedes token t
-        link = (cos > theta) & before
-        link_cc = torch.gather(link, 1, ct[..., None].expand(g, C2, C2))  # among candidates
-        op = torch.zeros_like(ok)
-        undecided = ok.clone()
-        while bool(undecided.any()):
-            closed = undecided & (link_cc & op[:, None, :]).any(-1)
-            undecided &= ~closed
-            now = undecided & ~(link_cc & undecided[:, None, :]).any(-1)
-            op |= now
-            undecided &= ~now
+        cand_unit = torch.gather(unit[sl], 1, ct[..., None].expand(g, C2, d))
+        op = _openers(_candidate_links(cand_unit, entries, ct, ct, ok, theta), ok)
+        best_new, arg_new = _best_opener(unit[sl], entries, ct, ok & op)
         rank = op.long().cumsum(-1) - 1  # the entry of opener c is count + rank[c]
-        best_new, arg_new = cos.masked_fill(~(before & op[:, None, :]), -2.0).max(-1)
         new_entry = count[sl, None] + torch.gather(rank, 1, arg_new)
         idx = torch.where(best_old[sl] >= best_new, arg_old[sl], new_entry)
         op_tok = torch.zeros((g, q + 1), dtype=torch.bool, device=dev)
@@ -432,6 +428,51 @@ def _resolve_chunk(unit, units_b, valid, cand, best_old, arg_old, count, theta):
         opens[sl] = op_tok
         new_idx[sl] = torch.where(op_tok, count[sl, None] + rank_tok, idx)
     return opens, new_idx
+
+
+def _row_blocks(rows: int, g: int, cols: int):
+    """Slices of `rows` such that a [g, block, cols] float32 block holds at most `_SIMS` elements."""
+    step = max(1, _SIMS // max(1, g * cols))
+    return (slice(lo, lo + step) for lo in range(0, rows, step))
+
+
+def _candidate_links(x_unit, entries, x_tok, c_tok, c_ok, theta) -> torch.Tensor:
+    """[g, r, C] bool: row token x_tok[r] (unit x_unit) has cos > theta with the entry of candidate c,
+    and c (live) precedes it. Formed in row blocks."""
+    g, r, _ = x_unit.shape
+    link = torch.empty((g, r, c_tok.shape[1]), dtype=torch.bool, device=x_unit.device)
+    for rows in _row_blocks(r, g, c_tok.shape[1]):
+        before = (c_tok[:, None, :] < x_tok[:, rows, None]) & c_ok[:, None, :]
+        link[:, rows] = (x_unit[:, rows] @ entries.transpose(1, 2) > theta) & before
+    return link
+
+
+def _openers(link_cc: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """[g, C] bool: the candidates that open, in order: one opens iff no earlier opener links to it
+    (`link_cc` [g, k, j]: candidate k links to the earlier candidate j's entry)."""
+    op = torch.zeros_like(ok)
+    undecided = ok.clone()
+    while bool(undecided.any()):
+        closed = undecided & (link_cc & op[:, None, :]).any(-1)
+        undecided &= ~closed
+        now = undecided & ~(link_cc & undecided[:, None, :]).any(-1)
+        op |= now
+        undecided &= ~now
+    return op
+
+
+def _best_opener(unit, entries, c_tok, opener) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosine [g, q], candidate slot [g, q]) of each token's best earlier opener (-2.0 and the first
+    slot when none), token blocks of `_SIMS` similarities at a time."""
+    g, q, _ = unit.shape
+    tok = torch.arange(q, device=unit.device)
+    best = torch.empty((g, q), dtype=torch.float32, device=unit.device)
+    arg = torch.empty((g, q), dtype=torch.int64, device=unit.device)
+    for rows in _row_blocks(q, g, c_tok.shape[1]):
+        cos = unit[:, rows] @ entries.transpose(1, 2)  # [g, t, c] cos(token t, entry of candidate c)
+        seen = (c_tok[:, None, :] < tok[None, rows, None]) & opener[:, None, :]
+        best[:, rows], arg[:, rows] = cos.masked_fill_(~seen, -2.0).max(-1)
+    return best, arg
 
 
 def _compact2(valid: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

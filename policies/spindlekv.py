@@ -225,9 +225,9 @@ def _greedy(
     tokens in the greedy's order (live degree down, index up) are weighed at once (`_accepted`), and
     the centers among them that the one-at-a-time greedy would take next, in that order, are taken
     together. Data with many small clusters (repeated tokens: pairs) needs a few steps instead of one
-    per cluster. Memory stays O(K * block). Returns (cluster [g, K] int64: the rank of the center
-    whose entry the token joined, -1 for a token left alone; centers [g, c] int64: the center tokens
-    in the order chosen, -1 padded)."""
+    per cluster. Memory: [g, K, T] bools (and their bfloat16 copy), float32 blocks of `_SIMS`.
+    Returns (cluster [g, K] int64: the rank of the center whose entry the token joined, -1 for a
+    token left alone; centers [g, c] int64: the center tokens in the order chosen, -1 padded)."""
     g, K, d = vec.shape
     dev = vec.device
     degree = degree.to(torch.int64).masked_fill(~live, 0)
@@ -256,7 +256,7 @@ def _greedy(
         centers.append(torch.where(accepted, cand, torch.full_like(cand, -1)))
         count += accepted.sum(-1)
         alive &= ~members
-        _drop_members(vec, scale, degree, members, m_n, m_max, theta, block)
+        _drop_members(vec, scale, degree, members, m_n, m_max, theta, max(1, _SIMS // max(1, g * K)))
     if not centers:
         return cluster, torch.zeros((g, 0), dtype=torch.int64, device=dev)
     # each sequence's centers in the order chosen, then -1s
@@ -270,9 +270,12 @@ def _neighbourhoods(vec, scale, alive, cand, theta) -> torch.Tensor:
     """[g, K, T] bool: token u is a live neighbour of candidate t (or t itself, when live): the
     members candidate t would take as a center now."""
     g, K, d = vec.shape
-    vc = torch.gather(vec, 1, cand[..., None].expand(*cand.shape, d))
-    cos = torch.bmm(vec, vc.transpose(1, 2)) * scale[:, :, None] * torch.gather(scale, 1, cand)[:, None, :]
-    near = (cos > theta) & alive[:, :, None]
+    vc = torch.gather(vec, 1, cand[..., None].expand(*cand.shape, d)).transpose(1, 2)
+    sc = torch.gather(scale, 1, cand)[:, None, :]
+    near = torch.empty((g, K, cand.shape[1]), dtype=torch.bool, device=vec.device)
+    for rows in _row_blocks(K, g, cand.shape[1]):  # float32 similarities in `_SIMS` blocks
+        cos = torch.bmm(vec[:, rows], vc).mul_(scale[:, rows, None]).mul_(sc)
+        near[:, rows] = (cos > theta) & alive[:, rows, None]
     near.scatter_(1, cand[:, None, :], torch.gather(alive, 1, cand)[:, None, :])  # the graph's diagonal
     return near
 
@@ -300,14 +303,18 @@ def _accepted(near: torch.Tensor, cand: torch.Tensor, cand_degree: torch.Tensor)
 
 
 def _drop_members(vec, scale, degree, members, m_n, m_max: int, theta: float, block: int) -> None:
-    """Live degrees lose this step's members (in place): a [K, members] product at a time."""
+    """Live degrees lose this step's members (in place): a [g, K, block] product at a time."""
     d = vec.shape[-1]
     order = members.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[:, :m_max]
     for lo in range(0, m_max, block):
         j = order[:, lo : lo + block]
         ok = torch.arange(lo, lo + j.shape[1], device=vec.device) < m_n[:, None]
         vj = torch.gather(vec, 1, j[..., None].expand(*j.shape, d))
-        cos = torch.bmm(vec, vj.transpose(1, 2)) * scale[:, :, None] * torch.gather(scale, 1, j)[:, None, :]
+        cos = (
+            torch.bmm(vec, vj.transpose(1, 2))
+            .mul_(scale[:, :, None])
+            .mul_(torch.gather(scale, 1, j)[:, None, :])
+        )
         degree -= ((cos > theta) & ok[:, None, :]).sum(-1)
 
 

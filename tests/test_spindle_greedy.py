@@ -53,8 +53,10 @@ def _check_equal(x: torch.Tensor, lengths: torch.Tensor, theta: float) -> int:
 
 @pytest.mark.parametrize("candidates", [1, 3, 1024])
 @pytest.mark.parametrize("theta", [0.95, 0.5])
-def test_batched_greedy_equals_one_at_a_time(monkeypatch, candidates, theta):
+@pytest.mark.parametrize("sims", [sp._SIMS, 100])  # 100: similarities in blocks of a few rows/members
+def test_batched_greedy_equals_one_at_a_time(monkeypatch, candidates, theta, sims):
     monkeypatch.setattr(sp, "_CANDIDATES", candidates)
+    monkeypatch.setattr(sp, "_SIMS", sims)
     gen = torch.Generator().manual_seed(candidates)
     x = torch.stack([_mixed(160, 16, gen) for _ in range(4)])
     lengths = torch.tensor([160, 97, 1, 140])

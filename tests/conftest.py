@@ -46,3 +46,18 @@ def long_prompt_ids(
     reps = max(1, (tokens - 40) // per)
     text = FILLER * (reps // 2) + needle + FILLER * (reps - reps // 2) + "What is the pass key?"
     return chat_ids(tokenizer, text)
+
+
+def prefilled(gen, prompts: list[list[int]], new_tokens: int):
+    """A left-padded batch prefilled by `gen` in one shot, room made for `new_tokens` decode tokens:
+    (cache, last logits, row budgets, next positions)."""
+    from pipeline.kv_cache import EMPTY, CompressedCache
+    from policies.base import row_budgets
+
+    cache = CompressedCache(gen.num_layers, gen.policy)
+    ids, filled = gen._left_pad(prompts)
+    positions = torch.where(filled, filled.long().cumsum(-1) - 1, torch.full_like(ids, EMPTY))
+    lengths = [len(p) for p in prompts]
+    budgets = row_budgets(gen.budget, lengths, gen.device)
+    logits = gen.prefill(cache, ids, positions, budgets, None, new_tokens, ids.shape[1] - min(lengths))
+    return cache, logits, budgets, torch.tensor(lengths)

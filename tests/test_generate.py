@@ -8,7 +8,7 @@ import torch
 from pipeline.generate import GenerationConfig, Generator
 from pipeline.kv_cache import EMPTY
 from policies import Budget, make_policy
-from tests.conftest import chat_ids, long_prompt_ids
+from tests.conftest import chat_ids, long_prompt_ids, prefilled
 
 PROMPTS = [
     "What is the capital of France?",
@@ -134,19 +134,6 @@ def test_compression_physically_shrinks_layers(tiny_llama):
 STATIC_PROMPTS = [list(range(300, 340)), list(range(400, 410)), list(range(500, 530))]  # left padding
 
 
-def _prefilled(gen, prompts, new_tokens):
-    from pipeline.kv_cache import CompressedCache
-    from policies.base import row_budgets
-
-    cache = CompressedCache(gen.num_layers, gen.policy)
-    ids, filled = gen._left_pad(prompts)
-    positions = torch.where(filled, filled.long().cumsum(-1) - 1, torch.full_like(ids, EMPTY))
-    lengths = [len(p) for p in prompts]
-    budgets = row_budgets(gen.budget, lengths, gen.device)
-    logits = gen.prefill(cache, ids, positions, budgets, None, new_tokens, ids.shape[1] - min(lengths))
-    return cache, logits, budgets, torch.tensor(lengths)
-
-
 @pytest.mark.parametrize(
     "policy,budget",
     [
@@ -174,7 +161,7 @@ def test_static_decode_step_equals_dynamic_step(tiny_llama, monkeypatch, policy,
     runs = {}
     for mode in ("eager", "static"):
         gen = Generator(model, tok, make_policy(policy), budget, decode_mode=mode)
-        cache, logits, budgets, next_pos = _prefilled(gen, STATIC_PROMPTS, steps)
+        cache, logits, budgets, next_pos = prefilled(gen, STATIC_PROMPTS, steps)
         if policy == "adakv":  # compression dropped the padding: per-head segments of unequal length
             assert cache.layers[0].max_seg > 0 and cache.layers[0].seg_lens.unique().numel() > 1
         else:
@@ -226,7 +213,7 @@ def test_adakv_static_step_goes_on_after_a_row_leaves(tiny_llama, monkeypatch):
     runs = {}
     for mode in ("eager", "static"):
         gen = Generator(model, tok, make_policy("adakv"), Budget(tokens=16), decode_mode=mode)
-        cache, logits, budgets, next_pos = _prefilled(gen, STATIC_PROMPTS, 6)
+        cache, logits, budgets, next_pos = prefilled(gen, STATIC_PROMPTS, 6)
         seen = []
         with torch.inference_mode():
             for step in range(6):

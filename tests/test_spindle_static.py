@@ -16,25 +16,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.generate import GenerationConfig, Generator  # noqa: E402
-from pipeline.kv_cache import EMPTY, CompressedCache  # noqa: E402
+from pipeline.kv_cache import EMPTY  # noqa: E402
 from policies import Budget, make_policy  # noqa: E402
 from policies import spindle_kernels as sk  # noqa: E402
-from policies.base import row_budgets  # noqa: E402
 from policies.spindlekv import SpindleLayer, rope, rope_one  # noqa: E402
+from tests.conftest import prefilled  # noqa: E402
 
 PROMPTS = [list(range(300, 360)), list(range(400, 420)), list(range(500, 545))]  # left padding
 # low thresholds so that decode tokens both join entries and open new ones
 PARAMS = [{}, {"rope_theta": 10000.0, "theta_k": 0.3, "theta_v": 0.3}]
-
-
-def _prefilled(gen, prompts, new_tokens):
-    cache = CompressedCache(gen.num_layers, gen.policy)
-    ids, filled = gen._left_pad(prompts)
-    positions = torch.where(filled, filled.long().cumsum(-1) - 1, torch.full_like(ids, EMPTY))
-    lengths = [len(p) for p in prompts]
-    budgets = row_budgets(gen.budget, lengths, gen.device)
-    logits = gen.prefill(cache, ids, positions, budgets, None, new_tokens, ids.shape[1] - min(lengths))
-    return cache, logits, budgets, torch.tensor(lengths)
 
 
 def _generator(model, tok, mode, params):
@@ -44,7 +34,7 @@ def _generator(model, tok, mode, params):
 @torch.inference_mode()  # as `Generator.generate` runs (Triton's interpreter writes its arguments back)
 def _decode(model, tok, mode, params, steps):
     gen = _generator(model, tok, mode, params)
-    cache, logits, budgets, next_pos = _prefilled(gen, PROMPTS, steps)
+    cache, logits, budgets, next_pos = prefilled(gen, PROMPTS, steps)
     assert {layer.mode for layer in cache.layers} == {"codebook", "evicted"}
     seen = []
     for _ in range(steps):
@@ -98,7 +88,7 @@ def test_decode_write_equals_the_general_append(tiny_llama):
     model, tok = tiny_llama
     params = PARAMS[1]
     gen = _generator(model, tok, "eager", params)
-    cache, *_ = _prefilled(gen, PROMPTS, 4)
+    cache, *_ = prefilled(gen, PROMPTS, 4)
     g = torch.Generator().manual_seed(3)
     for layer in cache.layers:
         b, hk, d = layer.kbook.shape[0], layer.kbook.shape[1], layer.kbook.shape[-1]
@@ -141,7 +131,7 @@ def test_rows_leaving_and_full_buffers_hand_over(tiny_llama):
     sta_gen, dyn_gen = (_generator(model, tok, mode, PARAMS[1]) for mode in ("static", "eager"))
     outs = []
     for gen in (sta_gen, dyn_gen):
-        cache, logits, budgets, next_pos = _prefilled(gen, PROMPTS, 2)  # room for 2 decode tokens
+        cache, logits, budgets, next_pos = prefilled(gen, PROMPTS, 2)  # room for 2 decode tokens
         seen = []
         with torch.inference_mode():
             for _ in range(steps):

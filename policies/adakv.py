@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.kv_cache import EMPTY, KVLayer
-from policies.base import Policy, host_row_budgets, keep_topk, over_budget, ranking_key
+from policies.base import Policy, host_row_budgets, keep_topk, over_budget, ranking_key, top_slots
 from policies.ragged_heads import RaggedKVLayer
 from policies.registry import register
 from policies.signals import (
@@ -141,10 +141,9 @@ class AdaKV(Policy):
         if view is layer:
             keep_topk(layer, scores, budgets)
             return
-        # Each (row, head)'s top `budgets` slots by (score, position), found by one sort of the
-        # ranking keys, go straight to the flat store (kept in slot order = position order).
+        # Each (row, head)'s top `budgets` slots by (score, position) go straight to the flat store
+        # (kept in slot order = position order); the per-head budgets stay on the device, so the
+        # ranking spans every slot.
         key = ranking_key(scores.float().masked_fill(~filled, float("-inf")), positions)
-        ranked = key.sort(dim=-1, descending=True).values
-        threshold = torch.gather(ranked, 2, (budgets.clamp(min=1, max=key.shape[-1]) - 1)[..., None])
-        chosen = (key >= threshold) & (budgets[..., None] > 0) & filled
+        chosen = top_slots(key, budgets, key.shape[-1]) & filled
         layer.store_dense(view.keys, view.values, torch.where(chosen, positions, EMPTY))

@@ -125,6 +125,17 @@ def in_window(slot_positions: torch.Tensor, window_query_positions: torch.Tensor
     return (slot_positions != EMPTY) & (slot_positions >= start[:, None, None])
 
 
+def _pool_rows(x: torch.Tensor, kernel: int, kind: str) -> torch.Tensor:
+    """1-D "avg" or "max" pooling of each (row, head)'s slots ([b, h, s]), zero padding at the ends."""
+    b, h, s = x.shape
+    flat = x.reshape(b * h, 1, s)
+    if kind == "avg":
+        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+    else:
+        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    return pooled.reshape(b, h, s)
+
+
 def pool_in_position_order(
     scores: torch.Tensor,
     slot_positions: torch.Tensor,
@@ -153,13 +164,7 @@ def pool_in_position_order(
     if kind not in ("avg", "max"):
         raise ValueError(f"pooling must be 'avg' or 'max', got {kind!r}")
     if ordered and full:
-        b, h, s = scores.shape
-        flat = scores.reshape(b * h, 1, s)
-        if kind == "avg":
-            pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
-        else:
-            pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
-        return pooled.reshape(b, h, s)
+        return _pool_rows(scores, kernel, kind)
     filled = slot_positions != EMPTY
     if ordered:
         # slot i goes to place (filled slots before it) if filled, else after every filled slot
@@ -172,13 +177,7 @@ def pool_in_position_order(
         key = torch.where(filled, slot_positions.to(torch.int64), torch.iinfo(torch.int64).max)
         order = key.argsort(dim=-1, stable=True)
         compact = torch.gather(scores.masked_fill(~filled, 0.0), 2, order)
-    b, h, s = compact.shape
-    flat = compact.reshape(b * h, 1, s)
-    if kind == "avg":
-        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
-    else:
-        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
-    pooled = pooled.reshape(b, h, s)
+    pooled = _pool_rows(compact, kernel, kind)
     if order is None:
         out = torch.gather(pooled, 2, dest)
     else:

@@ -429,51 +429,50 @@ class QuantizedKVLayer(KVLayer):
     def _flush_uniform(self) -> None:
         """`_flush` when every (row, head) holds the same counts: host-integer slices, no index tensors."""
         n, nk, nv = self._uni
-        g, bits, d = self.group_size, self.bits, self.head_dim
-        b, h = self._n.shape
+        g, bits = self.group_size, self.bits
         mk = (n - nk) // self._unit() * self._unit()
         mv = max(0, n - nv - self.residual) // g * g
-        if (mk > 0 or mv > 0) and kernels_run(self._kring):
-            # one kernel each from the ring to the packed store (no float32 temporaries)
+        if mk > 0 or mv > 0:
             for name in ("_kq_buf", "_ks_buf", "_kz_buf"):
                 self._grow(name, (nk + mk) // g)
             for name in ("_vq_buf", "_vs_buf", "_vz_buf"):
                 self._grow(name, nv + mv)
-            kivi_kernels.quantize_keys_from_ring(
-                self._kring, self._kq_buf, self._ks_buf, self._kz_buf, nk, mk, bits
-            )
-            kivi_kernels.quantize_values_from_ring(
-                self._vring, self._vq_buf, self._vs_buf, self._vz_buf, nv, mv, bits
-            )
+            if kernels_run(self._kring):
+                # one kernel each from the ring to the packed store (no float32 temporaries)
+                kivi_kernels.quantize_keys_from_ring(
+                    self._kring, self._kq_buf, self._ks_buf, self._kz_buf, nk, mk, bits
+                )
+                kivi_kernels.quantize_values_from_ring(
+                    self._vring, self._vq_buf, self._vs_buf, self._vz_buf, nv, mv, bits
+                )
+            else:
+                self._quantize_uniform(nk, mk, nv, mv)
             self._nk, self._hnk, nk = self._nk + mk, self._hnk + mk, nk + mk
             self._nv, self._hnv, nv = self._nv + mv, self._hnv + mv, nv + mv
-            mk = mv = 0
-        if mk > 0:  # complete key blocks: per channel within groups of g tokens
-            block = _ring_range(self._kring, nk, nk + mk).reshape(b, h, mk // g, g, d).transpose(-1, -2)
-            packed, scale, zero = quantize_groups(block, bits, self.dtype)
-            lo, hi = nk // g, (nk + mk) // g
-            for name, x in (("_kq_buf", packed), ("_ks_buf", scale), ("_kz_buf", zero)):
-                self._grow(name, hi)
-                getattr(self, name)[:, :, lo:hi] = x
-            self._nk = self._nk + mk
-            self._hnk = self._hnk + mk
-            nk += mk
-        if mv > 0:  # whole groups of values that left the window: per token, groups of gv channels
-            tokens = _ring_range(self._vring, nv, nv + mv).reshape(b, h, mv, d // self.gv, self.gv)
-            packed, scale, zero = quantize_groups(tokens, bits, self.dtype)
-            packed = packed.reshape(b, h, mv, -1)
-            for name, x in (("_vq_buf", packed), ("_vs_buf", scale), ("_vz_buf", zero)):
-                self._grow(name, nv + mv)
-                getattr(self, name)[:, :, nv : nv + mv] = x
-            self._nv = self._nv + mv
-            self._hnv = self._hnv + mv
-            nv += mv
         self._uni = (n, nk, nv)
         for which, count in (("k", nk), ("v", nv)):  # rings larger than decoding needs shrink
             ring = self._kring if which == "k" else self._vring
             size = max(self._ring_min(which), n - count)
             if ring.shape[2] - 1 > size:
                 self._resize_ring(which, size)
+
+    def _quantize_uniform(self, nk: int, mk: int, nv: int, mv: int) -> None:
+        """The torch form of `_flush_uniform`'s kernels: key tokens [nk, nk + mk) and value tokens
+        [nv, nv + mv) from the rings into the packed store (grown already)."""
+        g, bits, d = self.group_size, self.bits, self.head_dim
+        b, h = self._n.shape
+        if mk > 0:  # complete key blocks: per channel within groups of g tokens
+            block = _ring_range(self._kring, nk, nk + mk).reshape(b, h, mk // g, g, d).transpose(-1, -2)
+            packed, scale, zero = quantize_groups(block, bits, self.dtype)
+            lo, hi = nk // g, (nk + mk) // g
+            for name, x in (("_kq_buf", packed), ("_ks_buf", scale), ("_kz_buf", zero)):
+                getattr(self, name)[:, :, lo:hi] = x
+        if mv > 0:  # whole groups of values that left the window: per token, groups of gv channels
+            tokens = _ring_range(self._vring, nv, nv + mv).reshape(b, h, mv, d // self.gv, self.gv)
+            packed, scale, zero = quantize_groups(tokens, bits, self.dtype)
+            packed = packed.reshape(b, h, mv, -1)
+            for name, x in (("_vq_buf", packed), ("_vs_buf", scale), ("_vz_buf", zero)):
+                getattr(self, name)[:, :, nv : nv + mv] = x
 
     def flush(self) -> None:
         self._flush()

@@ -64,11 +64,15 @@ byte: torch.round's half-to-even rounding, IEEE division).
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 
+from pipeline import cuda_rtc
 from pipeline.triton_gate import import_triton, multiprocessors
+from policies import kivi_cuda
 
 # triton is optional: without it (or without CUDA) the layer uses its reference path
 triton, tl = import_triton()
@@ -604,13 +608,15 @@ if triton is not None:
         H: tl.constexpr, per_split, num_parts, qk_scale,
         D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
         GROUP: tl.constexpr, M: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, DEQ: tl.constexpr,
-        TAIL: tl.constexpr,
+        TAIL: tl.constexpr, TAIL_PARTS: tl.constexpr, QB: tl.constexpr,
     ):  # fmt: skip
         """Partial attention of one (row, kv head) over one part of its tokens: split program_id(1)
         of `per_split` tokens, its fast tiles (tokens below `quant_end`, whose keys and values are
         all quantised: `_fast_tile`); TAIL: the tail [quant_end, n) (residual rings, the last
-        partial tile: `_tail_tile`), written as the last part. Two launches of one kernel, so the
-        fast one is compiled without the tail's code (registers for more programs per SM)."""
+        partial tile: `_tail_tile`), program_id(1) taking every TAIL_PARTS-th of its tiles into the
+        last TAIL_PARTS parts. Two launches of one kernel, so the fast one is compiled without the
+        tail's code (registers for more programs per SM). The fast part ends at a multiple of QB
+        (BN, or the CUDA kernel's block when that kernel computes the fast part)."""
         PER: tl.constexpr = 8 // BITS
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -640,17 +646,17 @@ if triton is not None:
         vs_base = VS + b * sub + h * suh
         vz_base = VZ + b * sub + h * suh
         vr_base = VR + b * swb + h * swh
-        quant_end = (tl.minimum(n, tl.minimum(nk, nv)) // BN) * BN
+        quant_end = (tl.minimum(n, tl.minimum(nk, nv)) // QB) * QB  # the fast part's end
         lo = split * per_split
         hi = tl.minimum(lo + per_split, n)
-        if TAIL:
-            for start in range(quant_end, n, BN):
+        if TAIL:  # program_id(1) takes every TAIL_PARTS-th tile of the tail
+            for start in range(quant_end + split * BN, n, BN * TAIL_PARTS):
                 m_i, l_i, acc0, acc1, acc2, acc3 = _tail_tile(
                     q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
                     kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
                     skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE,
                 )  # fmt: skip
-            part = bh * num_parts + num_parts - 1
+            part = bh * num_parts + num_parts - TAIL_PARTS + split
         else:
             for start in range(lo, tl.minimum(hi, quant_end), BN):
                 m_i, l_i, acc0, acc1, acc2, acc3 = _fast_tile(
@@ -711,6 +717,7 @@ def decode_attention(
     deq: int | None = None,
     num_stages: int | None = None,
     maxnreg: int | None = None,
+    impl: str | None = None,
 ) -> torch.Tensor:
     """Fused decode attention [b, H, 1, d] (query's dtype) over the packed store.
 
@@ -720,6 +727,12 @@ def decode_attention(
     16 * (8 // bits), a power of two), `num_warps`, `num_stages`, `deq` (`_ints_as_floats`) and
     `maxnreg` (a register cap: more programs per SM) tune the fast kernel (swept by
     `pipeline.bench.check_kivi`; defaults per bit width in `DEFAULTS`).
+
+    `impl` chooses who computes the whole quantised blocks: "cuda" (`policies.kivi_cuda`, 2-bit
+    bfloat16 stores with 32-token key groups; the default where it applies), "triton" (the fast
+    tiles above), or None for the environment's KVPIPE_KIVI_DECODE, else the default. The tail
+    and the merge are the Triton kernels either way; with "cuda", `block_n` is the tail's tile
+    (`TAIL_BLOCK`) and the other tuning arguments but `programs_per_sm` do not apply.
     """
     if triton is None:
         raise RuntimeError("kivi decode kernel needs triton")
@@ -730,16 +743,25 @@ def decode_attention(
     m = max(16, triton.next_power_of_2(group))
     deq = _deq_for(query.dtype, query.device, store.bits, DEFAULT_DEQ if deq is None else deq)
     tuned = DEFAULTS[store.bits]
-    programs_per_sm = programs_per_sm or tuned["programs_per_sm"]
-    bn = block_n or default_block_n(store.bits)
-    assert bn % store.group_size == 0 and bn & (bn - 1) == 0
+    use_cuda = _cuda_blocks(impl, query, store, group)
+    if use_cuda:  # one warp a program, whole 128-token blocks; the tail in smaller tiles
+        programs_per_sm = programs_per_sm or CUDA_PROGRAMS_PER_SM
+        bn, tail_bn, fewest = kivi_cuda.BLOCK, block_n or TAIL_BLOCK, CUDA_MIN_BLOCKS_PER_SPLIT
+    else:
+        programs_per_sm = programs_per_sm or tuned["programs_per_sm"]
+        bn = tail_bn = block_n or default_block_n(store.bits)
+        fewest = 1
+    assert bn % store.group_size == 0 and bn & (bn - 1) == 0 and bn % tail_bn == 0
     blocks = max(1, triton.cdiv(max(max_tokens, 1), bn))
-    if num_splits is None:
+    if num_splits is None:  # enough programs to fill the SMs, each with `fewest` blocks or more
         wanted = multiprocessors(query.device, on_cpu=2) * programs_per_sm
-        num_splits = max(1, min(blocks, triton.cdiv(wanted, b * h)))
+        num_splits = max(1, min(blocks // fewest, triton.cdiv(wanted, b * h)))
     per_split = triton.cdiv(blocks, num_splits) * bn
     num_splits = triton.cdiv(blocks * bn, per_split)
-    num_parts = num_splits + 1  # the tail takes a part of its own
+    # the tail [quant_end, n) holds under one block of quantised tokens plus the rings' tokens: its
+    # tiles are spread over parts of their own (one program each)
+    tail_parts = triton.cdiv(bn - 1 + max(store.kres.shape[2], store.vres.shape[2]), tail_bn)
+    num_parts = num_splits + tail_parts
     dev = query.device
     parts = b * h * num_parts
     ws = _workspace(dev, parts * m * (d + 2))
@@ -772,15 +794,54 @@ def decode_attention(
         D=d, G=store.group_size, GV=d // vs.shape[-1], BITS=store.bits, GROUP=group, M=m, BN=bn,
         IEEE=query.dtype == torch.float32, DEQ=deq,
     )  # fmt: skip
-    tune = dict(num_warps=num_warps or tuned["num_warps"], num_stages=num_stages or tuned["num_stages"])
-    tune["maxnreg"] = maxnreg or tuned["maxnreg"]
-    _kivi_decode_split[(b * h, num_splits)](*args, **meta, TAIL=False, **tune)
-    _kivi_decode_split[(b * h, 1)](*args, **dict(meta, DEQ=1), TAIL=True, num_warps=4)  # DEQ unused
+    if use_cuda:
+        kivi_cuda.decode_blocks(
+            query, store, o_part, m_part, l_part, per_split=per_split, num_splits=num_splits,
+            num_parts=num_parts, scaling=scaling,
+        )  # fmt: skip
+    else:
+        tune = dict(num_warps=num_warps or tuned["num_warps"], num_stages=num_stages or tuned["num_stages"])
+        tune["maxnreg"] = maxnreg or tuned["maxnreg"]
+        _kivi_decode_split[(b * h, num_splits)](
+            *args, **meta, TAIL=False, TAIL_PARTS=tail_parts, QB=bn, **tune
+        )
+    _kivi_decode_split[(b * h, tail_parts)](
+        *args, **dict(meta, DEQ=1, BN=tail_bn), TAIL=True, TAIL_PARTS=tail_parts, QB=bn, num_warps=4
+    )  # DEQ unused
     _kivi_decode_merge[(b * h,)](
         o_part, m_part, l_part, out, out.stride(0), out.stride(1),
         H=h, num_splits=num_parts, D=d, GROUP=group, M=m,
     )  # fmt: skip
     return out
+
+
+CUDA_PROGRAMS_PER_SM = 4 * kivi_cuda.MIN_WARPS  # one-warp programs: about four waves of resident ones
+CUDA_MIN_BLOCKS_PER_SPLIT = 4  # small batches: fewer, longer splits (the merge walks every part)
+TAIL_BLOCK = 64  # the tail's tiles when the CUDA kernel computes the whole blocks
+IMPL_ENV = "KVPIPE_KIVI_DECODE"
+_cuda_failed = False  # the CUDA kernel did not compile or load here: Triton from then on
+
+
+def _cuda_blocks(impl: str | None, query: torch.Tensor, store: KiviStore, group: int) -> bool:
+    """Whether `policies.kivi_cuda` computes the whole blocks of this call (see `decode_attention`)."""
+    global _cuda_failed
+    impl = impl or os.environ.get(IMPL_ENV, "").strip().lower() or "cuda"
+    if impl not in ("cuda", "triton"):
+        raise ValueError(f"kivi decode impl must be 'cuda' or 'triton', got {impl!r}")
+    d = store.kres.shape[-1]
+    if impl == "triton" or _cuda_failed:
+        return False
+    if not kivi_cuda.supported(query, d, group, store.bits, store.group_size, d // store.vscale.shape[-1]):
+        return False
+    if not kivi_cuda.aligned(store):
+        return False
+    try:  # compile (once per shape) here, so that a failure falls back instead of breaking a step
+        kivi_cuda.compiled_for(query, d, group, d // store.vscale.shape[-1])
+    except cuda_rtc.CudaRtcError as exc:
+        _cuda_failed = True
+        warnings.warn(f"kivi: no CUDA decode kernel here ({exc}); Triton from now on", stacklevel=3)
+        return False
+    return True
 
 
 def _deq_for(dtype: torch.dtype, device: torch.device, bits: int, deq: int) -> int:

@@ -44,15 +44,15 @@ DT = torch.bfloat16
 DEV = "cuda"  # a CPU smoke test under TRITON_INTERPRET=1 sets "cpu" (and DT float16)
 # kernel configurations timed at 2 bits (decode_attention keyword arguments)
 SWEEP = [
-    dict(deq=4, block_n=64, num_warps=2, num_stages=3, programs_per_sm=16, maxnreg=128),
-    dict(deq=4, block_n=64, num_warps=2, num_stages=2, programs_per_sm=8, maxnreg=128),
-    dict(deq=4, block_n=64, num_warps=2, num_stages=3, programs_per_sm=32, maxnreg=128),
-    dict(deq=4, block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, maxnreg=128),
-    dict(deq=4, block_n=128, num_warps=4, num_stages=3, programs_per_sm=8, maxnreg=128),
-    dict(deq=4, block_n=128, num_warps=4, num_stages=2, programs_per_sm=16, maxnreg=128),
-    dict(deq=4, block_n=128, num_warps=4, num_stages=2, programs_per_sm=32, maxnreg=128),
-    dict(deq=4, block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, maxnreg=96),
-    dict(deq=3, block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, maxnreg=128),
+    # the CUDA kernel (policies.kivi_cuda): programs per SM, its register budget (warps per SM:
+    # 12 -> 168 registers each, 16 -> 128), the Triton tail's tile (block_n)
+    dict(impl="cuda"),
+    dict(impl="cuda", block_n=128),
+    dict(impl="cuda", programs_per_sm=24),
+    dict(impl="cuda", programs_per_sm=96),
+    dict(impl="cuda", min_warps=16),
+    # the Triton kernel
+    dict(impl="triton"),
 ]
 BASELINE = None  # --baseline PATH: another kivi_kernels.py (e.g. an earlier commit's), timed first
 QUICK = False  # --quick: batch 4 and 75 at 2 bits, no SDPA comparisons
@@ -168,6 +168,43 @@ def _baseline_module():
     return sys.modules["kivi_kernels_baseline"]
 
 
+def kernel_times(fn, b: int, results: list, calls: int = 20) -> None:
+    """The GPU time of each kernel of one call of `fn` (the fast blocks, the tail, the merge), from
+    the torch profiler over `calls` calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        _sync()
+    for event in prof.key_averages():
+        us = event.device_time_total / calls
+        if us > 0:
+            results.append(dict(check="kernels", batch=b, kernel=event.key, us_per_call=us))
+            print(f"kernels b={b}: {us:9.1f} us per call  {event.key[:90]}")
+
+
+def _with_cuda_options(attend, **options):
+    """`attend` with `policies.kivi_cuda`'s compile-time options (MIN_WARPS) set for the call."""
+    from policies import kivi_cuda
+
+    names = {name: name.upper() for name in options}
+
+    def call(*args, **kw):
+        saved = {name: getattr(kivi_cuda, upper) for name, upper in names.items()}
+        for name, upper in names.items():
+            setattr(kivi_cuda, upper, options[name])
+        try:
+            return attend(*args, **kw)
+        finally:
+            for name, upper in names.items():
+                setattr(kivi_cuda, upper, saved[name])
+
+    return call
+
+
 def sweep(q, store, layer, b, n, scaling, out, packed, results) -> None:
     """Every SWEEP configuration at this batch: median time and error against the float64 reference
     (poisoned output first, a few rows)."""
@@ -178,6 +215,9 @@ def sweep(q, store, layer, b, n, scaling, out, packed, results) -> None:
         kw = dict(cfg, max_tokens=n, out=out)
         attend = _baseline_module().decode_attention if "baseline" in kw else decode_attention
         kw.pop("baseline", None)
+        cuda_options = {k: kw.pop(k) for k in ("min_warps",) if k in kw}
+        if cuda_options:  # the CUDA kernel's compile-time options: module defaults for this entry
+            attend = _with_cuda_options(attend, **cuda_options)
         try:
             out.fill_(float("nan"))
             attend(q, store, scaling, **kw)  # compiles
@@ -214,6 +254,8 @@ def time_config(b: int, n: int, bits: int, results: list, copy_gbs: float) -> bo
     if bits == 2 and SWEEP:
         sweep(q, store, layer, b, n, scaling, out, packed, results)
         decode_attention(q, store, scaling, max_tokens=n, out=out)  # the defaults' output again
+    if DEV == "cuda":
+        kernel_times(lambda: decode_attention(q, store, scaling, max_tokens=n, out=out), b, results)
     kv16 = b * HKV * n * D * 2 * 2
     folded = q.reshape(b, HKV, H // HKV, D)
 
@@ -417,6 +459,8 @@ def main() -> int:
     configs = [(4, 32768, 2), (75, 32768, 2), (4, 32768, 4), (32, 32768, 4)]
     if QUICK:
         configs = [(4, 32768, 2), (75, 32768, 2)]
+        if torch.cuda.get_device_properties(0).total_memory > 100 * 2**30:  # an H200's largest kivi batch
+            configs.append((150, 32768, 2))
     for b, n, bits in configs:
         ok &= time_config(b, n, bits, results, copy_gbs)
     if not QUICK:

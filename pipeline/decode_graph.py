@@ -83,9 +83,10 @@ class _Captured:
         if self.cache_ref() is not cache or self.batch != batch or len(layers) != len(self.buffers):
             return False
         for layer, refs, empty in zip(layers, self.buffers, self.has_empty):
-            if layer.has_empty != empty:
+            tensors = layer.static_buffers()
+            if layer.has_empty != empty or len(refs) != len(tensors):
                 return False
-            for ref, tensor in zip(refs, layer.static_buffers()):
+            for ref, tensor in zip(refs, tensors):
                 if ref() is not tensor:
                     return False
         return True
@@ -123,6 +124,8 @@ class DecodeRunner:
 
         The logits returned by a replay are the graph's output tensor: valid until the next step.
         """
+        if self.mode != "eager":
+            cache.prepare_static()  # host work a replay cannot do (kivi's flushes), before the checks
         if self.mode == "eager" or not cache.static_decode_ready():
             if self._graph is not None:
                 self.release()

@@ -251,9 +251,10 @@ def test_static_step_equals_dynamic_step(wide_llama, monkeypatch, name, params, 
     mid-decode; every step static; the runner's capture key changes only where a row leaves."""
     model, tok = wide_llama
     steps, leave_at = 9, 6
-    dyn, dyn_cache, dyn_counts, _, _, _ = _decode(model, tok, "eager", name, params, prompts, steps, None, leave_at)
+    run = dict(name=name, params=params, prompts=prompts, steps=steps, leave_at=leave_at)
+    dyn, dyn_cache, dyn_counts, *_ = _decode(model, tok, "eager", **run)
     sta, sta_cache, counts, keys, after_prefill, calls = _decode(
-        model, tok, "static", name, params, prompts, steps, None, leave_at, monkeypatch
+        model, tok, "static", **run, monkeypatch=monkeypatch
     )
     assert dyn_counts["eager"] == 0 and counts["eager"] == steps  # each took its own path
     for a, b in zip(sta, dyn):

@@ -29,6 +29,13 @@ with flash over the de-quantised earlier tokens (a Triton kernel writes them in 
 plus the residual; flushes of layers whose (row, head)s hold equal counts quantise with Triton
 kernels on CUDA; everything has a torch path (CPU, ragged counts) that the kernels equal.
 
+Decode steps take the static step of `pipeline.decode_graph` (a CUDA graph on one GPU) where the
+fused kernel serves: the token is written at each (row, head)'s count read on the device (equal
+counts or not), the kernel reads the counts on the device over a grid sized by capacity, and the
+flush a dynamic step's `append` begins with runs eagerly before the step (`prepare_static`),
+advancing the device counts in place, so one capture serves every step (see "the static-shape
+decode step" in `QuantizedKVLayer`).
+
 Budget: KIVI evicts nothing, so a `Budget` does not change what it stores (one is still needed
 so that the engine calls `compress_layer` after prefill). Its stated target is the byte ratio
 it achieves by construction, `target_ratio()` (see there); `kept_bytes_per_row` counts packed

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from pipeline.decode_graph import _Captured, _key  # noqa: E402
 from pipeline.generate import GenerationConfig, Generator  # noqa: E402
@@ -26,9 +28,13 @@ from policies import Budget, kivi, kivi_kernels, make_policy  # noqa: E402
 from policies.kivi import QuantizedKVLayer  # noqa: E402
 from tests.conftest import prefilled  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    kivi_kernels.triton is None or (not torch.cuda.is_available() and not interpreting()),
+interpreted = pytest.mark.skipif(
+    kivi_kernels.triton is None or not interpreting(),
     reason="the fused kernels run on CPU under TRITON_INTERPRET=1 only",
+)
+on_cuda = pytest.mark.skipif(
+    kivi_kernels.triton is None or not torch.cuda.is_available() or interpreting(),
+    reason="CUDA graphs: a CUDA device, kernels compiled (not interpreted)",
 )
 
 CPU = torch.device("cpu")
@@ -122,10 +128,11 @@ def _layer_pair(bits, g, residual, lengths, room, d=64, h=2, seed=0, evict=False
     return layers, torch.tensor(lengths)
 
 
+@interpreted
 @pytest.mark.parametrize(
     "bits,g,residual,lengths,evict",
     [
-        (2, 8, 16, (40, 40, 40), False),
+        (2, 8, 16, (40, 40), False),
         (4, 4, 8, (40, 13, 29), False),
         (2, 4, 0, (21, 7), False),
         (2, 32, 128, (150, 150), False),
@@ -137,7 +144,7 @@ def test_static_writes_and_flushes_store_what_append_stores(bits, g, residual, l
     """Every step: `prepare_static` + `append_static` + `commit_static` store what `append` stores,
     byte for byte, across many key-block and value-group flushes; the host counts stay exact with no
     read-back; the step itself changes no host state and replaces no tensor (flushes included)."""
-    steps = min(3 * (residual + g) + 5, 120)  # 120: a key block (128) and value groups at R 128
+    steps = min(2 * (residual + g) + 5, 120)  # 120: a key block (128) and value groups at R 128
     (sta, dyn), next_pos = _layer_pair(bits, g, residual, lengths, steps, evict=evict)
     first = (sta._nk.clone(), sta._nv.clone())
     top = sta.slots_used
@@ -167,6 +174,7 @@ def test_static_writes_and_flushes_store_what_append_stores(bits, g, residual, l
     assert (sta._uniform() is None) == (len(set(lengths)) > 1)
 
 
+@interpreted
 def test_no_room_no_kernel_or_slot_stats_means_the_dynamic_step():
     (layer, _), next_pos = _layer_pair(2, 8, 16, (30, 30), room=2)
     for _ in range(2):
@@ -191,6 +199,7 @@ def test_no_room_no_kernel_or_slot_stats_means_the_dynamic_step():
     assert not layer.static_decode_ready()
 
 
+@interpreted
 def test_a_due_flush_is_not_skipped():
     """Without `prepare_static` a step with a flush due is refused (its token would overwrite a ring
     slot still live), whatever room the rings have."""
@@ -215,6 +224,7 @@ def _decode(model, tok, mode, name, params, prompts, steps, room=None, leave_at=
     """Greedy decode steps after a one-shot prefill; row 1 leaves before step `leave_at`."""
     gen = Generator(model, tok, make_policy(name, **params), Budget(ratio=0.5), decode_mode=mode)
     cache, logits, budgets, next_pos = prefilled(gen, prompts, steps if room is None else room)
+    next_pos = next_pos.to(gen.device)
     after_prefill = [(layer._nk.clone(), layer._nv.clone()) for layer in cache.layers]
     calls = []
     if monkeypatch is not None:  # the fused kernel's host arguments, per call
@@ -229,7 +239,7 @@ def _decode(model, tok, mode, name, params, prompts, steps, room=None, leave_at=
     seen, keys = [], []
     for step in range(steps):
         if step == leave_at:
-            keep = torch.tensor([0, 2])
+            keep = torch.tensor([0, 2], device=gen.device)
             cache.select_rows(keep)
             logits, budgets, next_pos = logits[keep], budgets[keep], next_pos[keep]
         logits = gen.decode_step(cache, logits.argmax(-1), next_pos, budgets).clone()
@@ -245,6 +255,7 @@ CASES = [
 ]
 
 
+@interpreted
 @pytest.mark.parametrize("name,params,prompts", CASES)
 def test_static_step_equals_dynamic_step(wide_llama, monkeypatch, name, params, prompts):
     """Every step's logits and tokens, every stored byte, flushes inside the decode, a row leaving
@@ -277,6 +288,7 @@ def test_static_step_equals_dynamic_step(wide_llama, monkeypatch, name, params, 
     assert calls[0][0] == sta_cache.layers[0]._pos_buf.shape[2] - 1  # the capacity, not the count
 
 
+@interpreted
 def test_buffers_without_room_hand_over(wide_llama):
     """Room for 2 decode tokens, 5 steps: static steps while it lasts, a dynamic step grows the
     buffers, static steps again (a new capture key); the same logits and bytes as the dynamic step."""
@@ -293,6 +305,7 @@ def test_buffers_without_room_hand_over(wide_llama):
         _assert_same_store(a, b)
 
 
+@interpreted
 def test_generate_takes_the_static_step_for_every_decode_token(wide_llama):
     """`generate()` reserves what decoding appends: every step after the first token is static."""
     model, tok = wide_llama
@@ -306,6 +319,7 @@ def test_generate_takes_the_static_step_for_every_decode_token(wide_llama):
     assert out["static_counts"]["eager"] == 3 and out["eager_counts"]["eager"] == 0
 
 
+@interpreted
 def test_capture_is_stale_when_the_workspace_is_replaced(wide_llama):
     """The kernel's scratch buffer is one of the tensors a capture is keyed on: a larger one, which
     replaces (and frees) the captured one, makes the capture stale."""
@@ -326,6 +340,7 @@ def test_capture_is_stale_when_the_workspace_is_replaced(wide_llama):
     kivi_kernels._WORKSPACE[(str(CPU),)] = ws  # the former buffer back (the other tests' size)
 
 
+@interpreted
 def test_static_attention_equals_the_reference_path():
     """`attend_static` (grid by capacity) against the de-quantising masked reference path, on a
     store with ragged counts, quantised tokens and full rings."""
@@ -338,3 +353,28 @@ def test_static_attention_equals_the_reference_path():
     reference = KVLayer.attend(layer, q, step, 0.125)
     out = layer.attend_static(q, 0.125)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
+@on_cuda
+@pytest.mark.parametrize("prompts", [UNIFORM, PADDED])
+def test_graph_replays_equal_static_steps_on_cuda(wide_llama, prompts):
+    """On a GPU: captured and replayed steps give the logits of the same static steps run eagerly
+    (the same kernels) and of the dynamic step, across flushes (every 4 tokens) and a row leaving;
+    one capture before the row leaves and one after (the flushes recapture nothing)."""
+    model, tok = wide_llama
+    model.to("cuda")
+    params = {"bits": 2, "group_size": 4, "residual": 4}
+    steps, leave_at = 24, 12
+    runs = {}
+    try:
+        for mode in ("eager", "static", "graphs"):
+            seen, _, counts, *_ = _decode(model, tok, mode, "kivi", params, prompts, steps, leave_at=leave_at)
+            runs[mode] = (torch.stack(seen[:leave_at]), torch.stack(seen[leave_at:]), counts)
+    finally:
+        model.to("cpu")
+    assert runs["graphs"][2]["captured"] == 2 and runs["graphs"][2]["replayed"] >= steps - 8
+    assert runs["static"][2]["eager"] == steps and runs["eager"][2]["eager"] == 0
+    for i in (0, 1):
+        torch.testing.assert_close(runs["graphs"][i], runs["static"][i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(runs["graphs"][i], runs["eager"][i], rtol=1e-4, atol=1e-4)
+        assert torch.equal(runs["graphs"][i].argmax(-1), runs["eager"][i].argmax(-1))

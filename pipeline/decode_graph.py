@@ -16,13 +16,18 @@ over a slot count that grows every step. The static step (`StepContext.static_sl
 One capture therefore serves every step while the batch and the buffers stay the same. The
 runner keys a capture on (cache, batch, each layer's buffer tensors and `has_empty`): a row
 leaving the batch (`select_rows`) or a reallocation makes new buffers, so the next steps run
-eagerly for `warmup` steps and a new graph is captured. Storage forms take the static step
-where they implement the layer protocol for their own form: AdaKV's ragged layers (the tail as
-a dense layer's, the ragged kernel reading its length on the device; CUDA or the interpreter
-only) and SpindleKV's layers (`SpindleLayer`: counts advanced on the device). Steps the static
-form cannot take run the dynamic path: kivi's packed layers, per-slot statistics, policies that
-compress during decode (h2o, tova: the caller never asks), no spare capacity. Sampling stays
-outside the graph.
+eagerly for `warmup` steps and a new graph is captured. Before every static step, replayed or
+not, the runner calls `CompressedCache.prepare_static`: host work a replay cannot do (a no-op for
+dense layers), which changes what it must in place. Storage forms take the static step where
+they implement the layer protocol for their own form: AdaKV's ragged layers (the tail as a dense
+layer's, the ragged kernel reading its length on the device; CUDA or the interpreter only),
+SpindleKV's layers (`SpindleLayer`: counts advanced on the device) and kivi's packed layers
+(`QuantizedKVLayer`: the token written at each (row, head)'s count on the device, the fused
+kernel over the whole packed store; `prepare_static` quantises the groups the rings completed,
+the counts advanced in place; the kernel's scratch buffer is one of the keyed tensors; CUDA or
+the interpreter, shapes the kernel tiles). Steps the static form cannot take run the dynamic
+path: per-slot statistics, policies that compress during decode (h2o, tova: the caller never
+asks), no spare capacity. Sampling stays outside the graph.
 
 Modes (`Generator(decode_mode=...)`, else the `KVPIPE_DECODE` environment variable):
 "graphs" (static steps, captured; the default on one CUDA device), "static" (static steps run
@@ -83,9 +88,10 @@ class _Captured:
         if self.cache_ref() is not cache or self.batch != batch or len(layers) != len(self.buffers):
             return False
         for layer, refs, empty in zip(layers, self.buffers, self.has_empty):
-            if layer.has_empty != empty:
+            tensors = layer.static_buffers()
+            if layer.has_empty != empty or len(refs) != len(tensors):
                 return False
-            for ref, tensor in zip(refs, layer.static_buffers()):
+            for ref, tensor in zip(refs, tensors):
                 if ref() is not tensor:
                     return False
         return True
@@ -123,6 +129,8 @@ class DecodeRunner:
 
         The logits returned by a replay are the graph's output tensor: valid until the next step.
         """
+        if self.mode != "eager":
+            cache.prepare_static()  # host work a replay cannot do (kivi's flushes), before the checks
         if self.mode == "eager" or not cache.static_decode_ready():
             if self._graph is not None:
                 self.release()

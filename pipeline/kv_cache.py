@@ -200,6 +200,13 @@ class KVLayer(CacheLayerMixin):
 
     # -- the static-shape decode step (graph-capturable; dense layers, and storage forms that
     # implement these methods for their own form) --------------------------------------------
+    def prepare_static(self) -> None:
+        """Host-side work due before a static decode step, run eagerly before every one (captured
+        graph replays included). Dense layers have none; a storage form does here what its `append`
+        would do first and a replayed graph cannot (kivi: quantise the groups its rings completed).
+        What it changes in place the next replay reads; a tensor it replaces changes
+        `static_buffers`, so the runner captures anew."""
+
     def static_decode_ready(self) -> bool:
         """Whether this layer can take a static-shape decode step now: a plain dense layer (a storage
         form that overrides append/attend says so itself), no per-slot statistics to follow, room
@@ -344,6 +351,11 @@ class CompressedCache(Cache):
         layer.note_padding(self.step.padded)
         # attention reads the layer's own storage (`KVLayer.attend`), not these
         return key_states, value_states
+
+    def prepare_static(self) -> None:
+        """Every layer's host work before a static decode step (`KVLayer.prepare_static`)."""
+        for layer in self.layers:
+            layer.prepare_static()
 
     def static_decode_ready(self) -> bool:
         """Every layer can take a static-shape decode step (see `KVLayer.static_decode_ready`)."""

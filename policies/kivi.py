@@ -29,6 +29,13 @@ with flash over the de-quantised earlier tokens (a Triton kernel writes them in 
 plus the residual; flushes of layers whose (row, head)s hold equal counts quantise with Triton
 kernels on CUDA; everything has a torch path (CPU, ragged counts) that the kernels equal.
 
+Decode steps take the static step of `pipeline.decode_graph` (a CUDA graph on one GPU) where the
+fused kernel serves: the token is written at each (row, head)'s count read on the device (equal
+counts or not), the kernel reads the counts on the device over a grid sized by capacity, and the
+flush a dynamic step's `append` begins with runs eagerly before the step (`prepare_static`),
+advancing the device counts in place, so one capture serves every step (see "the static-shape
+decode step" in `QuantizedKVLayer`).
+
 Budget: KIVI evicts nothing, so a `Budget` does not change what it stores (one is still needed
 so that the engine calls `compress_layer` after prefill). Its stated target is the byte ratio
 it achieves by construction, `target_ratio()` (see there); `kept_bytes_per_row` counts packed
@@ -166,6 +173,9 @@ class QuantizedKVLayer(KVLayer):
         self._ready = False
         super().__init__()
         self.has_empty = self.heads_differ = True  # ragged per-(row, head) views: the masked path
+        self._fits: bool | None = None  # the fused decode kernel takes this layer's shapes (seen at `attend`)
+        self._lag_of: tuple | None = None  # the host counts `_lag_val` was derived from (`_lags`)
+        self._lag_val = (0, 0, 0)
 
     # keys / values / positions are views built on demand from the compressed storage; the
     # base classes assign None to them in __init__, which is accepted and ignored.
@@ -392,7 +402,7 @@ class QuantizedKVLayer(KVLayer):
             self._kq_buf.scatter_(2, _expand_index(idx, packed), packed)
             self._ks_buf.scatter_(2, _expand_index(idx, scale), scale)
             self._kz_buf.scatter_(2, _expand_index(idx, zero), zero)
-            self._nk = self._nk + mk
+            self._nk.add_(mk)  # in place: a captured decode step reads the counts by address
             self._hnk = hnk = hnk + mk_host
             self._uni = _UNKNOWN
         # values: whole groups of G older than the newest `residual` tokens, per token
@@ -416,7 +426,7 @@ class QuantizedKVLayer(KVLayer):
             self._vq_buf.scatter_(2, _expand_index(idx, packed), packed)
             self._vs_buf.scatter_(2, _expand_index(idx, scale), scale)
             self._vz_buf.scatter_(2, _expand_index(idx, zero), zero)
-            self._nv = self._nv + mv
+            self._nv.add_(mv)
             self._hnv = hnv = hnv + mv_host
             self._uni = _UNKNOWN
         # rings larger than a decode step needs (after a prefill) go back to that size
@@ -447,8 +457,9 @@ class QuantizedKVLayer(KVLayer):
                 )
             else:
                 self._quantize_uniform(nk, mk, nv, mv)
-            self._nk, self._hnk, nk = self._nk + mk, self._hnk + mk, nk + mk
-            self._nv, self._hnv, nv = self._nv + mv, self._hnv + mv, nv + mv
+            self._nk.add_(mk)  # in place: a captured decode step reads the counts by address
+            self._nv.add_(mv)
+            self._hnk, self._hnv, nk, nv = self._hnk + mk, self._hnv + mv, nk + mk, nv + mv
         self._uni = (n, nk, nv)
         for which, count in (("k", nk), ("v", nv)):  # rings larger than decoding needs shrink
             ring = self._kring if which == "k" else self._vring
@@ -563,11 +574,14 @@ class QuantizedKVLayer(KVLayer):
           forward attends over its own tokens in the residual ring, assembling nothing;
         - else the de-quantising reference path (`KVLayer.attend` over `keys`/`values` and a mask).
         """
+        if step.static_slots is not None:
+            return self.attend_static(query, scaling)
         q = query.shape[2]
-        if q == 1 and not step.padded and kernels_run(query):
+        if self._fits is None:  # the shapes the kernel tiles do not change while the layer lives
+            self._fits = kivi_kernels.kernel_supports(self._store_for_kernel(), query[:, :, -1:])
+        if q == 1 and not step.padded and kernels_run(query) and self._fits:
             store = self._store_for_kernel()
-            if kivi_kernels.kernel_supports(store, query):
-                return kivi_kernels.decode_attention(query, store, scaling, max_tokens=self._slots())
+            return kivi_kernels.decode_attention(query, store, scaling, max_tokens=self._slots())
         if not step.padded and self._uniform() is not None:
             n, nk, nv = self._uni
             keys, values = self._dense("k", n, nk), self._dense("v", n, nv)
@@ -622,6 +636,98 @@ class QuantizedKVLayer(KVLayer):
             self._vq_buf, self._vs_buf, self._vz_buf, self._vres, self.bits, self.group_size,
         )  # fmt: skip
 
+    # -- the static-shape decode step (`pipeline.decode_graph`) ---------------------------------
+    # A decode token goes to each (row, head)'s own next slot, read on the device from `_n` (the
+    # runner's `slot` is not needed: it is max n, and rows may hold different counts), and `_n`
+    # advances in place; attention is the fused kernel over the whole buffers with the counts read
+    # on the device and a grid sized by the position buffer's capacity. The flushes `append` does
+    # first run eagerly before every step (`prepare_static`), advancing the counts in place, so one
+    # capture serves every step until a row leaves the batch or a buffer is replaced.
+    def _lags(self) -> tuple[int, int, int]:
+        """(max n, max n - nk, max n - nv) over the (row, head)s, host ints (no device read once the
+        host counts are known). Derived again only when the host count tensors were replaced
+        (they are never changed in place); `commit_static` advances them itself."""
+        u = self._uniform()
+        if u is not None:
+            n, nk, nv = u
+            return n, n - nk, n - nv
+        counts = self._host()
+        if self._lag_of is None or any(a is not b for a, b in zip(self._lag_of, counts)):
+            hn, hnk, hnv = counts
+            self._lag_val = (self._max(hn), self._max(hn - hnk), self._max(hn - hnv))
+            self._lag_of = counts
+        return self._lag_val
+
+    def _flush_due(self) -> bool:
+        """Some (row, head) completed a key block or a value group (what `_flush` would quantise)."""
+        _, lag_k, lag_v = self._lags()
+        return lag_k >= self._unit() or lag_v - self.residual >= self.group_size
+
+    def prepare_static(self) -> None:
+        """The flush a dynamic step's `append` begins with, when one is due (host counts say so)."""
+        if self._ready and self._flush_due():
+            self._flush()
+
+    def static_decode_ready(self) -> bool:
+        """The static step serves this layer now: the fused kernel runs here and takes its shapes,
+        no per-slot statistics, no flush due (`prepare_static` ran it), and room for one more token
+        in the position buffer and in both rings (nothing is reallocated while decoding)."""
+        if not self._ready or self.slot_stats or not self._fits or not kernels_run(self._kring):
+            return False
+        top, lag_k, lag_v = self._lags()
+        return (
+            not self._flush_due()
+            and top < self._pos_buf.shape[2] - 1
+            and lag_k < self._kring.shape[2] - 1
+            and lag_v < self._vring.shape[2] - 1
+        )
+
+    @property
+    def slots_used(self) -> int:
+        """The most tokens a (row, head) holds (host)."""
+        return self._lags()[0]
+
+    def static_buffers(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor a static step reads or writes: the device counts, the packed store, the rings,
+        the position buffer and the kernel's scratch workspace (once it exists)."""
+        bufs = (
+            self._n, self._nk, self._nv, self._pos_buf, self._kq_buf, self._ks_buf, self._kz_buf,
+            self._vq_buf, self._vs_buf, self._vz_buf, self._kring, self._vring,
+        )  # fmt: skip
+        ws = kivi_kernels.workspace(self._n.device)
+        return bufs if ws is None else (*bufs, ws)
+
+    def append_static(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, slot) -> None:
+        """Write one decode token ([b, h, 1, d]) at each (row, head)'s next slot, `_n` on the device:
+        token j's key in ring slot j % Wk, its value in j % Wv, its position at j; then `_n` advances
+        in place. No host read and no host state change (`commit_static` follows)."""
+        b, h = self._n.shape
+        n = self._n[..., None, None]  # [b, h, 1, 1]
+        for ring, new in ((self._kring, keys), (self._vring, values)):
+            idx = (n % (ring.shape[2] - 1)).expand(b, h, 1, ring.shape[-1])
+            ring.scatter_(2, idx, new.to(ring.dtype))
+        pos = positions.to(torch.int32)[:, None, :].expand(b, h, 1)
+        self._pos_buf.scatter_(2, n[..., 0], pos)
+        self._n.add_(positions != EMPTY)  # [b, 1] over every head
+
+    def attend_static(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """The fused kernel over the whole buffers: it reads n, nk, nv on the device, and its grid,
+        sized by the position buffer's capacity, serves every step while the buffers stay."""
+        store = self._store_for_kernel()
+        return kivi_kernels.decode_attention(query, store, scaling, max_tokens=self._pos_buf.shape[2] - 1)
+
+    def commit_static(self, steps: int = 1) -> None:
+        """Host bookkeeping of `steps` static steps: every (row, head) stored one token per step
+        (decode positions are never EMPTY)."""
+        old = (self._hn, self._hnk, self._hnv)
+        self._hn = self._hn + steps
+        if self._uni is not None and self._uni is not _UNKNOWN:
+            n, nk, nv = self._uni
+            self._uni = (n + steps, nk, nv)
+        if self._lag_of is not None and all(a is b for a, b in zip(self._lag_of, old)):
+            self._lag_of = (self._hn, self._hnk, self._hnv)
+            self._lag_val = tuple(x + steps for x in self._lag_val)
+
     def _load_dense(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, stats) -> None:
         """Replace the storage by full-precision tokens (compacted per (row, head))."""
         filled = positions != EMPTY
@@ -632,7 +738,7 @@ class QuantizedKVLayer(KVLayer):
         self._n = n
         self._nk = torch.zeros_like(n)
         self._nv = torch.zeros_like(n)
-        self._hn = n.cpu()
+        self._hn = n.to("cpu", copy=True)  # never the device tensor itself (on CPU), which advances in place
         self._hnk = self._hnv = torch.zeros_like(self._hn)
         self._pending = None
         self._uni = _UNKNOWN

@@ -679,13 +679,23 @@ _WORKSPACE: dict[tuple, torch.Tensor] = {}
 
 def _workspace(device: torch.device, numel: int) -> torch.Tensor:
     """A float32 scratch buffer reused by every call on `device` (kernels on one stream run in
-    order, so a layer's split kernel never overwrites what the previous layer's merge still reads)."""
+    order, so a layer's split kernel never overwrites what the previous layer's merge still reads).
+    A larger request replaces it (the old one is freed): see `workspace`."""
     key = (str(device),)
     buf = _WORKSPACE.get(key)
     if buf is None or buf.numel() < numel:
         buf = torch.empty(max(numel, 1 << 20), dtype=torch.float32, device=device)
         _WORKSPACE[key] = buf
     return buf
+
+
+def workspace(device: torch.device) -> torch.Tensor | None:
+    """The scratch buffer `decode_attention` uses on `device` now (None before its first call).
+
+    A CUDA graph that captured `decode_attention` holds this buffer's address, and a later call
+    that needs more replaces (and frees) it: a caller that replays such a graph keys it on this
+    tensor's identity (`QuantizedKVLayer.static_buffers`), so a replaced buffer means a new capture."""
+    return _WORKSPACE.get((str(device),))
 
 
 DEFAULT_DEQ = 4  # the fast tiles' de-quantisation (`_ints_as_floats`; 4 bits take DEQ 3)

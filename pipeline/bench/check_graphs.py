@@ -17,7 +17,14 @@ Two parts:
 
     python -m pipeline.bench.check_graphs [--model llama8b] [--layers 32] [--context 8192]
         [--batches 4,32] [--policies full,snapkv,streaming_llm] [--ratio 0.25] [--steps 16]
-        [--json out.json]
+        [--ragged 0] [--json out.json]
+
+`--ragged P` prefills P rows of different lengths (left-padded: context, context - 37, ...)
+instead of one row, so that the tiled batch's rows hold different counts (kivi's ragged static
+step). kivi (`--policies kivi,snapkv+kivi`) quantises a value group every 32 decode tokens and a
+key block every 128 (G 32, R 128): `--steps 160` crosses both inside the timed steps; a row's
+`static_counts`/`graphs_counts` then say whether every step took the static step and how many
+graphs were captured (one after the warm-up: flushes run before the replays, in place).
 
 Measured 2026-11-25, H100 80GB HBM3, torch 2.11, transformers 5.17, triton 3.6, Llama-8B shapes
 (32 layers), 8K context (commits ab2d8ba / 27491bd / bc79962):
@@ -153,6 +160,24 @@ def _one_step_agreement(gen, measure, pre, batch: int) -> dict:
     }
 
 
+def _ragged_prefill(gen, bm, rows: int, context: int, chunk: int, after_prefill: int):
+    """`measure.kvpipe_prefill` over `rows` left-padded rows of context, context - 37, ... tokens."""
+    from pipeline.bench import measure
+    from pipeline.kv_cache import EMPTY, CompressedCache
+    from policies.base import row_budgets
+
+    lengths = [context - 37 * i for i in range(rows)]
+    ids = measure.random_ids(bm, rows, context, 0)
+    col = torch.arange(context, device=ids.device)
+    start = torch.tensor([context - n for n in lengths], device=ids.device)[:, None]
+    positions = torch.where(col >= start, col - start, torch.full_like(ids, EMPTY))
+    cache = CompressedCache(gen.num_layers, gen.policy)
+    budgets = row_budgets(gen.budget, lengths, ids.device)
+    logits = gen.prefill(cache, ids, positions, budgets, chunk, after_prefill, context - min(lengths))
+    next_pos = torch.tensor(lengths, device=ids.device)
+    return measure.Prefilled(cache, logits, budgets, next_pos)
+
+
 def check_model(args) -> list[dict]:
     from pipeline.bench import gpu, measure
     from pipeline.bench.settings import BenchSettings
@@ -169,7 +194,10 @@ def check_model(args) -> list[dict]:
             budget = Budget(ratio=args.ratio) if policy.compresses else None
             gen = measure.make_generator(bm, policy, budget)
             measure.use_kvpipe_attention(bm)
-            pre = measure.kvpipe_prefill(gen, ids, 4096, 3 + args.steps + 2)
+            if args.ragged:
+                pre = _ragged_prefill(gen, bm, args.ragged, args.context, 4096, 3 + args.steps + 2)
+            else:
+                pre = measure.kvpipe_prefill(gen, ids, 4096, 3 + args.steps + 2)
             for batch in [int(x) for x in args.batches.split(",")]:
                 agreement = _one_step_agreement(gen, measure, pre, batch)
                 runs = {}
@@ -213,6 +241,7 @@ def check_model(args) -> list[dict]:
                     "policy": pol_name,
                     "batch": batch,
                     "context": args.context,
+                    "ragged_rows": args.ragged,
                     "layers": bm.config.num_hidden_layers,
                     **{f"{m}_step_ms": round(runs[m]["step_ms"], 3) for m in runs},
                     **{f"{m}_wall_ms": round(runs[m]["wall_step_ms"], 3) for m in runs},
@@ -243,6 +272,7 @@ def main(argv=None) -> None:
     ap.add_argument("--policies", default="full,snapkv,streaming_llm")
     ap.add_argument("--ratio", type=float, default=0.25)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--ragged", type=int, default=0, help="prefill this many rows of different lengths")
     ap.add_argument("--no-kernel", action="store_true")
     ap.add_argument("--no-model", action="store_true")
     ap.add_argument("--json", default=None)

@@ -53,6 +53,8 @@ def _nonzero(mask: torch.Tensor, count: int) -> torch.Tensor:
 
 
 class RaggedKVLayer(KVLayer):
+    counts_rows = False  # (per (row, head): `filled_counts_host`)
+
     def __init__(self) -> None:
         super().__init__()
         self.flat_keys: torch.Tensor | None = None
@@ -278,8 +280,9 @@ class RaggedKVLayer(KVLayer):
         mask = position_mask(positions, step.positions, heads_differ=True)
         return grouped_attention(query, keys, values, mask, scaling)
 
-    def keep(self, index: torch.Tensor, filled: torch.Tensor) -> None:
-        """Keep slots `index` ([b, h, k]) of the dense view; unfilled ones are dropped."""
+    def keep(self, index: torch.Tensor, filled: torch.Tensor, **_host) -> None:
+        """Keep slots `index` ([b, h, k]) of the dense view; unfilled ones are dropped (the store
+        keeps its own host facts)."""
         keys, values, positions = self.dense()
         keys = torch.gather(keys, 2, index[..., None].expand(*index.shape, keys.shape[-1]))
         values = torch.gather(values, 2, index[..., None].expand(*index.shape, values.shape[-1]))

@@ -18,6 +18,7 @@ from policies.registry import register
 class StreamingLLM(ScorePolicy):
     name = "streaming_llm"
     paper = "Efficient Streaming Language Models with Attention Sinks (Xiao et al. 2023)"
+    same_heads = True  # a score is the slot's position
 
     @dataclass
     class Params:

@@ -22,6 +22,7 @@ class TOVA(ScorePolicy):
     name = "tova"
     paper = "Transformers are Multi-State RNNs (Oren et al. 2024)"
     compress_during_decode = True
+    same_heads = True  # one score per (row, slot), the same in every kv head
 
     def score(self, layer, queries, step, layer_idx, num_layers, scaling) -> torch.Tensor:
         last_pos = step.positions[:, -1:]

@@ -1,0 +1,177 @@
+"""Compressions decide on the host what the host knows: no device sync per layer, same tokens kept.
+
+The engine hands each forward its per-row host facts (budgets, non-padding tokens, tokens seen);
+a `KVLayer` counts each row's filled slots on the host through append / note_padding / keep, so
+that over-budget tests and the facts attention's fast paths need (`has_empty`, `heads_differ`)
+are known without reading the device. These tests count the syncs (`HostWork`), check the host
+facts against the device after every compression, and compare every kept token and the logits
+with the device-read path (the layers' host counts switched off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from pipeline.bench.host_work import HostWork
+from pipeline.generate import GenerationConfig, Generator, chunk_facts
+from pipeline.kv_cache import EMPTY, CompressedCache, KVLayer, StepContext
+from policies import make_policy
+from policies.base import Budget, row_budgets
+
+DENSE = ["streaming_llm", "snapkv", "pyramidkv", "tova", "knorm"]
+PROMPTS = {
+    "even": [[5 + (7 * i + j) % 300 for i in range(40)] for j in range(3)],
+    "padded": [[5 + (7 * i + j) % 300 for i in range(n)] for j, n in enumerate([40, 27, 33])],
+}
+
+
+def _generator(tiny_llama, name: str, budget: Budget) -> Generator:
+    model, tokenizer = tiny_llama
+    return Generator(model, tokenizer, make_policy(name), budget, decode_mode="eager")
+
+
+@contextlib.contextmanager
+def watched(policy, after=None):
+    """Count each `compress_layer` call's syncs; `after(layer)` runs after each call."""
+    works = []
+    original = policy.compress_layer
+
+    def compress_layer(layer, *args):
+        work = HostWork()
+        with work:
+            original(layer, *args)
+        works.append(work)
+        if after is not None:
+            after(layer)
+
+    policy.compress_layer = compress_layer
+    try:
+        yield works
+    finally:
+        del policy.compress_layer
+
+
+def _prefill(gen: Generator, prompts, chunk, lengths_known=True):
+    cache = CompressedCache(gen.num_layers, gen.policy)
+    ids, filled = gen._left_pad(prompts)
+    positions = torch.where(filled, filled.long().cumsum(-1) - 1, torch.full_like(ids, EMPTY))
+    lengths = [len(p) for p in prompts]
+    budgets = row_budgets(gen.budget, lengths, gen.device)
+    logits = gen.prefill(
+        cache,
+        ids,
+        positions,
+        budgets,
+        chunk,
+        4,
+        ids.shape[1] - min(lengths),
+        lengths=lengths if lengths_known else None,
+    )
+    return cache, logits
+
+
+def check_facts(layer: KVLayer) -> None:
+    """The layer's host facts against its positions: row counts and `has_empty` exact when the
+    counts are known (they must be, for a plain layer filled by the engine), `heads_differ` False
+    only if every head holds the same positions."""
+    pos = layer.positions
+    filled = pos != EMPTY
+    rows = layer.row_counts_host()
+    assert rows is not None
+    per_head = filled.sum(-1)
+    assert per_head.tolist() == [[n] * pos.shape[1] for n in rows]
+    assert layer.has_empty == bool((~filled).any())
+    if not layer.heads_differ:
+        assert torch.equal(pos, pos[:, :1].expand_as(pos))
+
+
+@pytest.mark.parametrize("name", DENSE)
+@pytest.mark.parametrize("prompts", ["even", "padded"])
+@pytest.mark.parametrize("chunk", [None, 8, 13])
+def test_compressions_read_nothing_from_the_device(tiny_llama, name, prompts, chunk):
+    gen = _generator(tiny_llama, name, Budget(tokens=12))
+    with torch.inference_mode(), watched(gen.policy, after=check_facts) as works:
+        _prefill(gen, PROMPTS[prompts], chunk)
+    assert works and all(w.sync_count == 0 for w in works), [dict(w.syncs) for w in works if w.syncs]
+    assert sum(w.kernels > 0 for w in works) > 0  # something was compressed
+
+
+@pytest.mark.parametrize("name", DENSE)
+@pytest.mark.parametrize("prompts", ["even", "padded"])
+@pytest.mark.parametrize("chunk", [None, 8, 13])
+def test_host_facts_keep_what_the_device_reads_kept(tiny_llama, name, prompts, chunk, monkeypatch):
+    """The same tokens and the same logits (bit for bit) with the host's counts as with every
+    fact read from the device (counts off, no lengths: the code before the host facts)."""
+    budget = Budget(ratio=0.3) if prompts == "padded" else Budget(tokens=12)
+    gen = _generator(tiny_llama, name, budget)
+    with torch.inference_mode():
+        host_cache, host_logits = _prefill(gen, PROMPTS[prompts], chunk)
+        monkeypatch.setattr(KVLayer, "counts_rows", False)
+        dev_cache, dev_logits = _prefill(gen, PROMPTS[prompts], chunk, lengths_known=False)
+    for host, dev in zip(host_cache.layers, dev_cache.layers):
+        assert torch.equal(host.positions, dev.positions)
+        assert torch.equal(host.keys, dev.keys)
+        assert host.has_empty == dev.has_empty
+        assert host.heads_differ >= dev.heads_differ
+    assert torch.equal(host_logits, dev_logits)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "tova"])
+def test_generate_passes_the_host_facts(tiny_llama, name):
+    """`generate` hands prefill the prompts' lengths: a padded, chunked batch compresses with no
+    sync, and decodes the same tokens as without the host facts."""
+    gen = _generator(tiny_llama, name, Budget(tokens=12))
+    cfg = GenerationConfig(max_new_tokens=3, prefill_chunk_tokens=8)
+    with watched(gen.policy) as works:
+        results, _ = gen.generate(PROMPTS["padded"], cfg)
+    decode_calls = 2 * gen.num_layers if name == "tova" else 0  # tova compresses decode steps too
+    prefill_works = works[: len(works) - decode_calls]
+    assert prefill_works and all(w.sync_count == 0 for w in prefill_works)
+    original = gen.prefill
+
+    def prefill_without_lengths(*args, **kwargs):
+        kwargs.pop("lengths", None)
+        return original(*args[:7], **kwargs)
+
+    gen.prefill = prefill_without_lengths
+    again, _ = gen.generate(PROMPTS["padded"], cfg)
+    assert [r.output_ids for r in results] == [r.output_ids for r in again]
+
+
+def test_chunk_facts_follow_left_padding():
+    facts = chunk_facts([5, 2, 0], width=5, lo=2, hi=4)
+    # first real columns 0, 3, 5: row 0 has columns 2-3, row 1 column 3, row 2 none
+    assert facts == {"valid_host": [2, 1, 0], "seen_host": [4, 1, 0]}
+
+
+def test_unconfirmed_append_makes_the_counts_unknown():
+    """An append whose padding nobody confirmed (`note_padding`) leaves the counts unknown, so the
+    next compression reads the device instead of trusting a guess."""
+    layer = KVLayer()
+    keys = torch.randn(2, 2, 6, 4)
+    layer.append(keys, keys, torch.tensor([[EMPTY, EMPTY, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]))
+    assert layer.row_counts_host() is None
+    layer.note_padding(True, [4, 6])
+    assert layer.row_counts_host() == [4, 6] and layer.has_empty
+    layer.append(keys[:, :, :1], keys[:, :, :1], torch.tensor([[4], [6]]))
+    layer.append(keys[:, :, :1], keys[:, :, :1], torch.tensor([[5], [7]]))
+    layer.note_padding(False)
+    assert layer.row_counts_host() is None
+
+
+def test_keep_with_host_rows_sets_the_facts_without_reading():
+    layer = KVLayer()
+    keys = torch.randn(1, 2, 5, 4)
+    layer.append(keys, keys, torch.arange(5)[None])
+    layer.note_padding(False)
+    index = torch.tensor([[[0, 2, 4], [1, 2, 3]]])
+    filled = torch.ones(1, 2, 3, dtype=torch.bool)
+    with HostWork() as work:
+        layer.keep(index, filled, rows=[3], heads_differ=True)
+    assert work.sync_count == 0
+    assert layer.row_counts_host() == [3] and not layer.has_empty and layer.heads_differ
+    step = StepContext(cache=None, positions=torch.tensor([[5]]), row_budgets=torch.tensor([3]), padded=False)
+    assert step.valid_counts() == [1]

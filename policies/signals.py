@@ -70,25 +70,56 @@ def attention_probs(
 
 
 def summed_attention(
-    layer: KVLayer, queries: torch.Tensor, query_positions: torch.Tensor, scaling: float, block: int = 256
+    layer: KVLayer,
+    queries: torch.Tensor,
+    query_positions: torch.Tensor,
+    scaling: float,
+    block: int = 256,
+    uptos: list[int] | None = None,
 ) -> torch.Tensor:
     """Attention each slot received, summed over all (valid) queries: [b, H, s] float32.
 
     Queries are taken `block` at a time so memory stays [b, H, block, s]; each block only
-    computes over the slots up to the last one it can see (causality halves the work).
+    computes over the slots up to the last one it can see (causality halves the work): 1 + that
+    slot per block, `uptos` when the host knows them (`visible_slots`), else read from the device.
     """
     b, num_heads, q_len, _ = queries.shape
     slots = layer.keys.shape[2]
     total = queries.new_zeros((b, num_heads, slots), dtype=torch.float32)
-    pos = layer.positions
-    for lo in range(0, q_len, block):
+    for i, lo in enumerate(range(0, q_len, block)):
         qpos = query_positions[:, lo : lo + block]
-        newest = int(qpos.max())
-        seen = ((pos != EMPTY) & (pos <= newest)).any(dim=0).any(dim=0)  # [s]
-        upto = int(seen.nonzero().max()) + 1 if bool(seen.any()) else 1
+        upto = uptos[i] if uptos is not None else _last_seen_slot(layer.positions, qpos) + 1
         part = attention_probs(layer, queries[:, :, lo : lo + block], qpos, scaling, upto=upto)
         total[..., :upto] += part.sum(dim=2)
     return total
+
+
+def _last_seen_slot(slot_positions: torch.Tensor, query_positions: torch.Tensor) -> int:
+    """The last slot any of the queries can see (0 if none), read from the device."""
+    newest = int(query_positions.max())
+    seen = ((slot_positions != EMPTY) & (slot_positions <= newest)).any(dim=0).any(dim=0)  # [s]
+    return int(seen.nonzero().max()) if bool(seen.any()) else 0
+
+
+def visible_slots(valid: list[int], seen: list[int], q_len: int, slots: int, block: int) -> list[int]:
+    """`summed_attention`'s upto per query block, from the host: what `_last_seen_slot` reads.
+
+    The forward's q_len tokens are the layer's last slots; row r's are its last valid[r] columns,
+    at consecutive positions ending at seen[r] - 1 (left padding). A block's newest query is the
+    largest position in its last column; the last slot seen is then the last column some row
+    fills with a position up to it (earlier slots hold older tokens)."""
+    first = [q_len - v for v in valid]  # each row's first column
+    uptos = []
+    for lo in range(0, q_len, block):
+        last = min(lo + block, q_len) - 1
+        starts = [s - q_len for s in seen]  # row r's token in column c is at starts[r] + c
+        newest = max((st + last for f, st in zip(first, starts) if f <= last), default=None)
+        if newest is None:  # padding only: no slot is seen
+            uptos.append(1)
+            continue
+        col = max(min(q_len - 1, newest - st) for f, st in zip(first, starts) if newest - st >= f)
+        uptos.append(slots - q_len + col + 1)
+    return uptos
 
 
 def group_mean(per_query_head: torch.Tensor, kv_heads: int) -> torch.Tensor:

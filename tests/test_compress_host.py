@@ -21,7 +21,7 @@ from pipeline.kv_cache import EMPTY, CompressedCache, KVLayer, StepContext
 from policies import make_policy
 from policies.base import Budget, row_budgets
 
-DENSE = ["streaming_llm", "snapkv", "pyramidkv", "tova", "knorm"]
+DENSE = ["streaming_llm", "snapkv", "pyramidkv", "h2o", "tova", "knorm"]
 PROMPTS = {
     "even": [[5 + (7 * i + j) % 300 for i in range(40)] for j in range(3)],
     "padded": [[5 + (7 * i + j) % 300 for i in range(n)] for j, n in enumerate([40, 27, 33])],
@@ -175,3 +175,26 @@ def test_keep_with_host_rows_sets_the_facts_without_reading():
     assert layer.row_counts_host() == [3] and not layer.has_empty and layer.heads_differ
     step = StepContext(cache=None, positions=torch.tensor([[5]]), row_budgets=torch.tensor([3]), padded=False)
     assert step.valid_counts() == [1]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_visible_slots_equal_the_device_read(seed):
+    """H2O's query blocks see the same slots by the host's arithmetic as by the device's read, on
+    left-padded rows at different positions with holes in their older slots."""
+    from policies.signals import _last_seen_slot, visible_slots
+
+    g = torch.Generator().manual_seed(seed)
+    b, h, q, old, block = 3, 2, 11, 7, 4
+    valid = torch.randint(0, q + 1, (b,), generator=g).tolist()
+    seen = [v + int(torch.randint(0, 15, (1,), generator=g)) for v in valid]
+    pos = torch.full((b, h, old + q), EMPTY)
+    for r in range(b):
+        earlier = seen[r] - valid[r]  # tokens before this forward: some of them kept in each head
+        for head in range(h):
+            kept = torch.randperm(earlier, generator=g)[: min(old, earlier)].sort().values
+            holes = torch.rand(len(kept), generator=g) < 0.3
+            pos[r, head, : len(kept)] = torch.where(holes, EMPTY, kept)
+        pos[r, :, old + q - valid[r] :] = torch.arange(seen[r] - valid[r], seen[r])
+    qpos = pos[:, 0, old:]
+    want = [_last_seen_slot(pos, qpos[:, lo : lo + block]) + 1 for lo in range(0, q, block)]
+    assert visible_slots(valid, seen, q, old + q, block) == want

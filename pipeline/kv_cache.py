@@ -182,9 +182,11 @@ class KVLayer(CacheLayerMixin):
 
     def row_counts_host(self) -> list[int] | None:
         """Filled slots of each row (every head holds that many) on the host, or None if unknown."""
-        if not self.counts_rows or self._unconfirmed is not None:
-            return None
-        return self._rows
+        return self._appended_rows() if self.counts_rows else None
+
+    def _appended_rows(self) -> list[int] | None:
+        """The row counts as this class's own methods kept them (None while an append is unconfirmed)."""
+        return None if self._unconfirmed is not None else self._rows
 
     # -- transformers' layer protocol -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

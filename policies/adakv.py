@@ -76,6 +76,17 @@ def head_capacities(
     return (base + (rank < remainder[:, None]).to(torch.float64)).to(torch.int64)
 
 
+def kept_bound(budgets: list[int], counts: list[list[int]] | None, heads: int) -> int:
+    """A host bound on the slots a layer keeps (sizes the ragged store without a device read).
+
+    Row r's heads keep sum(window + capacity_i) = h * (window + C) <= h * budget slots
+    (`head_capacities` sums exactly h * C, and each head's count is within its filled slots),
+    and never more than the row holds (`counts`, when known)."""
+    if counts is None:
+        return heads * sum(budgets)
+    return sum(min(heads * budget, sum(row)) for budget, row in zip(budgets, counts))
+
+
 @register
 class AdaKV(Policy):
     name = "adakv"
@@ -146,4 +157,5 @@ class AdaKV(Policy):
         # ranking spans every slot.
         key = ranking_key(scores.float().masked_fill(~filled, float("-inf")), positions)
         chosen = top_slots(key, budgets, key.shape[-1]) & filled
-        layer.store_dense(view.keys, view.values, torch.where(chosen, positions, EMPTY))
+        bound = kept_bound(host, counts, scores.shape[1]) if single else None
+        layer.store_dense(view.keys, view.values, torch.where(chosen, positions, EMPTY), bound=bound)

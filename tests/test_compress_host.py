@@ -198,3 +198,92 @@ def test_visible_slots_equal_the_device_read(seed):
     qpos = pos[:, 0, old:]
     want = [_last_seen_slot(pos, qpos[:, lo : lo + block]) + 1 for lo in range(0, q, block)]
     assert visible_slots(valid, seen, q, old + q, block) == want
+
+
+# -- adakv: the ragged store sized by a host bound, its segment lengths read one forward later -----
+def _adakv(tiny_llama, budget: Budget) -> Generator:
+    model, tokenizer = tiny_llama
+    policy = make_policy("adakv", window=4)  # budgets above the window: per-head capacities differ
+    return Generator(model, tokenizer, policy, budget, decode_mode="eager")
+
+
+def check_ragged_counts(layer) -> None:
+    """The host's per-(row, head) counts (the deferred read taken) against the device."""
+    counts = layer.filled_counts_host()
+    assert counts is not None
+    assert (layer.dense_positions() != EMPTY).sum(-1).tolist() == counts
+
+
+@pytest.mark.parametrize("prompts", ["even", "padded"])
+@pytest.mark.parametrize("chunk", [None, 8, 13])
+def test_adakv_compressions_read_nothing_from_the_device(tiny_llama, prompts, chunk):
+    gen = _adakv(tiny_llama, Budget(tokens=12))
+    with torch.inference_mode(), watched(gen.policy, after=check_ragged_counts) as works:
+        _prefill(gen, PROMPTS[prompts], chunk)
+    assert works and all(w.sync_count == 0 for w in works), [dict(w.syncs) for w in works if w.syncs]
+    assert sum(w.kernels > 0 for w in works) > 0
+
+
+@pytest.mark.parametrize("prompts", ["even", "padded"])
+@pytest.mark.parametrize("chunk", [None, 8, 13])
+@pytest.mark.parametrize("lengths_known", [True, False])
+def test_adakv_deferred_store_keeps_what_the_read_store_kept(
+    tiny_llama, prompts, chunk, lengths_known, monkeypatch
+):
+    """Stores sized by the host's bound (the row counts known, or, without the engine's facts in
+    a padded batch, the budgets alone) keep what stores that read their lengths kept."""
+    import policies.adakv as adakv
+
+    budget = Budget(ratio=0.4) if prompts == "padded" else Budget(tokens=12)
+    gen = _adakv(tiny_llama, budget)
+    with torch.inference_mode():
+        host_cache, host_logits = _prefill(gen, PROMPTS[prompts], chunk, lengths_known)
+        monkeypatch.setattr(adakv, "kept_bound", lambda *args: None)  # every store reads its lengths
+        dev_cache, dev_logits = _prefill(gen, PROMPTS[prompts], chunk, lengths_known=False)
+    for host, dev in zip(host_cache.layers, dev_cache.layers):
+        assert torch.equal(host.kept_positions(), dev.kept_positions())
+        assert torch.equal(host.flat_keys, dev.flat_keys)
+        assert host.max_seg == dev.max_seg and host.seg_lens_host == dev.seg_lens_host
+        assert host.stored_bytes() == dev.stored_bytes()
+    assert torch.equal(host_logits, dev_logits)
+
+
+def _dense_form(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    b, h, s = 2, 3, 9
+    keys, values = torch.randn(b, h, s, 4, generator=g), torch.randn(b, h, s, 4, generator=g)
+    positions = torch.arange(s).expand(b, h, s).clone()
+    positions[torch.rand(b, h, s, generator=g) < 0.4] = EMPTY
+    return keys, values, positions, int((positions != EMPTY).sum())
+
+
+@pytest.mark.parametrize("slack", [0, 5])
+def test_deferred_store_settles_to_the_read_store(slack):
+    from policies.ragged_heads import RaggedKVLayer
+
+    keys, values, positions, n = _dense_form(0)
+    read, deferred = RaggedKVLayer(), RaggedKVLayer()
+    for layer in (read, deferred):
+        layer.append(keys, values, positions[:, 0])
+        layer.note_padding(True)
+    read.store_dense(keys, values, positions)
+    with HostWork() as work:
+        deferred.store_dense(keys, values, positions, bound=n + slack)
+    assert work.sync_count == 0 and deferred._pending is not None
+    assert deferred.max_seg == read.max_seg and deferred._pending is None  # (read: settled)
+    assert deferred.seg_lens_host == read.seg_lens_host
+    for name in ("flat_keys", "flat_values", "flat_positions"):
+        assert torch.equal(getattr(deferred, name), getattr(read, name))
+    assert deferred.stored_bytes() == read.stored_bytes()
+
+
+def test_a_bound_below_the_kept_tokens_fails_loudly():
+    from policies.ragged_heads import RaggedKVLayer
+
+    keys, values, positions, n = _dense_form(1)
+    layer = RaggedKVLayer()
+    layer.append(keys, values, positions[:, 0])
+    layer.note_padding(True)
+    layer.store_dense(keys, values, positions, bound=n - 1)
+    with pytest.raises(RuntimeError, match="exceed the bound"):
+        _ = layer.max_seg

@@ -10,13 +10,16 @@ torch op, so a CPU run shows what a GPU run would wait for:
 - syncs: calls that make the host wait for the device (item / bool / int of a tensor, `tolist`,
   `cpu`, `numpy`, ops whose output shape depends on the data (nonzero, masked_select, boolean
   indexing, repeat_interleave without `output_size`), and tensors built from host data straight
-  on the device (`torch.tensor(..., device=...)`, a blocking copy); each with where it was called;
+  on the device (`torch.tensor(..., device=...)`, a blocking copy); each with where it was called.
+  Reads of host copies queued without a wait (`policies.ragged_heads.DeferredRead`) are counted
+  apart, as deferred reads: they wait for a copy queued a forward earlier, long done by then;
 - kernels: ops that launch device work (views, aliases and allocations without a fill excluded;
   a few ops launch more than one kernel on a GPU, so this is a floor).
 
-Per policy and mode it prints the syncs and kernels per layer compression (`compress_layer`), the
-syncs of the whole prefill outside the compressions, and the CPU wall time per compression (CPU
-kernels included: compare two code versions on one machine, not with a GPU's host time).
+Per policy and mode it prints the syncs per `compress_layer` call, the kernels and CPU time of
+each call that compressed, the syncs of the whole prefill outside the compressions and the
+deferred reads. The CPU time is this thread's (steady on a shared machine), CPU kernels included:
+compare two code versions on one machine, not with a GPU's host time.
 `--small` (SmolLM2 heads at 1024 tokens, chunk 256) makes the kernels tiny, so that the wall time
 is mostly host time.
 """
@@ -83,6 +86,9 @@ class HostWork(TorchDispatchMode):
         self.views = 0
         self.ops: Counter = Counter()
         self.syncs: Counter = Counter()
+        # reads of host copies queued earlier without a wait (`policies.ragged_heads.DeferredRead`):
+        # a wait for a copy queued a forward before, not for the work just issued
+        self.deferred: Counter = Counter()
 
     def sync(self, what: str) -> None:
         self.syncs[f"{what} @ {_caller()}"] += 1
@@ -122,7 +128,10 @@ def _patch_host_reads(mode: HostWork) -> list:
 
         def wrapper(*args, **kwargs):
             if counts(*args, **kwargs):
-                mode.sync(name)
+                if getattr(args[0], "deferred_read", False):  # a host copy made without waiting
+                    mode.deferred[f"{name} @ {_caller()}"] += 1
+                else:
+                    mode.sync(name)
             return original(*args, **kwargs)
 
         patches.append((owner, name, original))
@@ -209,6 +218,7 @@ def run_policy(bm, name: str, context: int, chunk: int | None, ratio: float, see
         "ms_per_compression": 1e3 * sum(timed[i][1] for i in working) / n,
         "compress_syncs": compress_syncs,
         "prefill_syncs": whole.syncs,  # the compressions' included (nested modes both count)
+        "deferred_reads": whole.deferred,
         "prefill_s": seconds,
         "kept": digest,
         "ops": sum((calls[i][0].ops for i in working), Counter()),
@@ -262,6 +272,8 @@ def main(argv=None) -> None:
                 print(f"    compress {count:4d}x {where}")
             for where, count in sorted(outside.items()):
                 print(f"    prefill  {count:4d}x {where}")
+            for where, count in sorted(r["deferred_reads"].items()):
+                print(f"    deferred {count:4d}x {where}")
             if args.ops:
                 per = r["compressions"] or 1
                 print("    " + ", ".join(f"{op} {c / per:g}" for op, c in r["ops"].most_common()))

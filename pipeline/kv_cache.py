@@ -322,7 +322,7 @@ class KVLayer(CacheLayerMixin):
     def keep(
         self,
         index: torch.Tensor,
-        filled: torch.Tensor,
+        filled: torch.Tensor | None,
         rows: list[int] | None = None,
         heads_differ: bool = True,
     ) -> None:
@@ -331,21 +331,26 @@ class KVLayer(CacheLayerMixin):
         `rows`: how many slots each row keeps (`filled` True; the same in every head), when the
         caller knows it on the host; `heads_differ` then says whether heads may keep different
         positions (True is always safe). Without `rows` both facts are read from the device.
+        `filled` None (with `rows`): every kept slot is filled (the layers that count rows only).
         """
         d = self.keys.shape[-1]
         gather = index[..., None].expand(*index.shape, d)
         pos = torch.gather(self.positions, 2, index)
-        pos = torch.where(filled, pos, torch.full_like(pos, EMPTY))
+        if filled is not None:
+            pos = torch.where(filled, pos, torch.full_like(pos, EMPTY))
         self._k.set(torch.gather(self.keys, 2, gather), self.spare)
         self._v.set(torch.gather(self.values, 2, gather), self.spare)
         self._p.set(pos, self.spare)
         for name, stat in self.slot_stats.items():
-            self.slot_stats[name] = torch.gather(stat, 2, index).masked_fill(~filled, 0).contiguous()
+            stat = torch.gather(stat, 2, index)
+            self.slot_stats[name] = stat if filled is None else stat.masked_fill(~filled, 0).contiguous()
         if rows is not None:  # the facts attention's fast paths need, without a device sync
             self._rows = list(rows)
             self.has_empty = any(n < index.shape[-1] for n in rows)
             self.heads_differ = heads_differ
             return
+        if filled is None:
+            raise ValueError("keep: `filled` None needs the host's `rows`")
         # one device sync: the same facts read from the device (heads compared by kept positions)
         all_filled, same_heads = torch.stack([filled.all(), (pos == pos[:, :1]).all()]).tolist()
         self.has_empty = not all_filled

@@ -160,7 +160,9 @@ def ranking_key(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     Filled slots of a (row, head) hold distinct positions, so their keys are distinct."""
     bits = (scores.float() + 0.0).view(torch.int32)  # (+ 0.0 turns -0.0 into 0.0)
     monotone = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their magnitude order
-    return (monotone.to(torch.int64) << 32) | (positions.to(torch.int64) + 1)
+    # monotone * 2**32 + (position + 1): the same bits as (monotone << 32) | (position + 1), in
+    # one kernel (the int32 operand is widened inside the add)
+    return torch.add(positions + 1, monotone.to(torch.int64), alpha=2**32)
 
 
 def best_first(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -224,6 +226,10 @@ def keep_topk(
     """
     if host_budgets is not None:
         max_budget, uniform = max(host_budgets), len(set(host_budgets)) == 1
+    facts = _kept_facts(layer, host_budgets, same_heads)
+    if facts and uniform and min(facts["rows"]) == max_budget:
+        _keep_top_k(layer, scores, max_budget, facts)
+        return
     positions = layer.positions
     filled = positions != EMPTY
     if budgets.dim() == 1:
@@ -233,7 +239,20 @@ def keep_topk(
     kept_len = min(max_budget, filled.shape[-1])
     key = ranking_key(scores.float().masked_fill(~filled, float("-inf")), positions)
     chosen = top_slots(key, budgets, kept_len, uniform) & filled
-    layer.keep(*compact_slots(chosen, kept_len), **_kept_facts(layer, host_budgets, same_heads))
+    layer.keep(*compact_slots(chosen, kept_len), **facts)
+
+
+def _keep_top_k(layer: KVLayer, scores: torch.Tensor, k: int, facts: dict) -> None:
+    """keep_topk when every (row, head) keeps exactly `k` slots (one budget, every row holds at
+    least k filled slots: known on the host). The k best keys are then exactly the slots the
+    threshold would choose (filled slots rank above empty ones, by distinct keys), so their
+    indices, sorted, are the kept slots in slot order: no threshold, mask or compaction."""
+    positions = layer.positions
+    scores = scores.float()
+    if layer.has_empty:  # (else no slot to rank last)
+        scores = scores.masked_fill(positions == EMPTY, float("-inf"))
+    index = ranking_key(scores, positions).topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+    layer.keep(index, None, **facts)
 
 
 def _kept_facts(layer: KVLayer, host_budgets: list[int] | None, same_heads: bool) -> dict:

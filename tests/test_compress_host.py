@@ -287,3 +287,32 @@ def test_a_bound_below_the_kept_tokens_fails_loudly():
     layer.store_dense(keys, values, positions, bound=n - 1)
     with pytest.raises(RuntimeError, match="exceed the bound"):
         _ = layer.max_seg
+
+
+# -- fewer kernels: the same selection ----------------------------------------------------------
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("padded", [False, True])
+def test_top_k_keep_equals_the_threshold_keep(seed, padded):
+    """Every (row, head) keeping exactly one budget (`_keep_top_k`: top-k indices, sorted) keeps
+    what the threshold, mask and compaction kept, on scores full of ties, with empty slots."""
+    from policies.base import keep_topk
+
+    g = torch.Generator().manual_seed(seed)
+    b, h, s, k = 3, 2, 30, 9
+    lengths = [30, 22, 15] if padded else [30] * b
+    pos = torch.full((b, s), EMPTY)
+    for r, n in enumerate(lengths):
+        pos[r, s - n :] = torch.arange(n)
+    keys = torch.randn(b, h, s, 4, generator=g)
+    fast, ref = KVLayer(), KVLayer()
+    for layer in (fast, ref):
+        layer.append(keys, keys + 1, pos)
+        layer.note_padding(padded, lengths)
+    scores = torch.randint(0, 4, (b, h, s), generator=g).float()
+    scores[0, 0, :3] = -0.0
+    with HostWork() as work:
+        keep_topk(fast, scores, torch.tensor([k] * b), host_budgets=[k] * b)
+    keep_topk(ref, scores, torch.tensor([k] * b), max_budget=k, uniform=True)
+    assert work.sync_count == 0 and work.ops["topk.default"] == 1 and "scatter_.src" not in work.ops
+    assert torch.equal(fast.positions, ref.positions) and torch.equal(fast.keys, ref.keys)
+    assert fast.row_counts_host() == [k] * b and fast.has_empty == ref.has_empty is False

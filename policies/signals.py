@@ -12,6 +12,8 @@ query positions [b, q] (EMPTY for padding), slot positions [b, h, s] (EMPTY for 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -22,6 +24,13 @@ from pipeline.kv_cache import EMPTY, KVLayer
 # the newest token). Adding the position orders them (newest first) should a budget be smaller
 # than the window; float32 holds these integers exactly up to 2**24 - 2**22 positions.
 KEEP_BASE = float(2**22)
+
+
+@functools.lru_cache(maxsize=16)
+def _later(q_len: int, device: torch.device) -> torch.Tensor:
+    """[q, q] True above the diagonal: the later queries' own slots, hidden from each query (made
+    once per window size, not per layer)."""
+    return torch.ones((q_len, q_len), dtype=torch.bool, device=device).triu_(1)
 
 
 def attention_probs(
@@ -38,7 +47,7 @@ def attention_probs(
     exactly as the model's attention did. Rows of padding queries (EMPTY) are all zero.
     `upto` limits the computation to the first `upto` slots (the caller guarantees that the
     others are invisible to these queries); the result then has `upto` slots.
-    `newest` promises that the queries are the tokens of the layer's last q slots, none of them
+    `newest` promises that the queries are the tokens of the last q of those slots, none of them
     padding, and that no slot is empty: the mask is then lower-right causal, built without
     reading positions (the same mask).
     """
@@ -51,12 +60,11 @@ def attention_probs(
     q = queries.float().reshape(b, kv_heads, group * q_len, d)
     logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scaling)
     logits = logits.reshape(b, kv_heads, group, q_len, slots)
-    if newest and upto is None:
+    if newest:
         # slot j is visible to query i iff j <= slots - q_len + i (positions increase with slots):
         # every slot before the last q_len is visible, so only those need a mask
         if q_len > 1:
-            hidden = torch.ones((q_len, q_len), dtype=torch.bool, device=logits.device).triu_(1)
-            logits[..., slots - q_len :].masked_fill_(hidden, float("-inf"))
+            logits[..., slots - q_len :].masked_fill_(_later(q_len, logits.device), float("-inf"))
         return logits.softmax(dim=-1).reshape(b, num_heads, q_len, slots)
     valid = query_positions != EMPTY  # [b, q]
     mask = layer.attention_mask(query_positions)  # [b, h or 1, q, s]
@@ -76,20 +84,32 @@ def summed_attention(
     scaling: float,
     block: int = 256,
     uptos: list[int] | None = None,
+    newest: bool = False,
 ) -> torch.Tensor:
     """Attention each slot received, summed over all (valid) queries: [b, H, s] float32.
 
     Queries are taken `block` at a time so memory stays [b, H, block, s]; each block only
     computes over the slots up to the last one it can see (causality halves the work): 1 + that
     slot per block, `uptos` when the host knows them (`visible_slots`), else read from the device.
+    `newest`: what `attention_probs` promises with it (for the whole forward); a block whose
+    visible slots end at its own last query then needs no positions (nor, the last block, a read).
     """
     b, num_heads, q_len, _ = queries.shape
     slots = layer.keys.shape[2]
     total = queries.new_zeros((b, num_heads, slots), dtype=torch.float32)
     for i, lo in enumerate(range(0, q_len, block)):
         qpos = query_positions[:, lo : lo + block]
-        upto = uptos[i] if uptos is not None else _last_seen_slot(layer.positions, qpos) + 1
-        part = attention_probs(layer, queries[:, :, lo : lo + block], qpos, scaling, upto=upto)
+        own = slots - q_len + min(lo + block, q_len)  # 1 + the block's last query's slot
+        if uptos is not None:
+            upto = uptos[i]
+        elif newest and own == slots:  # the last block sees every slot
+            upto = slots
+        else:
+            upto = _last_seen_slot(layer.positions, qpos) + 1
+        block_newest = newest and upto == own
+        part = attention_probs(
+            layer, queries[:, :, lo : lo + block], qpos, scaling, upto=upto, newest=block_newest
+        )
         total[..., :upto] += part.sum(dim=2)
     return total
 
@@ -233,9 +253,8 @@ def snapkv_scores(
     The layer's filled slots must hold increasing positions per (row, head), as every
     `KVLayer` keeps them (the pooling relies on it instead of sorting). `newest`: the queries
     are this forward's, just appended to the layer, and none is padding (`not step.padded`)."""
-    return snapkv_scores_and_window(
-        layer, queries, query_positions, scaling, window, kernel, pooling, newest
-    )[0]
+    args = (layer, queries, query_positions, scaling, window, kernel, pooling, newest)
+    return _snapkv(*args, window_mask=False)[0]
 
 
 def snapkv_scores_and_window(
@@ -249,6 +268,11 @@ def snapkv_scores_and_window(
     newest: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`snapkv_scores` and the [b, h, s] mask of the window's own slots (`in_window`)."""
+    args = (layer, queries, query_positions, scaling, window, kernel, pooling, newest)
+    return _snapkv(*args, window_mask=True)
+
+
+def _snapkv(layer, queries, query_positions, scaling, window, kernel, pooling, newest, window_mask):
     w = window_size(query_positions, window)
     wq, wpos = queries[:, :, -w:], query_positions[:, -w:]
     positions = layer.positions
@@ -256,19 +280,25 @@ def snapkv_scores_and_window(
     newest = newest and not layer.has_empty
     probs = attention_probs(layer, wq, wpos, scaling, newest=newest).sum(dim=2)  # [b, H, s]
     scores = group_mean(probs, layer.keys.shape[1])
-    if newest:  # the window's slots are the last w
-        b, h, s = positions.shape
-        window_slots = torch.zeros(s, dtype=torch.bool, device=positions.device)
-        window_slots[s - w :] = True
-        window_slots = window_slots.expand(b, h, s)
-    else:
-        window_slots = in_window(positions, wpos)
+    if newest:  # the window's slots are the last w: written in place, without a mask
+        s = positions.shape[-1]
+        scores[..., s - w :] = 0.0  # the reference pools the prefix columns only
+        scores = pool_in_position_order(scores, positions, kernel, pooling, ordered=True, full=True)
+        torch.add(positions[..., s - w :].float(), KEEP_BASE, out=scores[..., s - w :])
+        return scores, _last_slots(positions, w) if window_mask else None
+    window_slots = in_window(positions, wpos)
     scores = scores.masked_fill_(window_slots, 0.0)  # the reference pools the prefix columns only
     scores = pool_in_position_order(
         scores, positions, kernel, pooling, ordered=True, full=not layer.has_empty
     )
     keep = KEEP_BASE + positions.float()
     return torch.where(window_slots, keep, scores), window_slots
+
+
+def _last_slots(positions: torch.Tensor, w: int) -> torch.Tensor:
+    """[b, h, s] True for the last `w` slots."""
+    b, h, s = positions.shape
+    return (torch.arange(s, device=positions.device) >= s - w).expand(b, h, s)
 
 
 # -- selection without ties ---------------------------------------------------------------------

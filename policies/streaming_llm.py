@@ -25,5 +25,5 @@ class StreamingLLM(ScorePolicy):
         sink_tokens: int = 4
 
     def score(self, layer, queries, step, layer_idx, num_layers, scaling) -> torch.Tensor:
-        pos = layer.positions.float()
-        return torch.where(layer.positions < self.params.sink_tokens, torch.full_like(pos, NEVER_EVICT), pos)
+        sinks = layer.positions < self.params.sink_tokens
+        return layer.positions.float().masked_fill_(sinks, NEVER_EVICT)

@@ -316,3 +316,28 @@ def test_top_k_keep_equals_the_threshold_keep(seed, padded):
     assert work.sync_count == 0 and work.ops["topk.default"] == 1 and "scatter_.src" not in work.ops
     assert torch.equal(fast.positions, ref.positions) and torch.equal(fast.keys, ref.keys)
     assert fast.row_counts_host() == [k] * b and fast.has_empty == ref.has_empty is False
+
+
+@pytest.mark.parametrize("q_len, upto", [(1, None), (6, None), (4, 30), (1, 27)])
+def test_newest_probs_equal_the_masked_probs(q_len, upto):
+    """The newest-token path (no position mask) for a block whose queries are the last of the
+    first `upto` slots (h2o's blocks) and for one query (tova's last): the masked path's numbers."""
+    from policies.signals import attention_probs
+
+    g = torch.Generator().manual_seed(3)
+    b, h, s = 2, 2, 36
+    layer = KVLayer()
+    keys = torch.randn(b, h, s, 8, generator=g)
+    kept = torch.stack([torch.randperm(60, generator=g)[:s].sort().values for _ in range(b * h)])
+    pos = kept.reshape(b, h, s)
+    pos[..., -12:] = torch.arange(60, 72)  # the forward's tokens: the newest, the same in every head
+    layer.append(keys, keys, torch.zeros(b, s, dtype=torch.long))
+    layer.note_padding(False)
+    layer._p.set(pos.to(torch.int32))
+    layer.heads_differ = True
+    end = upto or s
+    qpos = pos[:, 0, end - q_len : end]
+    queries = torch.randn(b, 2 * h, q_len, 8, generator=g)
+    fast = attention_probs(layer, queries, qpos, 0.3, upto=upto, newest=True)
+    masked = attention_probs(layer, queries, qpos, 0.3, upto=upto)
+    assert torch.equal(fast, masked)

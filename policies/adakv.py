@@ -28,6 +28,7 @@ from policies.signals import (
     all_heads,
     check_observation_params,
     in_window,
+    later_mask,
     snapkv_scores_and_window,
     tp_world,
     window_size,
@@ -71,7 +72,7 @@ def head_capacities(
     # index (a stable sort's order), counted pairwise instead of sorted: [b, h, h] for small h
     frac = real - base
     other, this = frac[:, None, :], frac[:, :, None]  # [b, 1, h] (head j), [b, h, 1] (head i)
-    lower = torch.ones((h, h), dtype=torch.bool, device=frac.device).tril_(-1)  # [i, j]: j < i
+    lower = later_mask(h, frac.device).T  # [i, j]: j < i
     rank = ((other > this) | ((other == this) & lower)).sum(-1)  # [b, h]
     return (base + (rank < remainder[:, None]).to(torch.float64)).to(torch.int64)
 
@@ -158,4 +159,4 @@ class AdaKV(Policy):
         key = ranking_key(scores.float().masked_fill(~filled, float("-inf")), positions)
         chosen = top_slots(key, budgets, key.shape[-1]) & filled
         bound = kept_bound(host, counts, scores.shape[1]) if single else None
-        layer.store_dense(view.keys, view.values, torch.where(chosen, positions, EMPTY), bound=bound)
+        layer.store_dense(view.keys, view.values, positions, bound=bound, filled=chosen)

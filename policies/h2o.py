@@ -54,7 +54,7 @@ class H2O(ScorePolicy):
         uptos = None
         if valid is not None and step.seen_host is not None:  # (else read per block from the device)
             uptos = visible_slots(valid, step.seen_host, queries.shape[2], layer.keys.shape[2], block)
-        newest = not (step.padded or layer.has_empty)  # this forward's tokens are the last slots
+        newest = not step.padded  # this forward's tokens are the last slots, none of them padding
         received = summed_attention(layer, queries, step.positions, scaling, block, uptos, newest)
         received = group_mean(received, layer.keys.shape[1])  # [b, h, s]
         acc = layer.slot_stats.get(STAT)

@@ -222,9 +222,15 @@ class RaggedKVLayer(KVLayer):
         return view
 
     def store_dense(
-        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, bound: int | None = None
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        bound: int | None = None,
+        filled: torch.Tensor | None = None,
     ) -> None:
-        """Replace the layer's content by the filled slots of a dense [b, h, k, ...] form.
+        """Replace the layer's content by the filled slots of a dense [b, h, k, ...] form (`filled`:
+        the slots to store, when not every non-EMPTY one).
 
         The segment lengths give the flat token count (sizes the store), the longest segment
         (sizes views and the decode grid) and the host's view of the layer (`filled_counts_host`:
@@ -233,7 +239,8 @@ class RaggedKVLayer(KVLayer):
         instead, and the lengths come to the host without a wait (`DeferredRead`), taken when the
         store is next read: a compression then never waits for the device."""
         self._settle()
-        filled = positions != EMPTY
+        if filled is None:
+            filled = positions != EMPTY
         self.seg_lens = filled.sum(-1)
         if bound is None:
             host = self.seg_lens.tolist()

@@ -27,10 +27,10 @@ KEEP_BASE = float(2**22)
 
 
 @functools.lru_cache(maxsize=16)
-def _later(q_len: int, device: torch.device) -> torch.Tensor:
-    """[q, q] True above the diagonal: the later queries' own slots, hidden from each query (made
-    once per window size, not per layer)."""
-    return torch.ones((q_len, q_len), dtype=torch.bool, device=device).triu_(1)
+def later_mask(n: int, device: torch.device) -> torch.Tensor:
+    """[n, n] True above the diagonal (for queries over their own slots: the later ones, hidden),
+    made once per size and device rather than per layer."""
+    return torch.ones((n, n), dtype=torch.bool, device=device).triu_(1)
 
 
 def attention_probs(
@@ -48,8 +48,8 @@ def attention_probs(
     `upto` limits the computation to the first `upto` slots (the caller guarantees that the
     others are invisible to these queries); the result then has `upto` slots.
     `newest` promises that the queries are the tokens of the last q of those slots, none of them
-    padding, and that no slot is empty: the mask is then lower-right causal, built without
-    reading positions (the same mask).
+    padding (earlier slots may be empty): the mask is then lower-right causal, plus the empty
+    slots when the layer has some (`has_empty`), built without comparing positions (the same mask).
     """
     keys = layer.keys if upto is None else layer.keys[:, :, :upto]
     b, num_heads, q_len, d = queries.shape
@@ -62,9 +62,13 @@ def attention_probs(
     logits = logits.reshape(b, kv_heads, group, q_len, slots)
     if newest:
         # slot j is visible to query i iff j <= slots - q_len + i (positions increase with slots):
-        # every slot before the last q_len is visible, so only those need a mask
+        # every filled slot before the last q_len is visible, so only those and the empty ones
+        # need a mask
         if q_len > 1:
-            logits[..., slots - q_len :].masked_fill_(_later(q_len, logits.device), float("-inf"))
+            logits[..., slots - q_len :].masked_fill_(later_mask(q_len, logits.device), float("-inf"))
+        if layer.has_empty:
+            empty = layer.positions[..., :slots] == EMPTY  # [b, h, s]
+            logits.masked_fill_(empty[:, :, None, None, :], float("-inf"))
         return logits.softmax(dim=-1).reshape(b, num_heads, q_len, slots)
     valid = query_positions != EMPTY  # [b, q]
     mask = layer.attention_mask(query_positions)  # [b, h or 1, q, s]
@@ -252,7 +256,8 @@ def snapkv_scores(
 
     The layer's filled slots must hold increasing positions per (row, head), as every
     `KVLayer` keeps them (the pooling relies on it instead of sorting). `newest`: the queries
-    are this forward's, just appended to the layer, and none is padding (`not step.padded`)."""
+    are this forward's, just appended to the layer (its last slots), and none is padding
+    (`not step.padded`)."""
     args = (layer, queries, query_positions, scaling, window, kernel, pooling, newest)
     return _snapkv(*args, window_mask=False)[0]
 
@@ -276,21 +281,19 @@ def _snapkv(layer, queries, query_positions, scaling, window, kernel, pooling, n
     w = window_size(query_positions, window)
     wq, wpos = queries[:, :, -w:], query_positions[:, -w:]
     positions = layer.positions
-    # this forward's tokens are the layer's newest slots; with no empty slot, masks need no positions
-    newest = newest and not layer.has_empty
+    # this forward's tokens are the layer's last slots: masks and the window need no positions
     probs = attention_probs(layer, wq, wpos, scaling, newest=newest).sum(dim=2)  # [b, H, s]
     scores = group_mean(probs, layer.keys.shape[1])
+    full = not layer.has_empty
     if newest:  # the window's slots are the last w: written in place, without a mask
         s = positions.shape[-1]
         scores[..., s - w :] = 0.0  # the reference pools the prefix columns only
-        scores = pool_in_position_order(scores, positions, kernel, pooling, ordered=True, full=True)
+        scores = pool_in_position_order(scores, positions, kernel, pooling, ordered=True, full=full)
         torch.add(positions[..., s - w :].float(), KEEP_BASE, out=scores[..., s - w :])
         return scores, _last_slots(positions, w) if window_mask else None
     window_slots = in_window(positions, wpos)
     scores = scores.masked_fill_(window_slots, 0.0)  # the reference pools the prefix columns only
-    scores = pool_in_position_order(
-        scores, positions, kernel, pooling, ordered=True, full=not layer.has_empty
-    )
+    scores = pool_in_position_order(scores, positions, kernel, pooling, ordered=True, full=full)
     keep = KEEP_BASE + positions.float()
     return torch.where(window_slots, keep, scores), window_slots
 

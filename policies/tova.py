@@ -26,7 +26,7 @@ class TOVA(ScorePolicy):
 
     def score(self, layer, queries, step, layer_idx, num_layers, scaling) -> torch.Tensor:
         last_pos = step.positions[:, -1:]
-        newest = not (step.padded or layer.has_empty)  # the last query sees every slot: no mask
+        newest = not step.padded  # the last query sees every filled slot: no position mask
         probs = attention_probs(layer, queries[:, :, -1:], last_pos, scaling, newest=newest)[:, :, 0]
         _, world = tp_world()
         mean = all_reduce_sum(probs.sum(dim=1)) / (probs.shape[1] * world)  # [b, s]

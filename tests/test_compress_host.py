@@ -318,26 +318,54 @@ def test_top_k_keep_equals_the_threshold_keep(seed, padded):
     assert fast.row_counts_host() == [k] * b and fast.has_empty == ref.has_empty is False
 
 
+@pytest.mark.parametrize("holes", [False, True])
 @pytest.mark.parametrize("q_len, upto", [(1, None), (6, None), (4, 30), (1, 27)])
-def test_newest_probs_equal_the_masked_probs(q_len, upto):
+def test_newest_probs_equal_the_masked_probs(q_len, upto, holes):
     """The newest-token path (no position mask) for a block whose queries are the last of the
-    first `upto` slots (h2o's blocks) and for one query (tova's last): the masked path's numbers."""
+    first `upto` slots (h2o's blocks) and for one query (tova's last): the masked path's numbers,
+    on a compressed layer whose heads differ, with empty slots before the forward's tokens."""
     from policies.signals import attention_probs
 
     g = torch.Generator().manual_seed(3)
-    b, h, s = 2, 2, 36
-    layer = KVLayer()
-    keys = torch.randn(b, h, s, 8, generator=g)
-    kept = torch.stack([torch.randperm(60, generator=g)[:s].sort().values for _ in range(b * h)])
-    pos = kept.reshape(b, h, s)
-    pos[..., -12:] = torch.arange(60, 72)  # the forward's tokens: the newest, the same in every head
-    layer.append(keys, keys, torch.zeros(b, s, dtype=torch.long))
-    layer.note_padding(False)
-    layer._p.set(pos.to(torch.int32))
-    layer.heads_differ = True
+    layer, pos = _compressed_layer(g, holes)
+    b, h, s = pos.shape
     end = upto or s
     qpos = pos[:, 0, end - q_len : end]
     queries = torch.randn(b, 2 * h, q_len, 8, generator=g)
     fast = attention_probs(layer, queries, qpos, 0.3, upto=upto, newest=True)
     masked = attention_probs(layer, queries, qpos, 0.3, upto=upto)
     assert torch.equal(fast, masked)
+
+
+def _compressed_layer(g, holes: bool, b: int = 2, h: int = 2, s: int = 36, new: int = 12):
+    """A layer as a compression leaves it (heads keep different positions, some slots empty when
+    `holes`) plus `new` unpadded tokens, the same in every head, appended after them."""
+    keys = torch.randn(b, h, s, 8, generator=g)
+    pos = torch.stack([torch.randperm(60, generator=g)[:s].sort().values for _ in range(b * h)])
+    pos = pos.reshape(b, h, s)
+    if holes:
+        pos[..., : s - new][torch.rand(b, h, s - new, generator=g) < 0.3] = EMPTY
+    pos[..., -new:] = torch.arange(60, 60 + new)
+    layer = KVLayer()
+    layer.append(keys, keys, torch.zeros(b, s, dtype=torch.long))
+    layer.note_padding(False)
+    layer._p.set(pos.to(torch.int32))
+    layer.heads_differ, layer.has_empty = True, holes
+    return layer, pos
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+@pytest.mark.parametrize("holes", [False, True])
+def test_newest_snapkv_scores_equal_the_positions_path(pooling, holes):
+    """SnapKV's scores and window mask with the window written in place (`newest`) equal those
+    built from positions, on a layer with empty slots before the forward's tokens."""
+    from policies.signals import snapkv_scores_and_window
+
+    g = torch.Generator().manual_seed(4)
+    layer, pos = _compressed_layer(g, holes)
+    b, h, _ = pos.shape
+    queries = torch.randn(b, 2 * h, 12, 8, generator=g)
+    qpos = pos[:, 0, -12:]
+    fast = snapkv_scores_and_window(layer, queries, qpos, 0.3, 5, 7, pooling, newest=True)
+    slow = snapkv_scores_and_window(layer, queries, qpos, 0.3, 5, 7, pooling)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])

@@ -164,9 +164,10 @@ class RaggedKVLayer(KVLayer):
 
     def _index_segments(self, max_seg: int) -> None:
         lens = self.seg_lens.reshape(-1)
-        self.seg_offsets = torch.cumsum(lens, 0) - lens
+        ends = torch.cumsum(lens, 0)
+        self.seg_offsets = ends - lens
         self.seg_lens32 = lens.to(torch.int32)
-        self.seg_cu = torch.cat([lens.new_zeros(1), torch.cumsum(lens, 0)]).to(torch.int32)
+        self.seg_cu = torch.cat([lens.new_zeros(1), ends]).to(torch.int32)
         self.max_seg = max_seg
 
     # -- dense view (transient) -------------------------------------------------------------

@@ -23,9 +23,12 @@ path over the dense view, or the base layer's path while nothing was compressed 
 
 The dense view is built in one copy per tensor (flat tokens scattered to their padded rows,
 indices from the segment lengths without a device sync); while nothing was compressed it is
-the tail itself. `store_dense` reads the segment lengths once (one sync), which sizes the
-store, and keeps them on the host (`filled_counts_host`), so that the next compression knows
-whether any (row, head) is over budget without reading the device.
+the tail itself. The segment lengths size the store and give the host its view of the layer
+(`filled_counts_host`: whether any (row, head) is over budget, known without a device read).
+AdaKV's compressions (`store_dense(bound=...)`) size the store by a bound the host computes and
+copy the lengths to the host without waiting (`DeferredRead`); the copy is taken, and the store
+trimmed to its real tokens, when the store is next read, a forward later: no compression waits
+for the device. Other stores (row selection, `keep`) read the lengths at once (one sync).
 """
 
 from __future__ import annotations

@@ -369,3 +369,32 @@ def test_newest_snapkv_scores_equal_the_positions_path(pooling, holes):
     fast = snapkv_scores_and_window(layer, queries, qpos, 0.3, 5, 7, pooling, newest=True)
     slow = snapkv_scores_and_window(layer, queries, qpos, 0.3, 5, 7, pooling)
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+# -- the counter itself --------------------------------------------------------------------------
+def test_host_work_counts_syncs_kernels_and_deferred_reads():
+    from policies.ragged_heads import DeferredRead
+
+    x = torch.arange(6.0)
+    with torch.no_grad(), HostWork() as work:
+        y = x * 2  # a kernel
+        y.view(2, 3).t()  # views
+        bool(y.sum() > 0)  # two kernels, a sync
+        y.tolist()  # a sync
+        y[y > 3]  # a kernel, a sync (boolean indexing)
+        torch.tensor([1, 2], device=x.device)  # a sync on a GPU (a blocking copy)
+        DeferredRead(y).get()  # a deferred read (its copy: a kernel)
+    assert work.sync_count == 4, work.syncs
+    assert sum(work.deferred.values()) == 1
+    assert work.kernels == 5, work.ops
+    assert all("test_compress_host.py" not in where for where in work.syncs)  # repository frames only
+
+
+def test_host_work_tool_runs(capsys):
+    from pipeline.bench import host_work
+
+    host_work.main(["--shapes", "tiny", "--context", "64", "--chunk", "16", "--layers", "2"])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if " calls, " in line]
+    assert len(lines) == 12  # six policies, one-shot and chunked
+    assert all("0.00 syncs per call" in line for line in lines), out

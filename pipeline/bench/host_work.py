@@ -19,9 +19,11 @@ torch op, so a CPU run shows what a GPU run would wait for:
 Per policy and mode it prints the syncs per `compress_layer` call, the kernels and CPU time of
 each call that compressed, the syncs of the whole prefill outside the compressions and the
 deferred reads. The CPU time is this thread's (steady on a shared machine), CPU kernels included:
-compare two code versions on one machine, not with a GPU's host time.
-`--small` (SmolLM2 heads at 1024 tokens, chunk 256) makes the kernels tiny, so that the wall time
-is mostly host time.
+compare two code versions on one machine, not with a GPU's host time. `--small` (SmolLM2 heads at
+1024 tokens, chunk 256) makes the CPU kernels small, so that more of it is host time. With
+`--device cuda` the counts are the GPU's (kernels launched by torch ops; bfloat16 adds the float32
+up-casts a CPU float32 run does not need) and the time is the host's, a sync's wait included
+(CUDA's default spin-wait burns CPU time).
 """
 
 from __future__ import annotations
@@ -241,6 +243,7 @@ def main(argv=None) -> None:
     ap.add_argument("--policies", default="streaming_llm,snapkv,pyramidkv,adakv,h2o,tova")
     ap.add_argument("--modes", default="oneshot,chunked")
     ap.add_argument("--small", action="store_true", help="1024 tokens, chunk 256: mostly host time")
+    ap.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bfloat16)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time = host thread)")
     ap.add_argument("--ops", action="store_true", help="list the kernels of the compressions by op")
     args = ap.parse_args(argv)
@@ -252,10 +255,12 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     settings = BenchSettings(model=args.shapes, contexts=(args.context,))
-    bm = measure.build_model(settings, torch.device("cpu"), torch.float32, layers=args.layers)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bm = measure.build_model(settings, device, dtype, layers=args.layers)
     print(
         f"# {args.shapes} shapes, {bm.config.num_hidden_layers} layers, {args.context} tokens, "
-        f"chunk {args.chunk}, ratio {args.ratio}, CPU float32"
+        f"chunk {args.chunk}, ratio {args.ratio}, {device} {dtype}"
     )
     for name in args.policies.split(","):
         for mode in args.modes.split(","):

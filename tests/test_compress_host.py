@@ -398,3 +398,17 @@ def test_host_work_tool_runs(capsys):
     lines = [line for line in out.splitlines() if " calls, " in line]
     assert len(lines) == 12  # six policies, one-shot and chunked
     assert all("0.00 syncs per call" in line for line in lines), out
+
+
+def test_ranking_key_has_the_bits_of_shift_and_or():
+    """`ranking_key`'s one add equals (monotone << 32) | (position + 1), the former formula."""
+    from policies.base import ranking_key
+
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(2, 3, 50, generator=g) * 1e3
+    scores.view(-1)[:6] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), -1e-40])
+    positions = torch.randint(-1, 2**31 - 2, (2, 3, 50), generator=g, dtype=torch.int32)
+    bits = (scores + 0.0).view(torch.int32)
+    monotone = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    former = (monotone.to(torch.int64) << 32) | (positions.to(torch.int64) + 1)
+    assert torch.equal(ranking_key(scores, positions), former)

@@ -24,6 +24,27 @@ compare two code versions on one machine, not with a GPU's host time. `--small` 
 `--device cuda` the counts are the GPU's (kernels launched by torch ops; bfloat16 adds the float32
 up-casts a CPU float32 run does not need) and the time is the host's, a sync's wait included
 (CUDA's default spin-wait burns CPU time).
+
+Measured 2026-12-03 (2-core shared CPU, torch 2.13, float32), SmolLM2 shapes, 30 layers, ratio 0.25,
+af48c20 (the code before) -> 7cce3bc, same kept tokens in every case (digests equal). Syncs per
+`compress_layer` call and kernels per compressing call at 8192 tokens (chunk 4096); CPU ms per
+compressing call at 256 tokens (chunk 64), where the kernels are small and most of it is host time:
+
+    policy          syncs/call (1-shot, chunked)  kernels (1-shot, chunked)   CPU ms (1-shot, chunked)
+    streaming_llm   1.03, 1.03 -> 0, 0             41, 41 -> 15, 15            0.51, 0.35 -> 0.30, 0.20
+    snapkv          1.03, 1.03 -> 0, 0             55, 55 -> 25, 25            0.84, 0.68 -> 0.72, 0.50
+    pyramidkv       1.07, 1.07 -> 0, 0             55, 55 -> 25, 25            0.99, 0.67 -> 0.86, 0.51
+    adakv           1.03, 1.03 -> 0, 0             109, 133 -> 92, 109         1.17, 1.15 -> 1.20, 1.11
+    h2o             133, 69 -> 0, 0                1084, 573 -> 350, 191       3.12, 1.00 -> 2.55, 0.71
+    tova            1.03, 1.03 -> 0, 0             63, 63 -> 23, 23            0.77, 0.59 -> 0.46, 0.43
+
+The syncs before: `KVLayer.keep`'s facts (one per layer compression), the row budgets and
+pyramidkv's windows (one per forward), AdaKV's segment lengths (one per layer), h2o's per-block
+slot bounds (3 + 1 per 256 queries) and recent counts. After: none in a compression; the
+prefill's only one is `row_budgets` building its tensor before the first forward; adakv's segment
+lengths are one deferred read per layer compression, taken a forward later. The kernel counts are
+a floor for a bfloat16 GPU run (float32 up-casts are no-ops here). At 8192 tokens the CPU time is
+mostly CPU kernels (snapkv chunked 8.0 -> 6.8 ms), not the GPU's host time.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from pipeline import attention
 from pipeline.attention_math import decode_backends
 from pipeline.decode_graph import DecodeRunner, default_mode
 from pipeline.kv_cache import EMPTY, CompressedCache, StepContext
-from policies.base import Budget, Policy, row_budgets
+from policies.base import Budget, Policy, row_budget_values, row_budgets
 
 
 @dataclass
@@ -66,6 +66,16 @@ class BatchStats:
     extra: dict = field(default_factory=dict)
 
 
+def chunk_facts(lengths: list[int], width: int, lo: int, hi: int) -> dict:
+    """The host facts of a forward over columns [lo, hi) of left-padded prompts of `lengths` in
+    `width` columns: each row's non-padding tokens in it and the tokens it has seen by `hi`."""
+    first = [width - n for n in lengths]  # each row's first real column
+    return {
+        "valid_host": [max(0, hi - max(lo, f)) for f in first],
+        "seen_host": [max(0, hi - f) for f in first],
+    }
+
+
 def _cache_kwarg(model) -> str:
     """transformers renamed `past_key_values` to `cache` in 5.2x; use whichever this version takes."""
     params = inspect.signature(model.forward).parameters
@@ -110,12 +120,13 @@ class Generator:
         return ids.to(self.device), filled.to(self.device)
 
     def _forward(
-        self, cache, ids, positions, compress, budgets, padded: bool = True, static_slots=None
+        self, cache, ids, positions, compress, budgets, padded: bool = True, static_slots=None, **host
     ) -> torch.Tensor:
         """One forward over `ids` ([b, q]) at `positions` (EMPTY for padding); last logits [b, vocab].
 
         `padded` False promises that no position is EMPTY (it lets attention skip the mask);
-        `static_slots` makes it a static-shape decode step (`StepContext.static_slots`).
+        `static_slots` makes it a static-shape decode step (`StepContext.static_slots`); `host`:
+        the step's per-row host facts (`StepContext.budgets_host`, `valid_host`, `seen_host`).
         """
         step = StepContext(
             cache=cache,
@@ -124,6 +135,7 @@ class Generator:
             row_budgets=budgets,
             padded=padded,
             static_slots=static_slots,
+            **host,
         )
         cache.step = step
         b, q = ids.shape
@@ -178,22 +190,38 @@ class Generator:
         chunk_tokens: int | None,
         after_prefill: int,
         padded_columns: int = 0,
+        lengths: list[int] | None = None,
     ) -> torch.Tensor:
         """Prefill `ids` ([b, width], left-padded): one shot, or chunks compressed after each.
 
         `after_prefill`: slots decoding will append (storage is sized for them here, so decoding
-        never reallocates); `padded_columns`: the first columns holding some row's padding.
-        Returns the last logits [b, vocab].
+        never reallocates); `padded_columns`: the first columns holding some row's padding;
+        `lengths`: the prompts' lengths, given when `positions` are 0..n-1 after each row's
+        padding and `budgets` are `row_budgets(self.budget, lengths)` (as `generate` makes them):
+        the host then knows every per-row fact a compression needs (`StepContext.budgets_host`...),
+        and compressions read nothing from the device. Returns the last logits [b, vocab].
         """
         width = ids.shape[1]
         chunk = chunk_tokens or width
         compressing = self.budget is not None
+        if lengths is not None:
+            budgets_host = row_budget_values(self.budget, lengths)
+        else:  # one read for the whole prefill rather than one per forward
+            budgets_host = budgets.tolist() if compressing else None
         for lo in range(0, width, chunk):
             hi = min(width, lo + chunk)
             compress = compressing and (hi == width or chunk_tokens is not None)
             cache.set_spare(self._spare_slots(compressing, width, hi, after_prefill))
+            host = chunk_facts(lengths, width, lo, hi) if lengths is not None else {}
             logits = self._forward(
-                cache, ids[:, lo:hi], positions[:, lo:hi], compress, budgets, padded=lo < padded_columns
+                cache,
+                ids[:, lo:hi],
+                positions[:, lo:hi],
+                compress,
+                budgets,
+                padded=lo < padded_columns,
+                budgets_host=budgets_host,
+                **host,
             )
         cache.reserve(after_prefill)  # a no-op when prefill sized it already
         cache.set_spare(0)
@@ -243,7 +271,7 @@ class Generator:
         after_prefill = suffix_tokens + cfg.max_new_tokens - 1
         padded_columns = ids.shape[1] - min(lengths)
         logits = self.prefill(
-            cache, ids, positions, budgets, cfg.prefill_chunk_tokens, after_prefill, padded_columns
+            cache, ids, positions, budgets, cfg.prefill_chunk_tokens, after_prefill, padded_columns, lengths
         )
         kept_bytes = cache.kept_bytes_per_row().tolist()
         kept_slots = cache.filled_slots_per_row().tolist()

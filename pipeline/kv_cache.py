@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -41,6 +42,12 @@ class StepContext:
     # on the device, so that one CUDA graph serves every step; host bookkeeping follows after
     # the step (`CompressedCache.commit_static`).
     static_slots: list[torch.Tensor] | None = None
+    # Per-row facts the engine knows on the host (None: unknown, and whoever needs one reads the
+    # device instead). Left padding puts a row's new tokens last in the forward, at consecutive
+    # positions; a compression that knows these reads nothing from the device.
+    budgets_host: list[int] | None = None  # `row_budgets` on the host
+    valid_host: list[int] | None = None  # new tokens of each row that are not padding
+    seen_host: list[int] | None = None  # tokens of each row up to this forward's newest (its position + 1)
 
     _slot_positions: torch.Tensor | None = field(default=None, init=False, repr=False)
 
@@ -50,6 +57,12 @@ class StepContext:
         if self._slot_positions is None:
             self._slot_positions = self.positions.to(torch.int32)
         return self._slot_positions
+
+    def valid_counts(self) -> list[int] | None:
+        """Non-padding new tokens of each row on the host: all of them when nothing is padded."""
+        if self.valid_host is not None:
+            return self.valid_host
+        return None if self.padded else [self.positions.shape[-1]] * self.positions.shape[0]
 
 
 class SlotBuffer:
@@ -112,9 +125,16 @@ class KVLayer(CacheLayerMixin):
 
     is_compileable = False
     is_sliding = False
+    # The host counts each row's filled slots (`row_counts_host`) through this class's append,
+    # note_padding and keep; a storage form that replaces those without calling them says False.
+    counts_rows: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._k, self._v, self._p = SlotBuffer(), SlotBuffer(), SlotBuffer()
+        # filled slots of each row, the same in every head (None: unknown), and the width of an
+        # append that `note_padding` has not confirmed yet (its padding is unknown until then)
+        self._rows: list[int] | None = None
+        self._unconfirmed: int | None = None
         super().__init__()
         # Per-slot running statistics a policy keeps (e.g. H2O's accumulated attention),
         # each [b, h, slots]: new tokens start at 0, and they follow the slots through keep().
@@ -158,6 +178,15 @@ class KVLayer(CacheLayerMixin):
     @positions.setter
     def positions(self, value) -> None:
         self._p.set(value)
+        self._rows = None  # positions from outside: their counts are unknown
+
+    def row_counts_host(self) -> list[int] | None:
+        """Filled slots of each row (every head holds that many) on the host, or None if unknown."""
+        return self._appended_rows() if self.counts_rows else None
+
+    def _appended_rows(self) -> list[int] | None:
+        """The row counts as this class's own methods kept them (None while an append is unconfirmed)."""
+        return None if self._unconfirmed is not None else self._rows
 
     # -- transformers' layer protocol -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -166,6 +195,7 @@ class KVLayer(CacheLayerMixin):
         self.keys = key_states.new_empty((b, h, 0, d))
         self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
         self.positions = torch.empty((b, h, 0), dtype=torch.int32, device=key_states.device)
+        self._rows = [0] * b
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -190,6 +220,9 @@ class KVLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(keys, values)
         b, h, q, _ = keys.shape
+        if self._unconfirmed is not None:  # the previous append was never confirmed
+            self._rows = None
+        self._unconfirmed = q
         new_pos = positions.to(torch.int32)[:, None, :].expand(b, h, q)
         self._k.append(keys, self.spare)
         self._v.append(values, self.spare)
@@ -254,10 +287,20 @@ class KVLayer(CacheLayerMixin):
         self._k.used += steps
         self._v.used += steps
         self._p.used += steps
+        if self._rows is not None:  # a decode token per row, never padding
+            self._rows = [n + steps for n in self._rows]
 
-    def note_padding(self, padded: bool) -> None:
-        """The last append stored padding (EMPTY) slots when `padded` is True."""
+    def note_padding(self, padded: bool, valid: list[int] | None = None) -> None:
+        """The last append stored padding (EMPTY) slots when `padded` is True; `valid`: how many of
+        its tokens each row really got, when the host knows it (it keeps the row counts known)."""
         self.has_empty = self.has_empty or padded
+        q, self._unconfirmed = self._unconfirmed, None
+        if self._rows is None or q is None:
+            return
+        added = valid if padded else [q] * len(self._rows)
+        self._rows = None if added is None else [n + a for n, a in zip(self._rows, added)]
+        if self._rows is not None and self.counts_rows:
+            self.has_empty = any(n < self._p.used for n in self._rows)  # exact, not only "or padded"
 
     def reserve(self, extra: int) -> None:
         """Right-size storage to the used slots plus `extra` (the tokens decoding will append)."""
@@ -283,24 +326,47 @@ class KVLayer(CacheLayerMixin):
             bias = dense_bias(query.shape[2], keys.shape[2])
         return grouped_attention(query, keys, values, bias, scaling)
 
-    def keep(self, index: torch.Tensor, filled: torch.Tensor) -> None:
-        """Keep slots `index` ([b, h, k]); slots where `filled` is False become empty."""
+    def keep(
+        self,
+        index: torch.Tensor,
+        filled: torch.Tensor | None,
+        rows: list[int] | None = None,
+        heads_differ: bool = True,
+    ) -> None:
+        """Keep slots `index` ([b, h, k]); slots where `filled` is False become empty.
+
+        `rows`: how many slots each row keeps (`filled` True; the same in every head), when the
+        caller knows it on the host; `heads_differ` then says whether heads may keep different
+        positions (True is always safe). Without `rows` both facts are read from the device.
+        `filled` None (with `rows`): every kept slot is filled (the layers that count rows only).
+        """
         d = self.keys.shape[-1]
         gather = index[..., None].expand(*index.shape, d)
         pos = torch.gather(self.positions, 2, index)
-        pos = torch.where(filled, pos, torch.full_like(pos, EMPTY))
+        if filled is not None:
+            pos = torch.where(filled, pos, torch.full_like(pos, EMPTY))
         self._k.set(torch.gather(self.keys, 2, gather), self.spare)
         self._v.set(torch.gather(self.values, 2, gather), self.spare)
         self._p.set(pos, self.spare)
         for name, stat in self.slot_stats.items():
-            self.slot_stats[name] = torch.gather(stat, 2, index).masked_fill(~filled, 0).contiguous()
-        # one device sync per compression (not per step): the facts attention's fast path needs
-        all_filled, same_heads = torch.stack([filled.all(), (index == index[:, :1]).all()]).tolist()
+            stat = torch.gather(stat, 2, index)
+            self.slot_stats[name] = stat if filled is None else stat.masked_fill(~filled, 0).contiguous()
+        if rows is not None:  # the facts attention's fast paths need, without a device sync
+            self._rows = list(rows)
+            self.has_empty = any(n < index.shape[-1] for n in rows)
+            self.heads_differ = heads_differ
+            return
+        if filled is None:
+            raise ValueError("keep: `filled` None needs the host's `rows`")
+        # one device sync: the same facts read from the device (heads compared by kept positions)
+        all_filled, same_heads = torch.stack([filled.all(), (pos == pos[:, :1]).all()]).tolist()
         self.has_empty = not all_filled
         self.heads_differ = not same_heads
+        self._rows = None if self.has_empty else [index.shape[-1]] * index.shape[0]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only batch rows `rows` (finished rows leave the batch)."""
+        self._rows = None  # (which rows stay is on the device)
         if self.is_initialized:
             for buf in (self._k, self._v, self._p):
                 buf.select_rows(rows)
@@ -348,7 +414,7 @@ class CompressedCache(Cache):
             )
             return key_states, value_states
         layer.append(key_states, value_states, self.step.slot_positions)
-        layer.note_padding(self.step.padded)
+        layer.note_padding(self.step.padded, self.step.valid_host)
         # attention reads the layer's own storage (`KVLayer.attend`), not these
         return key_states, value_states
 

@@ -28,6 +28,7 @@ from policies.signals import (
     all_heads,
     check_observation_params,
     in_window,
+    later_mask,
     snapkv_scores_and_window,
     tp_world,
     window_size,
@@ -60,8 +61,9 @@ def head_capacities(
         tied = (scores == threshold[:, :, None]).sum(-1)
         owed = total[:, None] - above.sum(-1, keepdim=True)  # picks left for the tied scores
         tied_before = tied.cumsum(-1) - tied  # tied scores of the lower heads
-        counts = above + torch.minimum((owed - tied_before).clamp(min=0), tied)
-        counts = torch.where(total[:, None] > 0, counts, 0).to(torch.float64)
+        # (a row of total 0 counts 0: its threshold is its largest score, so none is above it and
+        # none is owed)
+        counts = (above + torch.minimum((owed - tied_before).clamp(min=0), tied)).to(torch.float64)
     else:
         counts = torch.zeros((b, h), dtype=torch.float64, device=prefix_scores.device)
     real = (1.0 - alpha) * counts + alpha * capacity[:, None].to(torch.float64)
@@ -71,9 +73,20 @@ def head_capacities(
     # index (a stable sort's order), counted pairwise instead of sorted: [b, h, h] for small h
     frac = real - base
     other, this = frac[:, None, :], frac[:, :, None]  # [b, 1, h] (head j), [b, h, 1] (head i)
-    lower = torch.ones((h, h), dtype=torch.bool, device=frac.device).tril_(-1)  # [i, j]: j < i
+    lower = later_mask(h, frac.device).T  # [i, j]: j < i
     rank = ((other > this) | ((other == this) & lower)).sum(-1)  # [b, h]
     return (base + (rank < remainder[:, None]).to(torch.float64)).to(torch.int64)
+
+
+def kept_bound(budgets: list[int], counts: list[list[int]] | None, heads: int) -> int:
+    """A host bound on the slots a layer keeps (sizes the ragged store without a device read).
+
+    Row r's heads keep sum(window + capacity_i) = h * (window + C) <= h * budget slots
+    (`head_capacities` sums exactly h * C, and each head's count is within its filled slots),
+    and never more than the row holds (`counts`, when known)."""
+    if counts is None:
+        return heads * sum(budgets)
+    return sum(min(heads * budget, sum(row)) for budget, row in zip(budgets, counts))
 
 
 @register
@@ -97,15 +110,21 @@ class AdaKV(Policy):
         return RaggedKVLayer()
 
     def head_budgets(
-        self, layer: KVLayer, scores: torch.Tensor, step, window_slots: torch.Tensor | None = None
+        self,
+        layer: KVLayer,
+        scores: torch.Tensor,
+        step,
+        window_slots: torch.Tensor | None = None,
+        filled: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """[b, h_local] tokens each of this rank's heads keeps (window included)."""
-        w = window_size(step.positions, self.params.window)
-        wpos = step.positions[:, -w:]
-        windows = torch.minimum((wpos != EMPTY).sum(-1), step.row_budgets)  # [b]
-        filled = layer.positions != EMPTY
+        """[b, h_local] tokens each of this rank's heads keeps (window included); `filled`: the
+        layer's non-EMPTY slots, when the caller has them."""
+        windows = self._windows(step)
+        if filled is None:
+            filled = layer.positions != EMPTY
         if window_slots is None:
-            window_slots = in_window(layer.positions, wpos)
+            w = window_size(step.positions, self.params.window)
+            window_slots = in_window(layer.positions, step.positions[:, -w:])
         prefix = filled & ~window_slots
         available = prefix.sum(-1).min(-1).values  # [b]
         capacity = torch.minimum(step.row_budgets - windows, available).clamp(min=0)
@@ -114,6 +133,15 @@ class AdaKV(Policy):
         caps = head_capacities(everything, capacity, self.params.alpha)
         caps = caps[:, offset : offset + scores.shape[1]]
         return windows[:, None] + caps
+
+    def _windows(self, step) -> torch.Tensor:
+        """[b] each row's window tokens within its budget: the same for every layer of a forward,
+        so made once per forward (kept in the step's extras)."""
+        key = ("adakv_windows", self.params.window)
+        if key not in step.extras:
+            wpos = step.positions[:, -window_size(step.positions, self.params.window) :]
+            step.extras[key] = torch.minimum((wpos != EMPTY).sum(-1), step.row_budgets)
+        return step.extras[key]
 
     def compress_layer(self, layer, queries, step, layer_idx, num_layers, scaling) -> None:
         single = tp_world()[1] == 1
@@ -135,7 +163,7 @@ class AdaKV(Policy):
         scores, window_slots = snapkv_scores_and_window(
             view, queries, step.positions, scaling, p.window, p.kernel, p.pooling, newest=not step.padded
         )
-        budgets = self.head_budgets(view, scores.float(), step, window_slots)
+        budgets = self.head_budgets(view, scores.float(), step, window_slots, filled)
         if not over:
             return
         if view is layer:
@@ -146,4 +174,5 @@ class AdaKV(Policy):
         # ranking spans every slot.
         key = ranking_key(scores.float().masked_fill(~filled, float("-inf")), positions)
         chosen = top_slots(key, budgets, key.shape[-1]) & filled
-        layer.store_dense(view.keys, view.values, torch.where(chosen, positions, EMPTY))
+        bound = kept_bound(host, counts, scores.shape[1]) if single else None
+        layer.store_dense(view.keys, view.values, positions, bound=bound, filled=chosen)

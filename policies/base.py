@@ -84,6 +84,11 @@ class Policy:
 class ScorePolicy(Policy):
     """Keep each (row, kv head)'s highest-scoring tokens; subclasses define `score`."""
 
+    # The score of a slot depends on its position only, not on its head (whenever every head
+    # holds the same positions): every head then keeps the same slots, and attention's masks
+    # stay one per row. False is always safe.
+    same_heads: ClassVar[bool] = False
+
     def score(
         self,
         layer: KVLayer,
@@ -109,14 +114,14 @@ class ScorePolicy(Policy):
         elif bool(((layer.positions != EMPTY).sum(-1) <= budgets[:, None]).all()):
             return  # nothing over budget
         scores = self.score(layer, queries, step, layer_idx, num_layers, scaling).float()
-        if host is None:
-            keep_topk(layer, scores, budgets)
-        else:
-            keep_topk(layer, scores, budgets, max_budget=max(host), uniform=len(set(host)) == 1)
+        keep_topk(layer, scores, budgets, host_budgets=host, same_heads=self.same_heads)
 
 
 def host_row_budgets(step: StepContext) -> list[int]:
-    """`step.row_budgets` on the host, read once per forward (one device sync for all layers)."""
+    """`step.row_budgets` on the host: the engine's copy, else read once per forward (one device
+    sync for all layers)."""
+    if step.budgets_host is not None:
+        return step.budgets_host
     host = step.extras.get("row_budgets_host")
     if host is None:
         host = step.extras["row_budgets_host"] = step.row_budgets.tolist()
@@ -130,10 +135,14 @@ def over_budget(layer: KVLayer, budgets: torch.Tensor, host: list[int]) -> bool:
     within every budget, or when the layer promises no empty slot (`has_empty` False: every
     (row, head) holds all its slots, so the row of the smallest budget is over); else read from
     the device. A device sync here would make the GPU wait, idle, for everything the host still
-    has to issue for this layer's compression (at prefill, the compression is host-bound)."""
+    has to issue for this layer's compression (at prefill, the compression is host-bound).
+    With the layer's row counts on the host (`row_counts_host`) it is always decided there."""
     slots = layer.positions.shape[-1]
     if not host or slots <= min(host):
         return False
+    rows = layer.row_counts_host()
+    if rows is not None:
+        return any(n > budget for n, budget in zip(rows, host))
     if not layer.has_empty:
         return True
     return not bool(((layer.positions != EMPTY).sum(-1) <= budgets[:, None]).all())
@@ -151,7 +160,9 @@ def ranking_key(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     Filled slots of a (row, head) hold distinct positions, so their keys are distinct."""
     bits = (scores.float() + 0.0).view(torch.int32)  # (+ 0.0 turns -0.0 into 0.0)
     monotone = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their magnitude order
-    return (monotone.to(torch.int64) << 32) | (positions.to(torch.int64) + 1)
+    # monotone * 2**32 + (position + 1): the same bits as (monotone << 32) | (position + 1), in
+    # one kernel (the int32 operand is widened inside the add)
+    return torch.add(positions + 1, monotone.to(torch.int64), alpha=2**32)
 
 
 def best_first(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -200,15 +211,25 @@ def keep_topk(
     budgets: torch.Tensor,
     max_budget: int | None = None,
     uniform: bool = False,
+    host_budgets: list[int] | None = None,
+    same_heads: bool = False,
 ) -> None:
     """Keep the top `budgets[b]` filled slots of every (row b, head) by `scores`; order by position.
 
     `budgets` is [b] (same for every head) or [b, heads] (per-head budgets). `max_budget`: the
     largest budget when the host knows it (else it is read from the device); `uniform`: every
-    budget is the same. The layer's filled slots must hold increasing positions per (row, head),
-    as every `KVLayer` keeps them, so slot order is position order and no sort is needed to
-    order the kept slots.
+    budget is the same. `host_budgets`: [b] `budgets` on the host (gives both, and, with the
+    layer's row counts on the host, the kept counts: the layer's facts need no device read);
+    `same_heads`: the scores are the same in every head that holds the same positions.
+    The layer's filled slots must hold increasing positions per (row, head), as every `KVLayer`
+    keeps them, so slot order is position order and no sort is needed to order the kept slots.
     """
+    if host_budgets is not None:
+        max_budget, uniform = max(host_budgets), len(set(host_budgets)) == 1
+    facts = _kept_facts(layer, host_budgets, same_heads)
+    if facts and uniform and min(facts["rows"]) == max_budget:
+        _keep_top_k(layer, scores, max_budget, facts)
+        return
     positions = layer.positions
     filled = positions != EMPTY
     if budgets.dim() == 1:
@@ -218,10 +239,38 @@ def keep_topk(
     kept_len = min(max_budget, filled.shape[-1])
     key = ranking_key(scores.float().masked_fill(~filled, float("-inf")), positions)
     chosen = top_slots(key, budgets, kept_len, uniform) & filled
-    layer.keep(*compact_slots(chosen, kept_len))
+    layer.keep(*compact_slots(chosen, kept_len), **facts)
+
+
+def _keep_top_k(layer: KVLayer, scores: torch.Tensor, k: int, facts: dict) -> None:
+    """keep_topk when every (row, head) keeps exactly `k` slots (one budget, every row holds at
+    least k filled slots: known on the host). The k best keys are then exactly the slots the
+    threshold would choose (filled slots rank above empty ones, by distinct keys), so their
+    indices, sorted, are the kept slots in slot order: no threshold, mask or compaction."""
+    positions = layer.positions
+    scores = scores.float()
+    if layer.has_empty:  # (else no slot to rank last)
+        scores = scores.masked_fill(positions == EMPTY, float("-inf"))
+    index = ranking_key(scores, positions).topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+    layer.keep(index, None, **facts)
+
+
+def _kept_facts(layer: KVLayer, host_budgets: list[int] | None, same_heads: bool) -> dict:
+    """`KVLayer.keep`'s host facts when they follow from the host's counts: a (row, head) of `n`
+    filled slots keeps min(n, budget) of them (filled slots rank above empty ones, by distinct
+    keys), and heads keep the same slots only if they held the same positions and score alike."""
+    rows = layer.row_counts_host() if host_budgets is not None else None
+    if rows is None:
+        return {}
+    kept = [min(n, budget) for n, budget in zip(rows, host_budgets)]
+    return {"rows": kept, "heads_differ": layer.heads_differ or not same_heads}
+
+
+def row_budget_values(budget: Budget | None, prompt_lengths: list[int]) -> list[int]:
+    """Per-row token budgets on the host; `None` (the full cache) keeps every prompt token."""
+    return [n if budget is None else budget.for_length(n) for n in prompt_lengths]
 
 
 def row_budgets(budget: Budget | None, prompt_lengths: list[int], device) -> torch.Tensor:
-    """Per-row token budgets; `None` (the full cache) keeps every prompt token."""
-    values = [n if budget is None else budget.for_length(n) for n in prompt_lengths]
-    return torch.tensor(values, dtype=torch.int64, device=device)
+    """Per-row token budgets ([b] int64 on `device`; `row_budget_values` on the host)."""
+    return torch.tensor(row_budget_values(budget, prompt_lengths), dtype=torch.int64, device=device)

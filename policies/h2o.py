@@ -12,15 +12,14 @@ lowest-accumulated token is evicted at each step.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from pipeline.kv_cache import EMPTY
-from policies.base import ScorePolicy, keep_topk
+from policies.base import ScorePolicy, host_row_budgets, keep_topk, over_budget
 from policies.registry import register
-from policies.signals import KEEP_BASE, group_mean, summed_attention
+from policies.signals import KEEP_BASE, group_mean, summed_attention, visible_slots
 
 STAT = "h2o"
 
@@ -50,7 +49,13 @@ class H2O(ScorePolicy):
                 raise ValueError("query_block must be >= 1")
 
     def accumulate(self, layer, queries, step, scaling) -> torch.Tensor:
-        received = summed_attention(layer, queries, step.positions, scaling, self.params.query_block)
+        block = self.params.query_block
+        valid = step.valid_counts()
+        uptos = None
+        if valid is not None and step.seen_host is not None:  # (else read per block from the device)
+            uptos = visible_slots(valid, step.seen_host, queries.shape[2], layer.keys.shape[2], block)
+        newest = not step.padded  # this forward's tokens are the last slots, none of them padding
+        received = summed_attention(layer, queries, step.positions, scaling, block, uptos, newest)
         received = group_mean(received, layer.keys.shape[1])  # [b, h, s]
         acc = layer.slot_stats.get(STAT)
         acc = received if acc is None else acc + received
@@ -58,8 +63,10 @@ class H2O(ScorePolicy):
         return acc
 
     def recent_counts(self, budgets: torch.Tensor) -> torch.Tensor:
-        heavy = [math.floor(int(b) * (1.0 - self.params.recent_fraction)) for b in budgets.tolist()]
-        return budgets - torch.tensor(heavy, dtype=budgets.dtype, device=budgets.device)
+        """budget - floor(budget * (1 - recent_fraction)) per row, on the device (float64, as Python
+        computes it: no host round trip)."""
+        heavy = (budgets.to(torch.float64) * (1.0 - self.params.recent_fraction)).floor()
+        return budgets - heavy.to(budgets.dtype)
 
     def score(self, layer, queries, step, layer_idx, num_layers, scaling) -> torch.Tensor:
         acc = layer.slot_stats[STAT]
@@ -68,8 +75,8 @@ class H2O(ScorePolicy):
 
     def compress_layer(self, layer, queries, step, layer_idx, num_layers, scaling) -> None:
         self.accumulate(layer, queries, step, scaling)  # every step, over budget or not
-        budgets = step.row_budgets
-        filled = layer.positions != EMPTY
-        if bool((filled.sum(-1) <= budgets[:, None]).all()):
+        budgets, host = step.row_budgets, host_row_budgets(step)
+        if not over_budget(layer, budgets, host):
             return
-        keep_topk(layer, self.score(layer, queries, step, layer_idx, num_layers, scaling), budgets)
+        scores = self.score(layer, queries, step, layer_idx, num_layers, scaling)
+        keep_topk(layer, scores, budgets, host_budgets=host)

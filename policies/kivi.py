@@ -166,6 +166,8 @@ class QuantizedKVLayer(KVLayer):
     for prefill and eviction; decode attention (`attend`) reads the packed store directly.
     """
 
+    counts_rows = False  # (its own counts: `_hn`)
+
     def __init__(self, bits: int = 2, group_size: int = 32, residual: int = 128) -> None:
         self.bits = bits
         self.group_size = group_size
@@ -264,8 +266,8 @@ class QuantizedKVLayer(KVLayer):
             self._uni = tuple(int(x[0]) for x in flat) if same else None
         return self._uni
 
-    def note_padding(self, padded: bool) -> None:
-        super().note_padding(padded)
+    def note_padding(self, padded: bool, valid: list[int] | None = None) -> None:
+        super().note_padding(padded, valid)
         if self._ready and self._pending is not None and self._hn is not None and not padded:
             self._hn = self._hn + self._pending  # every row and head stored all the new tokens
             if self._uni is not None and self._uni is not _UNKNOWN:
@@ -751,8 +753,9 @@ class QuantizedKVLayer(KVLayer):
             setattr(self, "_kring" if which == "k" else "_vring", ring)
         self.slot_stats = {x: t.masked_fill(~front_mask(n, t.shape[-1]), 0) for x, t in zip(names, st)}
 
-    def keep(self, index: torch.Tensor, filled: torch.Tensor) -> None:
-        """Eviction on quantised storage: gather the (de-quantised) kept slots into the residual."""
+    def keep(self, index: torch.Tensor, filled: torch.Tensor, **_host) -> None:
+        """Eviction on quantised storage: gather the (de-quantised) kept slots into the residual
+        (its own host facts: the caller's, for a dense layer, are not needed)."""
         d = self.head_dim
         gather = index[..., None].expand(*index.shape, d)
         keys = torch.gather(self.keys, 2, gather)

@@ -70,17 +70,12 @@ class PyramidKV(SnapKV):
         """Every layer's budgets in this forward: ([layers, b] on the device, the same on the host).
 
         They depend on the step only (not on the layer), so they are computed once per forward
-        (two device reads) and kept in the step's extras."""
+        and kept in the step's extras."""
         key = ("pyramidkv_budgets", self.params.window, self.params.beta, num_layers)
         cached = step.extras.get(key)
         if cached is not None:
             return cached
-        w = window_size(step.positions, self.params.window)
-        windows = (step.positions[:, -w:] != EMPTY).sum(-1)
-        # tokens the row has seen so far (the prompt, or the prompt up to this chunk): the same
-        # for every layer, so the layers' budgets form one sequence even after earlier chunks
-        filled = step.positions.max(dim=-1).values + 1
-        windows, filled = torch.stack([windows.to(filled.dtype), filled]).tolist()  # one device read
+        windows, filled = self._windows_and_seen(step)
         rows = []
         for budget, win, n in zip(host_row_budgets(step), windows, filled):
             win = min(win, budget)
@@ -91,10 +86,23 @@ class PyramidKV(SnapKV):
         step.extras[key] = (device, host)
         return device, host
 
+    def _windows_and_seen(self, step) -> tuple[list[int], list[int]]:
+        """Per row: its window's tokens (the non-padding ones among the forward's last w) and the
+        tokens it has seen so far (the newest position + 1): from the engine's host facts, else
+        read from the device (one read per forward)."""
+        w = window_size(step.positions, self.params.window)
+        valid = step.valid_counts()
+        if valid is not None and step.seen_host is not None:
+            return [min(w, v) for v in valid], step.seen_host  # a row's new tokens are its last
+        windows = (step.positions[:, -w:] != EMPTY).sum(-1)
+        filled = step.positions.max(dim=-1).values + 1
+        windows, filled = torch.stack([windows.to(filled.dtype), filled]).tolist()
+        return windows, filled
+
     def compress_layer(self, layer, queries, step, layer_idx, num_layers, scaling) -> None:
         device, host = self._forward_budgets(step, num_layers)
         budgets, host = device[layer_idx], host[layer_idx]
         if not over_budget(layer, budgets, host):
             return
         scores = self.score(layer, queries, step, layer_idx, num_layers, scaling).float()
-        keep_topk(layer, scores, budgets, max_budget=max(host), uniform=len(set(host)) == 1)
+        keep_topk(layer, scores, budgets, host_budgets=host)

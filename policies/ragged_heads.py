@@ -23,9 +23,12 @@ path over the dense view, or the base layer's path while nothing was compressed 
 
 The dense view is built in one copy per tensor (flat tokens scattered to their padded rows,
 indices from the segment lengths without a device sync); while nothing was compressed it is
-the tail itself. `store_dense` reads the segment lengths once (one sync), which sizes the
-store, and keeps them on the host (`filled_counts_host`), so that the next compression knows
-whether any (row, head) is over budget without reading the device.
+the tail itself. The segment lengths size the store and give the host its view of the layer
+(`filled_counts_host`: whether any (row, head) is over budget, known without a device read).
+AdaKV's compressions (`store_dense(bound=...)`) size the store by a bound the host computes and
+copy the lengths to the host without waiting (`DeferredRead`); the copy is taken, and the store
+trimmed to its real tokens, when the store is next read, a forward later: no compression waits
+for the device. Other stores (row selection, `keep`) read the lengths at once (one sync).
 """
 
 from __future__ import annotations
@@ -42,19 +45,61 @@ _NONZERO_STATIC = hasattr(torch, "nonzero_static")
 
 
 def _nonzero(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices [count] of the True entries of a 1-D `mask` whose True count the host knows (no sync)."""
+    """Indices of the True entries of a 1-D `mask`, `count` of them (no sync): the True count, or a
+    bound the host knows (then index 0 fills the rest); all of them (a sync) without nonzero_static."""
     global _NONZERO_STATIC
     if _NONZERO_STATIC:
         try:
-            return torch.nonzero_static(mask, size=count).squeeze(1)
+            return torch.nonzero_static(mask, size=count, fill_value=0).squeeze(1)
         except (NotImplementedError, RuntimeError):
             _NONZERO_STATIC = False
     return mask.nonzero().squeeze(1)
 
 
+class DeferredRead:
+    """A small device tensor on its way to the host: the copy is queued without waiting, and
+    `get` waits for it only when the value is needed (one forward later, when it is long done)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.event = None
+        if tensor.is_cuda:
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tensor.clone()
+        self.host.deferred_read = True  # (`pipeline.bench.host_work` counts its read apart from syncs)
+
+    def get(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+def _settled(name: str) -> property:
+    """An attribute of `RaggedKVLayer` (kept as `_name`) read after `_settle`."""
+    private = "_" + name
+
+    def get(self):
+        self._settle()
+        return self.__dict__.get(private)
+
+    def set_(self, value) -> None:
+        self.__dict__[private] = value
+
+    return property(get, set_)
+
+
 class RaggedKVLayer(KVLayer):
+    counts_rows = False  # (per (row, head): `filled_counts_host`)
+
     def __init__(self) -> None:
         super().__init__()
+        # A store whose segment lengths are still on their way to the host (`store_dense` with a
+        # bound): the flat tensors hold `bound` rows, the real tokens first. Reading the store's
+        # host numbers or flat tensors takes the lengths first (`_settle`).
+        self._pending: tuple[DeferredRead, int] | None = None
         self.flat_keys: torch.Tensor | None = None
         self.flat_values: torch.Tensor | None = None
         self.flat_positions: torch.Tensor | None = None
@@ -65,6 +110,32 @@ class RaggedKVLayer(KVLayer):
         self.seg_lens32: torch.Tensor | None = None  # [b * h] int32
         self.seg_cu: torch.Tensor | None = None  # [b * h + 1] int32: inclusive cumsum with a leading 0
         self.max_seg = 0  # host int: the longest segment (no device read per step)
+
+    # the flat store's tensors and host numbers: each read after `_settle`
+    flat_keys = _settled("flat_keys")
+    flat_values = _settled("flat_values")
+    flat_positions = _settled("flat_positions")
+    max_seg = _settled("max_seg")
+    seg_lens_host = _settled("seg_lens_host")
+
+    def _settle(self) -> None:
+        """Take the segment lengths of a deferred store: its host numbers, and its flat tensors
+        trimmed to the real tokens (copied, so that the bound's spare rows are freed)."""
+        pending = self.__dict__.get("_pending")
+        if pending is None:
+            return
+        self._pending = None
+        read, bound = pending
+        host = read.get()
+        lens = [n for row in host for n in row]
+        n = sum(lens)
+        if n > bound:  # nonzero_static dropped tokens: the caller's bound was wrong
+            raise RuntimeError(f"ragged store: {n} kept tokens exceed the bound {bound}")
+        if n < bound:
+            for name in ("_flat_keys", "_flat_values", "_flat_positions"):
+                self.__dict__[name] = self.__dict__[name][:n].clone()
+        self._max_seg = max(lens, default=0)
+        self._seg_lens_host = host
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -87,17 +158,19 @@ class RaggedKVLayer(KVLayer):
 
     def filled_counts_host(self) -> list[list[int]] | None:
         """[b][h] filled slots of each (row, head), known on the host without a device read: the
-        segment lengths read at the last store plus a tail without empty slots; else None."""
-        if self.has_empty or self.seg_lens_host is None or not self.is_initialized:
+        segment lengths of the last store plus the tail's row counts (`KVLayer`'s, which the
+        engine's non-padding counts keep known in padded batches too); else None."""
+        tail = self._appended_rows()
+        if not self.is_initialized or tail is None or self.seg_lens_host is None:
             return None
-        tail = self.keys.shape[-2]
-        return [[n + tail for n in row] for row in self.seg_lens_host]
+        return [[n + t for n in row] for row, t in zip(self.seg_lens_host, tail)]
 
     def _index_segments(self, max_seg: int) -> None:
         lens = self.seg_lens.reshape(-1)
-        self.seg_offsets = torch.cumsum(lens, 0) - lens
+        ends = torch.cumsum(lens, 0)
+        self.seg_offsets = ends - lens
         self.seg_lens32 = lens.to(torch.int32)
-        self.seg_cu = torch.cat([lens.new_zeros(1), torch.cumsum(lens, 0)]).to(torch.int32)
+        self.seg_cu = torch.cat([lens.new_zeros(1), ends]).to(torch.int32)
         self.max_seg = max_seg
 
     # -- dense view (transient) -------------------------------------------------------------
@@ -152,25 +225,47 @@ class RaggedKVLayer(KVLayer):
         view.heads_differ = self.max_seg > 0
         return view
 
-    def store_dense(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        """Replace the layer's content by the filled slots of a dense [b, h, k, ...] form."""
-        filled = positions != EMPTY
+    def store_dense(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        bound: int | None = None,
+        filled: torch.Tensor | None = None,
+    ) -> None:
+        """Replace the layer's content by the filled slots of a dense [b, h, k, ...] form (`filled`:
+        the slots to store, when not every non-EMPTY one).
+
+        The segment lengths give the flat token count (sizes the store), the longest segment
+        (sizes views and the decode grid) and the host's view of the layer (`filled_counts_host`:
+        the next over-budget test needs no read). Without `bound` they are read at once (one
+        device sync). `bound` (>= the filled slots: the caller's host arithmetic) sizes the store
+        instead, and the lengths come to the host without a wait (`DeferredRead`), taken when the
+        store is next read: a compression then never waits for the device."""
+        self._settle()
+        if filled is None:
+            filled = positions != EMPTY
         self.seg_lens = filled.sum(-1)
-        # one device read per compression: the segment lengths, which give the flat token count
-        # (sizes the store), the longest segment (sizes views and the decode grid) and the
-        # host's view of the layer (`filled_counts_host`: the next over-budget test needs no read)
-        host = self.seg_lens.tolist()
-        lens = [n for row in host for n in row]
-        index = _nonzero(filled.reshape(-1), sum(lens))
+        if bound is None:
+            host = self.seg_lens.tolist()
+            lens = [n for row in host for n in row]
+            rows, max_seg = sum(lens), max(lens, default=0)
+        else:
+            rows, max_seg = bound, None
+        index = _nonzero(filled.reshape(-1), rows)
         self.flat_keys = keys.reshape(-1, keys.shape[-1]).index_select(0, index)
         self.flat_values = values.reshape(-1, values.shape[-1]).index_select(0, index)
         self.flat_positions = positions.reshape(-1).index_select(0, index).to(torch.int32)
-        self._index_segments(max(lens, default=0))
-        self.seg_lens_host = host
+        self._index_segments(max_seg)
+        if bound is None:
+            self.seg_lens_host = host
+        else:
+            self._pending = (DeferredRead(self.seg_lens), index.shape[0])
         b, h, _, d = keys.shape
         self.keys = keys.new_empty((b, h, 0, d))
         self.values = values.new_empty((b, h, 0, values.shape[-1]))
         self.positions = torch.empty((b, h, 0), dtype=torch.int32, device=positions.device)
+        self._rows, self._unconfirmed = [0] * b, None  # (the tail's row counts)
         self.has_empty = False  # the flat store holds filled slots only; the tail is empty
         self.heads_differ = True
 
@@ -278,8 +373,9 @@ class RaggedKVLayer(KVLayer):
         mask = position_mask(positions, step.positions, heads_differ=True)
         return grouped_attention(query, keys, values, mask, scaling)
 
-    def keep(self, index: torch.Tensor, filled: torch.Tensor) -> None:
-        """Keep slots `index` ([b, h, k]) of the dense view; unfilled ones are dropped."""
+    def keep(self, index: torch.Tensor, filled: torch.Tensor, **_host) -> None:
+        """Keep slots `index` ([b, h, k]) of the dense view; unfilled ones are dropped (the store
+        keeps its own host facts)."""
         keys, values, positions = self.dense()
         keys = torch.gather(keys, 2, index[..., None].expand(*index.shape, keys.shape[-1]))
         values = torch.gather(values, 2, index[..., None].expand(*index.shape, values.shape[-1]))
@@ -301,6 +397,7 @@ class RaggedKVLayer(KVLayer):
         self.store_dense(keys, values, positions)
         self._k, self._v, self._p = tail
         self.has_empty = has_empty
+        self._rows = None  # (the tail's rows that stay are on the device)
 
     def filled_slots_per_row(self) -> torch.Tensor:
         return self.seg_lens.sum(-1) + (self.positions != EMPTY).sum(dim=(1, 2))

@@ -12,6 +12,8 @@ query positions [b, q] (EMPTY for padding), slot positions [b, h, s] (EMPTY for 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -22,6 +24,13 @@ from pipeline.kv_cache import EMPTY, KVLayer
 # the newest token). Adding the position orders them (newest first) should a budget be smaller
 # than the window; float32 holds these integers exactly up to 2**24 - 2**22 positions.
 KEEP_BASE = float(2**22)
+
+
+@functools.lru_cache(maxsize=16)
+def later_mask(n: int, device: torch.device) -> torch.Tensor:
+    """[n, n] True above the diagonal (for queries over their own slots: the later ones, hidden),
+    made once per size and device rather than per layer."""
+    return torch.ones((n, n), dtype=torch.bool, device=device).triu_(1)
 
 
 def attention_probs(
@@ -38,9 +47,9 @@ def attention_probs(
     exactly as the model's attention did. Rows of padding queries (EMPTY) are all zero.
     `upto` limits the computation to the first `upto` slots (the caller guarantees that the
     others are invisible to these queries); the result then has `upto` slots.
-    `newest` promises that the queries are the tokens of the layer's last q slots, none of them
-    padding, and that no slot is empty: the mask is then lower-right causal, built without
-    reading positions (the same mask).
+    `newest` promises that the queries are the tokens of the last q of those slots, none of them
+    padding (earlier slots may be empty): the mask is then lower-right causal, plus the empty
+    slots when the layer has some (`has_empty`), built without comparing positions (the same mask).
     """
     keys = layer.keys if upto is None else layer.keys[:, :, :upto]
     b, num_heads, q_len, d = queries.shape
@@ -51,12 +60,15 @@ def attention_probs(
     q = queries.float().reshape(b, kv_heads, group * q_len, d)
     logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scaling)
     logits = logits.reshape(b, kv_heads, group, q_len, slots)
-    if newest and upto is None:
+    if newest:
         # slot j is visible to query i iff j <= slots - q_len + i (positions increase with slots):
-        # every slot before the last q_len is visible, so only those need a mask
+        # every filled slot before the last q_len is visible, so only those and the empty ones
+        # need a mask
         if q_len > 1:
-            hidden = torch.ones((q_len, q_len), dtype=torch.bool, device=logits.device).triu_(1)
-            logits[..., slots - q_len :].masked_fill_(hidden, float("-inf"))
+            logits[..., slots - q_len :].masked_fill_(later_mask(q_len, logits.device), float("-inf"))
+        if layer.has_empty:
+            empty = layer.positions[..., :slots] == EMPTY  # [b, h, s]
+            logits.masked_fill_(empty[:, :, None, None, :], float("-inf"))
         return logits.softmax(dim=-1).reshape(b, num_heads, q_len, slots)
     valid = query_positions != EMPTY  # [b, q]
     mask = layer.attention_mask(query_positions)  # [b, h or 1, q, s]
@@ -70,25 +82,68 @@ def attention_probs(
 
 
 def summed_attention(
-    layer: KVLayer, queries: torch.Tensor, query_positions: torch.Tensor, scaling: float, block: int = 256
+    layer: KVLayer,
+    queries: torch.Tensor,
+    query_positions: torch.Tensor,
+    scaling: float,
+    block: int = 256,
+    uptos: list[int] | None = None,
+    newest: bool = False,
 ) -> torch.Tensor:
     """Attention each slot received, summed over all (valid) queries: [b, H, s] float32.
 
     Queries are taken `block` at a time so memory stays [b, H, block, s]; each block only
-    computes over the slots up to the last one it can see (causality halves the work).
+    computes over the slots up to the last one it can see (causality halves the work): 1 + that
+    slot per block, `uptos` when the host knows them (`visible_slots`), else read from the device.
+    `newest`: what `attention_probs` promises with it (for the whole forward); a block whose
+    visible slots end at its own last query then needs no positions (nor, the last block, a read).
     """
     b, num_heads, q_len, _ = queries.shape
     slots = layer.keys.shape[2]
     total = queries.new_zeros((b, num_heads, slots), dtype=torch.float32)
-    pos = layer.positions
-    for lo in range(0, q_len, block):
+    for i, lo in enumerate(range(0, q_len, block)):
         qpos = query_positions[:, lo : lo + block]
-        newest = int(qpos.max())
-        seen = ((pos != EMPTY) & (pos <= newest)).any(dim=0).any(dim=0)  # [s]
-        upto = int(seen.nonzero().max()) + 1 if bool(seen.any()) else 1
-        part = attention_probs(layer, queries[:, :, lo : lo + block], qpos, scaling, upto=upto)
+        own = slots - q_len + min(lo + block, q_len)  # 1 + the block's last query's slot
+        if uptos is not None:
+            upto = uptos[i]
+        elif newest and own == slots:  # the last block sees every slot
+            upto = slots
+        else:
+            upto = _last_seen_slot(layer.positions, qpos) + 1
+        block_newest = newest and upto == own
+        part = attention_probs(
+            layer, queries[:, :, lo : lo + block], qpos, scaling, upto=upto, newest=block_newest
+        )
         total[..., :upto] += part.sum(dim=2)
     return total
+
+
+def _last_seen_slot(slot_positions: torch.Tensor, query_positions: torch.Tensor) -> int:
+    """The last slot any of the queries can see (0 if none), read from the device."""
+    newest = int(query_positions.max())
+    seen = ((slot_positions != EMPTY) & (slot_positions <= newest)).any(dim=0).any(dim=0)  # [s]
+    return int(seen.nonzero().max()) if bool(seen.any()) else 0
+
+
+def visible_slots(valid: list[int], seen: list[int], q_len: int, slots: int, block: int) -> list[int]:
+    """`summed_attention`'s upto per query block, from the host: what `_last_seen_slot` reads.
+
+    The forward's q_len tokens are the layer's last slots; row r's are its last valid[r] columns,
+    at consecutive positions ending at seen[r] - 1 (left padding). A block's newest query is the
+    largest position in its last column; the last slot seen is then the last column some row
+    fills with a position up to it (earlier slots hold older tokens)."""
+    first = [q_len - v for v in valid]  # each row's first column
+    uptos = []
+    for lo in range(0, q_len, block):
+        last = min(lo + block, q_len) - 1
+        starts = [s - q_len for s in seen]  # row r's token in column c is at starts[r] + c
+        newest = max((st + last for f, st in zip(first, starts) if f <= last), default=None)
+        if newest is None:  # padding only: no slot is seen
+            uptos.append(1)
+            continue
+        col = max(min(q_len - 1, newest - st) for f, st in zip(first, starts) if newest - st >= f)
+        uptos.append(slots - q_len + col + 1)
+    return uptos
 
 
 def group_mean(per_query_head: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -201,10 +256,10 @@ def snapkv_scores(
 
     The layer's filled slots must hold increasing positions per (row, head), as every
     `KVLayer` keeps them (the pooling relies on it instead of sorting). `newest`: the queries
-    are this forward's, just appended to the layer, and none is padding (`not step.padded`)."""
-    return snapkv_scores_and_window(
-        layer, queries, query_positions, scaling, window, kernel, pooling, newest
-    )[0]
+    are this forward's, just appended to the layer (its last slots), and none is padding
+    (`not step.padded`)."""
+    args = (layer, queries, query_positions, scaling, window, kernel, pooling, newest)
+    return _snapkv(*args, window_mask=False)[0]
 
 
 def snapkv_scores_and_window(
@@ -218,26 +273,35 @@ def snapkv_scores_and_window(
     newest: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`snapkv_scores` and the [b, h, s] mask of the window's own slots (`in_window`)."""
+    args = (layer, queries, query_positions, scaling, window, kernel, pooling, newest)
+    return _snapkv(*args, window_mask=True)
+
+
+def _snapkv(layer, queries, query_positions, scaling, window, kernel, pooling, newest, window_mask):
     w = window_size(query_positions, window)
     wq, wpos = queries[:, :, -w:], query_positions[:, -w:]
     positions = layer.positions
-    # this forward's tokens are the layer's newest slots; with no empty slot, masks need no positions
-    newest = newest and not layer.has_empty
+    # this forward's tokens are the layer's last slots: masks and the window need no positions
     probs = attention_probs(layer, wq, wpos, scaling, newest=newest).sum(dim=2)  # [b, H, s]
     scores = group_mean(probs, layer.keys.shape[1])
-    if newest:  # the window's slots are the last w
-        b, h, s = positions.shape
-        window_slots = torch.zeros(s, dtype=torch.bool, device=positions.device)
-        window_slots[s - w :] = True
-        window_slots = window_slots.expand(b, h, s)
-    else:
-        window_slots = in_window(positions, wpos)
+    full = not layer.has_empty
+    if newest:  # the window's slots are the last w: written in place, without a mask
+        s = positions.shape[-1]
+        scores[..., s - w :] = 0.0  # the reference pools the prefix columns only
+        scores = pool_in_position_order(scores, positions, kernel, pooling, ordered=True, full=full)
+        torch.add(positions[..., s - w :].float(), KEEP_BASE, out=scores[..., s - w :])
+        return scores, _last_slots(positions, w) if window_mask else None
+    window_slots = in_window(positions, wpos)
     scores = scores.masked_fill_(window_slots, 0.0)  # the reference pools the prefix columns only
-    scores = pool_in_position_order(
-        scores, positions, kernel, pooling, ordered=True, full=not layer.has_empty
-    )
+    scores = pool_in_position_order(scores, positions, kernel, pooling, ordered=True, full=full)
     keep = KEEP_BASE + positions.float()
     return torch.where(window_slots, keep, scores), window_slots
+
+
+def _last_slots(positions: torch.Tensor, w: int) -> torch.Tensor:
+    """[b, h, s] True for the last `w` slots."""
+    b, h, s = positions.shape
+    return (torch.arange(s, device=positions.device) >= s - w).expand(b, h, s)
 
 
 # -- selection without ties ---------------------------------------------------------------------

@@ -507,6 +507,8 @@ class SpindleLayer(KVLayer):
     eviction layer (deep). Both store per kv head a book of vectors and per exposed head
     (kv head / query head) an index (and, for codebooks, a magnitude) per token."""
 
+    counts_rows = False  # compressed modes store their own way (`_n`)
+
     def __init__(self) -> None:
         super().__init__()
         self.mode = "dense"
@@ -1073,10 +1075,10 @@ class SpindleLayer(KVLayer):
         pos = self.positions
         return 0 if pos is None else pos.shape[-1]
 
-    def keep(self, index: torch.Tensor, filled: torch.Tensor) -> None:
+    def keep(self, index: torch.Tensor, filled: torch.Tensor, **host) -> None:
         if self.mode != "dense":
             raise RuntimeError("a compressed SpindleKV layer is not evicted from outside")
-        super().keep(index, filled)
+        super().keep(index, filled, **host)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         if self.mode == "dense":

@@ -18,11 +18,12 @@ from policies.registry import register
 class StreamingLLM(ScorePolicy):
     name = "streaming_llm"
     paper = "Efficient Streaming Language Models with Attention Sinks (Xiao et al. 2023)"
+    same_heads = True  # a score is the slot's position
 
     @dataclass
     class Params:
         sink_tokens: int = 4
 
     def score(self, layer, queries, step, layer_idx, num_layers, scaling) -> torch.Tensor:
-        pos = layer.positions.float()
-        return torch.where(layer.positions < self.params.sink_tokens, torch.full_like(pos, NEVER_EVICT), pos)
+        sinks = layer.positions < self.params.sink_tokens
+        return layer.positions.float().masked_fill_(sinks, NEVER_EVICT)

@@ -22,10 +22,12 @@ class TOVA(ScorePolicy):
     name = "tova"
     paper = "Transformers are Multi-State RNNs (Oren et al. 2024)"
     compress_during_decode = True
+    same_heads = True  # one score per (row, slot), the same in every kv head
 
     def score(self, layer, queries, step, layer_idx, num_layers, scaling) -> torch.Tensor:
         last_pos = step.positions[:, -1:]
-        probs = attention_probs(layer, queries[:, :, -1:], last_pos, scaling)[:, :, 0]  # [b, H, s]
+        newest = not step.padded  # the last query sees every filled slot: no position mask
+        probs = attention_probs(layer, queries[:, :, -1:], last_pos, scaling, newest=newest)[:, :, 0]
         _, world = tp_world()
         mean = all_reduce_sum(probs.sum(dim=1)) / (probs.shape[1] * world)  # [b, s]
         scores = mean[:, None, :].expand(layer.positions.shape)

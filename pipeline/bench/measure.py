@@ -161,7 +161,7 @@ def kvpipe_prefill(gen, ids: torch.Tensor, chunk: int | None, after_prefill: int
     cache = CompressedCache(gen.num_layers, gen.policy)
     positions = torch.arange(width, device=ids.device).expand(rows, width)
     budgets = row_budgets(gen.budget, [width] * rows, ids.device)
-    logits = gen.prefill(cache, ids, positions, budgets, chunk, after_prefill)
+    logits = gen.prefill(cache, ids, positions, budgets, chunk, after_prefill, lengths=[width] * rows)
     next_pos = torch.full((rows,), width, device=ids.device, dtype=torch.long)
     return Prefilled(cache, logits, budgets, next_pos)
 

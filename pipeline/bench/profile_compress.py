@@ -75,7 +75,16 @@ def run_case(policy_name, shapes, context, chunk, ratio, layers, dev, seed=0, pr
         hi = min(context, lo + chunk)
         q = hi - lo
         positions = torch.arange(lo, hi, device=dev)[None]
-        step = StepContext(cache=None, positions=positions, compress=True, row_budgets=budgets, padded=False)
+        step = StepContext(
+            cache=None,
+            positions=positions,
+            compress=True,
+            row_budgets=budgets,
+            padded=False,
+            budgets_host=[budget],  # the host facts the engine hands every forward
+            valid_host=[q],
+            seen_host=[hi],
+        )
         queries = []
         for layer in cache_layers:
             k = torch.randn(1, kv_heads, q, d, generator=g, device=dev, dtype=dtype)

@@ -170,6 +170,19 @@ __device__ __forceinline__ u32 scaled(u32 e, const Scale& k, int field) {
     return field & 1 ? bfma2(e, k.s, k.m4s) : bfma2(e, k.s4, k.m16s);
 }
 
+/* acc += A B with A de-quantised from packed pairs: fields f, f + 1 of byte jb of u0 (rows of the
+   first k-half, scale pair k0) and of u1 (the second k-half, k1) are A's four registers; B is
+   `b`. The key product (A = keys, B = the query) and the value product (A = values, B = the
+   probabilities) both take this form. */
+__device__ __forceinline__ void mma_packed(float* acc, u32 u0, u32 u1, int jb, int f, const Scale& k0,
+                                           const Scale& k1, const u32* b, u32 low, u32 high, u32 four) {
+    const u32 a0 = scaled(int2_as_bf16(u0, jb, f, low, high, four), k0, f);
+    const u32 a1 = scaled(int2_as_bf16(u0, jb, f + 1, low, high, four), k0, f + 1);
+    const u32 a2 = scaled(int2_as_bf16(u1, jb, f, low, high, four), k1, f);
+    const u32 a3 = scaled(int2_as_bf16(u1, jb, f + 1, low, high, four), k1, f + 1);
+    mma_bf16(acc, a0, a1, a2, a3, b[0], b[1]);
+}
+
 /* -- staging a block in shared memory ------------------------------------------------------
    Each warp stages its next block's bytes with cp.async (no registers hold data in flight): the
    keys are copied while the value product of the block before runs, the values while the key
@@ -330,12 +343,7 @@ extern "C" __global__ void __launch_bounds__(32, MIN_WARPS) kivi2_decode_blocks(
 #pragma unroll
             for (int mt = 0; mt < 8; ++mt) {
                 const int byte = mt >> 1, jb = byte & 1, f = 2 * (mt & 1);
-                const u32 u0 = y0[byte >> 1], u1 = y1[byte >> 1];
-                const u32 a0 = scaled(int2_as_bf16(u0, jb, f, low, high, four), k0, f);
-                const u32 a1 = scaled(int2_as_bf16(u0, jb, f + 1, low, high, four), k0, f + 1);
-                const u32 a2 = scaled(int2_as_bf16(u1, jb, f, low, high, four), k1, f);
-                const u32 a3 = scaled(int2_as_bf16(u1, jb, f + 1, low, high, four), k1, f + 1);
-                mma_bf16(s[mt], a0, a1, a2, a3, qf[kk][0], qf[kk][1]);
+                mma_packed(s[mt], y0[byte >> 1], y1[byte >> 1], jb, f, k0, k1, qf[kk], low, high, four);
             }
         }
         /* every lane is done with this block's keys: the next block's go into their place */
@@ -415,12 +423,7 @@ extern "C" __global__ void __launch_bounds__(32, MIN_WARPS) kivi2_decode_blocks(
 #pragma unroll
             for (int ct = 0; ct < CTILES; ++ct) {
                 const int byte = ct >> 1, jb = byte & 1, f = 2 * (ct & 1);
-                const u32 u0 = ya[byte >> 1], u1 = yb[byte >> 1];
-                const u32 a0 = scaled(int2_as_bf16(u0, jb, f, low, high, four), ka, f);
-                const u32 a1 = scaled(int2_as_bf16(u0, jb, f + 1, low, high, four), ka, f + 1);
-                const u32 a2 = scaled(int2_as_bf16(u1, jb, f, low, high, four), kb, f);
-                const u32 a3 = scaled(int2_as_bf16(u1, jb, f + 1, low, high, four), kb, f + 1);
-                mma_bf16(o[ct], a0, a1, a2, a3, pb[mt][0], pb[mt][1]);
+                mma_packed(o[ct], ya[byte >> 1], yb[byte >> 1], jb, f, ka, kb, pb[mt], low, high, four);
             }
         }
         /* every lane is done with this block's values: the next block's go into their place */

@@ -838,15 +838,16 @@ def _cuda_blocks(impl: str | None, query: torch.Tensor, store: KiviStore, group:
     impl = impl or os.environ.get(IMPL_ENV, "").strip().lower() or "cuda"
     if impl not in ("cuda", "triton"):
         raise ValueError(f"kivi decode impl must be 'cuda' or 'triton', got {impl!r}")
-    d = store.kres.shape[-1]
     if impl == "triton" or _cuda_failed:
         return False
-    if not kivi_cuda.supported(query, d, group, store.bits, store.group_size, d // store.vscale.shape[-1]):
-        return False
-    if not kivi_cuda.aligned(store):
+    d = store.kres.shape[-1]
+    gv = d // store.vscale.shape[-1]
+    if not (
+        kivi_cuda.supported(query, d, group, store.bits, store.group_size, gv) and kivi_cuda.aligned(store)
+    ):
         return False
     try:  # compile (once per shape) here, so that a failure falls back instead of breaking a step
-        kivi_cuda.compiled_for(query, d, group, d // store.vscale.shape[-1])
+        kivi_cuda.compiled_for(query, d, group, gv)
     except cuda_rtc.CudaRtcError as exc:
         _cuda_failed = True
         warnings.warn(f"kivi: no CUDA decode kernel here ({exc}); Triton from now on", stacklevel=3)

@@ -186,21 +186,16 @@ def kernel_times(fn, b: int, results: list, calls: int = 20) -> None:
             print(f"kernels b={b}: {us:9.1f} us per call  {event.key[:90]}")
 
 
-def _with_cuda_options(attend, **options):
-    """`attend` with `policies.kivi_cuda`'s compile-time options (MIN_WARPS) set for the call."""
+def _with_min_warps(attend, min_warps: int):
+    """`attend` with `policies.kivi_cuda.MIN_WARPS` (a compile-time option) set for the call."""
     from policies import kivi_cuda
 
-    names = {name: name.upper() for name in options}
-
     def call(*args, **kw):
-        saved = {name: getattr(kivi_cuda, upper) for name, upper in names.items()}
-        for name, upper in names.items():
-            setattr(kivi_cuda, upper, options[name])
+        saved, kivi_cuda.MIN_WARPS = kivi_cuda.MIN_WARPS, min_warps
         try:
             return attend(*args, **kw)
         finally:
-            for name, upper in names.items():
-                setattr(kivi_cuda, upper, saved[name])
+            kivi_cuda.MIN_WARPS = saved
 
     return call
 
@@ -215,9 +210,8 @@ def sweep(q, store, layer, b, n, scaling, out, packed, results) -> None:
         kw = dict(cfg, max_tokens=n, out=out)
         attend = _baseline_module().decode_attention if "baseline" in kw else decode_attention
         kw.pop("baseline", None)
-        cuda_options = {k: kw.pop(k) for k in ("min_warps",) if k in kw}
-        if cuda_options:  # the CUDA kernel's compile-time options: module defaults for this entry
-            attend = _with_cuda_options(attend, **cuda_options)
+        if "min_warps" in kw:  # the CUDA kernel's compile-time option: the module's for this entry
+            attend = _with_min_warps(attend, kw.pop("min_warps"))
         try:
             out.fill_(float("nan"))
             attend(q, store, scaling, **kw)  # compiles

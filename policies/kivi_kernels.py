@@ -689,6 +689,12 @@ def _workspace(device: torch.device, numel: int) -> torch.Tensor:
     return buf
 
 
+def release_workspace() -> None:
+    """Drop the scratch buffers (the next call allocates again): a process that is done with
+    kivi decoding (the benchmark between its cells) gives their memory back."""
+    _WORKSPACE.clear()
+
+
 def workspace(device: torch.device) -> torch.Tensor | None:
     """The scratch buffer `decode_attention` uses on `device` now (None before its first call).
 

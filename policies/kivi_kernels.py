@@ -810,18 +810,6 @@ def decode_attention(
         D=d, G=store.group_size, GV=d // vs.shape[-1], BITS=store.bits, GROUP=group, M=m, BN=bn,
         IEEE=query.dtype == torch.float32, DEQ=deq,
     )  # fmt: skip
-
-    def tail() -> None:
-        _kivi_decode_split[(b * h, tail_parts)](
-            *args, **dict(meta, DEQ=1, BN=tail_bn), TAIL=True, TAIL_PARTS=tail_parts, QB=bn, num_warps=4
-        )  # DEQ unused
-
-    side = _tail_stream(dev) if use_cuda else None
-    if side is not None:  # the tail beside the blocks (disjoint parts), joined before the merge
-        main = torch.cuda.current_stream(dev)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            tail()
     if use_cuda:
         kivi_cuda.decode_blocks(
             query, store, o_part, m_part, l_part, per_split=per_split, num_splits=num_splits,
@@ -833,10 +821,9 @@ def decode_attention(
         _kivi_decode_split[(b * h, num_splits)](
             *args, **meta, TAIL=False, TAIL_PARTS=tail_parts, QB=bn, **tune
         )
-    if side is None:
-        tail()
-    else:
-        main.wait_stream(side)
+    _kivi_decode_split[(b * h, tail_parts)](
+        *args, **dict(meta, DEQ=1, BN=tail_bn), TAIL=True, TAIL_PARTS=tail_parts, QB=bn, num_warps=4
+    )  # DEQ unused
     _kivi_decode_merge[(b * h,)](
         o_part, m_part, l_part, out, out.stride(0), out.stride(1),
         H=h, num_splits=num_parts, D=d, GROUP=group, M=m,
@@ -847,22 +834,6 @@ def decode_attention(
 CUDA_PROGRAMS_PER_SM = 4 * kivi_cuda.MIN_WARPS  # one-warp programs: about four waves of resident ones
 CUDA_MIN_BLOCKS_PER_SPLIT = 4  # small batches: fewer, longer splits (the merge walks every part)
 TAIL_BLOCK = 64  # the tail's tiles when the CUDA kernel computes the whole blocks
-# The tail is latency-bound (a few tiles per (row, head)) while the CUDA blocks are bandwidth-bound:
-# on a stream of its own (a parallel branch inside a CUDA graph) it runs beside them instead of
-# after them. KVPIPE_KIVI_TAIL_STREAM=0 puts it back in line (for A/B timing).
-TAIL_STREAM_ENV = "KVPIPE_KIVI_TAIL_STREAM"
-_TAIL_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _tail_stream(device: torch.device):
-    """The side stream the tail runs on (one per device), or None when it runs in line."""
-    if device.type != "cuda" or os.environ.get(TAIL_STREAM_ENV, "1").strip() == "0":
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _TAIL_STREAMS:
-        _TAIL_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _TAIL_STREAMS[index]
-
 IMPL_ENV = "KVPIPE_KIVI_DECODE"
 _cuda_failed = False  # the CUDA kernel did not compile or load here: Triton from then on
 

@@ -146,6 +146,28 @@ def test_kernel_matches_reference(bits, group, d, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits,group,d", [(2, 3, 64), (4, 4, 128)])
+def test_tail_of_ring_tokens_only(bits, group, d):
+    """Decoding's steady state: every quantised count a whole tile (nk = nv), the rest in rings that
+    wrap (ring smaller than the slots written): the tail's tiles then hold ring tokens only
+    (`_ring_tile`), one of them partly past n, and one (row, head) with nothing quantised at all."""
+    b, h, tile = 2, 3, 64
+    max_n = 4 * tile + 37
+    store = random_store(b, h, d, bits, 32, max_n, torch.float32 if INTERPRETED else torch.bfloat16,
+                         DEVICE, seed=11, ring_k=96, ring_v=100)  # fmt: skip
+    quantised = torch.tensor([[4 * tile, 2 * tile, 0], [3 * tile, 4 * tile, tile]], device=DEVICE)
+    ring = torch.tensor([[37, 64, 90], [1, 37, 70]], device=DEVICE)
+    store.nk, store.nv, store.n = quantised, quantised.clone(), quantised + ring
+    q = torch.randn(b, group * h, 1, d, generator=torch.Generator().manual_seed(9)).to(store.kres.dtype)
+    q = q.to(DEVICE)
+    ref = decode_attention_reference(q, store, d**-0.5)
+    for splits in (None, 1, 3):
+        out = decode_attention(q, store, d**-0.5, max_tokens=max_n, num_splits=splits, block_n=tile)
+        tol = 1e-5 if q.dtype == torch.float32 else 2e-2
+        assert rel_err(out, ref) < tol, (splits, rel_err(out, ref))
+
+
+@needs_kernel
 @pytest.mark.parametrize("deq", [1] + ([3, 4] if not INTERPRETED else []))
 @pytest.mark.parametrize("bits,group,d", [(2, 4, 128), (4, 1, 64)])
 def test_every_dequantisation_matches_the_reference(deq, bits, group, d):

@@ -421,3 +421,15 @@ def test_mma_fused_match_equals_best_match_when_every_entry_is_read(half):
         clear = (top2[:, 0] - top2[:, 1]) > 1e-3
         assert clear.sum() >= P - 1 and torch.equal(arg[..., j].reshape(P)[clear], am[clear, 0])
     assert arg[1, 0, 0] == 3
+
+
+@needs_kernel
+def test_check_spindle_decode_agreement_on_cpu(bf16_interpreter_dot):
+    """The GPU check's agreement part (`check_spindle_decode.check_kernel`, timing off) at its shapes
+    on a small case: both paths, attention and fused match, pass its own checks."""
+    from pipeline.bench import check_spindle_decode as check
+
+    row = check.check_kernel(1, 160, None, copy_bps=1.0, dev=torch.device("cpu"), timing=False)
+    assert row["mma_path"] and row["ok"], row
+    assert row["mma_vs_reference_rel"] < 1e-2 and row["fused_mma_arg_equal_k"]
+    assert row["fused_mma_best_maxdiff_v"] < 1e-5 and row["fused_f32_arg_equal_v"]

@@ -187,6 +187,35 @@ if HAVE_TRITON:
         return tl.where(upd, bm, best), tl.where(upd, am, arg)
 
     @triton.jit
+    def _row(x, g, r: tl.constexpr):
+        """Row r of a [GP, N] tile as [N]: a sum over rows where every other row adds 0 (exact)."""
+        return tl.sum(tl.where(g[:, None] == r, x, 0.0), 0)
+
+    @triton.jit
+    def _mma_query(qrow, xk, g, dd, G: tl.constexpr, MATCH: tl.constexpr):
+        """The query tile [GP, D] in the storage dtype: the group's G queries (rows < G; the scale is
+        applied to the scores in float32), with MATCH the new key `xk` as row G, zeros below."""
+        if MATCH:
+            ptr = tl.where((g < G)[:, None], qrow[:, None] + dd[None, :], xk + dd[None, :])
+            return tl.load(ptr, mask=(g <= G)[:, None], other=0.0)
+        return tl.load(qrow[:, None] + dd[None, :], mask=(g < G)[:, None], other=0.0)
+
+    @triton.jit
+    def _mma_scores(qt, krow, dd, valid, g, G: tl.constexpr, qscale, MATCH: tl.constexpr):
+        """Scores [GP, BLOCK_N] (log2 units, before magnitudes) of the query tile against the key rows
+        `krow` gathered whole in the storage dtype (one tensor-core product), and with MATCH the new
+        key's raw dot products (row G: half x half products are exact in float32, so times 1/|xk| it
+        is the float32 cosine up to summation order). Row G is then zeroed like the padding rows:
+        no softmax row reads it."""
+        k = tl.load(krow[:, None] + dd[None, :], mask=valid[:, None], other=0.0)
+        raw = tl.dot(qt, tl.trans(k))
+        ck = raw  # (unused without MATCH)
+        if MATCH:
+            ck = _row(raw, g, G)
+            raw = tl.where((g < G)[:, None], raw, 0.0)
+        return raw * qscale, ck
+
+    @triton.jit
     def _shared_kernel(
         Q, KB, VB, RK, RV, MK, MV, POS, N, INV, PM, PL, PACC, XK, XV, RX, BEST, ARG,
         sq_b, sq_h, skb_b, skb_h, skb_c, svb_b, svb_h, svb_c,
@@ -194,14 +223,19 @@ if HAVE_TRITON:
         E, SPLITS, PSTRIDE, chunk, qscale, HROWS,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_MAG: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_IEEE: tl.constexpr, FAST_TRIG: tl.constexpr,
-        TABLE: tl.constexpr, MATCH: tl.constexpr,
+        TABLE: tl.constexpr, MATCH: tl.constexpr, MMA: tl.constexpr,
     ):  # fmt: skip
         """One (row, kv head, token range): the G query heads of the kv head against its tokens.
 
         MATCH: also the best book entry for a new key XK / value XV ([b, E, D], 1/norm RX [b, E, 2])
         among the entries these tokens read (every live entry is read by some token), as (cosine,
         entry) per split into BEST / ARG [b, E, 2, SPLITS]: the decode append's match, without a
-        second pass over the books."""
+        second pass over the books.
+
+        MMA (half-precision storage, no RoPE): the gathered rows stay in the storage dtype and feed
+        the tensor cores whole (`_mma_query`, `_mma_scores`; the values, and with MATCH the value
+        match, as products of [GP, .] tiles too); otherwise keys are float32 halves (rotated in
+        registers with RoPE) and the match is element-wise float32 sums."""
         HALF: tl.constexpr = D // 2
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -215,16 +249,23 @@ if HAVE_TRITON:
         dh = tl.arange(0, HALF)
         dd = tl.arange(0, D)
         qrow = Q + bi * sq_b + (ei * G + g) * sq_h
-        q1 = tl.load(qrow[:, None] + dh[None, :], mask=gmask[:, None], other=0.0).to(tl.float32) * qscale
-        q2 = tl.load(qrow[:, None] + HALF + dh[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
-        q2 = q2 * qscale
+        xrow = (bi * E + ei) * D
+        if MMA:  # [GP, D] in the storage dtype; with MATCH the new key is row G (a free padding row)
+            qt = _mma_query(qrow, XK + xrow, g, dd, G, MATCH)
+            if MATCH:  # the new value as row 0 of a tile of its own: one more small MMA per block
+                xvt = tl.load(XV + xrow + g[:, None] * 0 + dd[None, :], mask=(g == 0)[:, None], other=0.0)
+        else:
+            q1 = tl.load(qrow[:, None] + dh[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+            q1 = q1 * qscale
+            q2 = tl.load(qrow[:, None] + HALF + dh[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+            q2 = q2 * qscale
         if HAS_ROPE and not TABLE:
             inv = tl.load(INV + dh)
         if MATCH:
-            xrow = (bi * E + ei) * D
-            xk1 = tl.load(XK + xrow + dh).to(tl.float32)
-            xk2 = tl.load(XK + xrow + HALF + dh).to(tl.float32)
-            xv = tl.load(XV + xrow + dd).to(tl.float32)
+            if not MMA:
+                xk1 = tl.load(XK + xrow + dh).to(tl.float32)
+                xk2 = tl.load(XK + xrow + HALF + dh).to(tl.float32)
+                xv = tl.load(XV + xrow + dd).to(tl.float32)
             rxk = tl.load(RX + (bi * E + ei) * 2)
             rxv = tl.load(RX + (bi * E + ei) * 2 + 1)
             best_k = tl.max(tl.full([BLOCK_N], -2.0, tl.float32), 0)
@@ -243,24 +284,30 @@ if HAVE_TRITON:
             valid = offs < end
             ik = tl.load(rk_row + offs, mask=valid, other=0).to(tl.int64)
             krow = kb_head + ik * skb_c
-            k1 = tl.load(krow[:, None] + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            k2 = tl.load(krow[:, None] + HALF + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            if MATCH:  # against the stored (un-rotated) rows
-                ck = (tl.sum(k1 * xk1[None, :], 1) + tl.sum(k2 * xk2[None, :], 1)) * rxk
-                best_k, arg_k = _best_entry(ck, ik.to(tl.int32), valid, best_k, arg_k)
-            if HAS_ROPE:
-                p = tl.load(POS + bi * sp_b + ei * sp_h + offs, mask=valid, other=0)
-                if TABLE:
-                    c, s_ = _table_cos_sin(INV, p, dh, HALF, HROWS)
-                else:
-                    ang = tl.maximum(p.to(tl.float32), 0.0)[:, None] * inv[None, :]
-                    c, s_ = _cos_sin(ang, FAST_TRIG)
-                k1, k2 = k1 * c - k2 * s_, k2 * c + k1 * s_
-            if DOT_IEEE:
-                sc = tl.dot(q1, tl.trans(k1), input_precision="ieee")
-                sc += tl.dot(q2, tl.trans(k2), input_precision="ieee")
+            if MMA:
+                sc, ck = _mma_scores(qt, krow, dd, valid, g, G, qscale, MATCH)
+                if MATCH:
+                    best_k, arg_k = _best_entry(ck * rxk, ik.to(tl.int32), valid, best_k, arg_k)
             else:
-                sc = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+                k1 = tl.load(krow[:, None] + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+                k2 = tl.load(krow[:, None] + HALF + dh[None, :], mask=valid[:, None], other=0.0)
+                k2 = k2.to(tl.float32)
+                if MATCH:  # against the stored (un-rotated) rows
+                    ck = (tl.sum(k1 * xk1[None, :], 1) + tl.sum(k2 * xk2[None, :], 1)) * rxk
+                    best_k, arg_k = _best_entry(ck, ik.to(tl.int32), valid, best_k, arg_k)
+                if HAS_ROPE:
+                    p = tl.load(POS + bi * sp_b + ei * sp_h + offs, mask=valid, other=0)
+                    if TABLE:
+                        c, s_ = _table_cos_sin(INV, p, dh, HALF, HROWS)
+                    else:
+                        ang = tl.maximum(p.to(tl.float32), 0.0)[:, None] * inv[None, :]
+                        c, s_ = _cos_sin(ang, FAST_TRIG)
+                    k1, k2 = k1 * c - k2 * s_, k2 * c + k1 * s_
+                if DOT_IEEE:
+                    sc = tl.dot(q1, tl.trans(k1), input_precision="ieee")
+                    sc += tl.dot(q2, tl.trans(k2), input_precision="ieee")
+                else:
+                    sc = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
             if HAS_MAG:
                 mkt = tl.load(MK + bi * smk_b + ei * smk_h + offs, mask=valid, other=0.0).to(tl.float32)
                 sc = sc * mkt[None, :]
@@ -271,14 +318,20 @@ if HAVE_TRITON:
             l_sum = l_sum * alpha + tl.sum(pr, 1)
             iv = tl.load(rv_row + offs, mask=valid, other=0).to(tl.int64)
             v = tl.load(vb_head + iv[:, None] * svb_c + dd[None, :], mask=valid[:, None], other=0.0)
-            v = v.to(tl.float32)
+            if not MMA:
+                v = v.to(tl.float32)
             if MATCH:
-                cv = tl.sum(v * xv[None, :], 1) * rxv
+                if MMA:
+                    cv = _row(tl.dot(xvt, tl.trans(v)), g, 0) * rxv
+                else:
+                    cv = tl.sum(v * xv[None, :], 1) * rxv
                 best_v, arg_v = _best_entry(cv, iv.to(tl.int32), valid, best_v, arg_v)
             if HAS_MAG:
                 mvt = tl.load(MV + bi * smv_b + ei * smv_h + offs, mask=valid, other=0.0).to(tl.float32)
                 pr = pr * mvt[None, :]
-            if DOT_IEEE:
+            if MMA:  # probabilities rounded to the storage dtype, as flash attention does
+                acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+            elif DOT_IEEE:
                 acc = acc * alpha[:, None] + tl.dot(pr, v, input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(pr, v)
@@ -387,10 +440,14 @@ if HAVE_TRITON:
 _FAST_TRIG_OK = True  # cleared if the inline PTX for cos/sin.approx fails to compile
 
 
-def plan_splits(programs: int, slots: int, block_n: int, device: torch.device, waves: int = 4):
-    """(splits, chunk): enough programs for `waves` per multiprocessor, chunks a multiple of block_n."""
+def plan_splits(
+    programs: int, slots: int, block_n: int, device: torch.device, waves: int = 4, min_blocks: int = 1
+):
+    """(splits, chunk): enough programs for `waves` per multiprocessor, chunks a multiple of block_n
+    (of at least `min_blocks` blocks where there are that many)."""
     blocks = max(1, math.ceil(slots / block_n))
-    splits = max(1, min(blocks, math.ceil(waves * multiprocessors(device, on_cpu=2) / max(programs, 1))))
+    enough = math.ceil(waves * multiprocessors(device, on_cpu=2) / max(programs, 1))
+    splits = max(1, min(blocks, math.ceil(blocks / min_blocks), enough))
     chunk = math.ceil(blocks / splits) * block_n
     return math.ceil(max(slots, 1) / chunk), chunk
 
@@ -413,6 +470,8 @@ def spindle_decode(
     out: torch.Tensor | None = None,
     fast_trig: bool | None = None,
     rope_mode: str | None = None,
+    num_stages: int | None = None,
+    mma: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one query per head (query [b, H, d]) over the stored tokens; returns [b, H, d].
 
@@ -424,19 +483,23 @@ def spindle_decode(
     rotated: "table" (default: cos/sin of 64 hi + lo from two small float64-made tables by angle
     addition, no trig per element), "fast" (the multi-function unit's cos/sin after range reduction
     of float32 angles) or "libdevice" (float32 angles, libdevice cos/sin); `fast_trig` True/False is
-    the older spelling of "fast"/"libdevice".
+    the older spelling of "fast"/"libdevice". `mma`: the shared kernel's tensor-core path (see
+    `mma_path`) when it applies (None, the default), never (False: the float32 path, for checks), or
+    always (True: an error where it does not apply). `splits`, `block_n`, `num_warps`, `num_stages`
+    override the launch's defaults.
     """
     if rope_mode is None:
         rope_mode = "table" if fast_trig is None else ("fast" if fast_trig else "libdevice")
     part = _partials(
         query, kbook, vbook, rk, rv, mk, mv, pos, n, scaling, rope_theta,
-        splits=splits, block_n=block_n, num_warps=num_warps, rope_mode=rope_mode,
+        splits=splits, block_n=block_n, num_warps=num_warps, rope_mode=rope_mode, num_stages=num_stages,
+        mma=mma,
     )  # fmt: skip
     return reduce_partials(part, query.dtype, out)
 
 
 def spindle_decode_match(
-    query, kbook, vbook, rk, rv, mk, mv, pos, n, scaling, rope_theta, xk, xv, rx
+    query, kbook, vbook, rk, rv, mk, mv, pos, n, scaling, rope_theta, xk, xv, rx, **launch
 ) -> tuple[Partials, torch.Tensor, torch.Tensor]:
     """A codebook layer's decode attention over its stored tokens, and the decode append's match in
     the same pass (GQA codebook layers: rk.shape[1] == kbook.shape[1] < query heads).
@@ -445,8 +508,12 @@ def spindle_decode_match(
     (their 1 / norms). Returns (partials with one free split slot, the last, for the caller's new
     token; best [b, hk, 2] float32, the largest cosine of key / value with a live book entry, -2
     when none; arg [b, hk, 2] int64, the lowest entry reaching it, 0 when none): what `best_match`
-    gives for one token, up to the summation order of the cosine."""
-    part = _partials(query, kbook, vbook, rk, rv, mk, mv, pos, n, scaling, rope_theta, match=(xk, xv, rx))
+    gives for one token, up to the summation order of the cosine. On the tensor-core path
+    (`mma_path`) xk and xv are read in the storage dtype (the decode append's are). `launch`:
+    splits, block_n, num_warps, num_stages, mma as for `spindle_decode`."""
+    part = _partials(
+        query, kbook, vbook, rk, rv, mk, mv, pos, n, scaling, rope_theta, match=(xk, xv, rx), **launch
+    )  # fmt: skip
     best, arg = part.best, part.arg  # [b, hk, 2, splits]
     top = best.max(dim=-1).values
     first = torch.where(best == top[..., None], arg, torch.full_like(arg, 2**31 - 1)).min(dim=-1).values
@@ -472,9 +539,27 @@ def reduce_partials(part: Partials, dtype, out: torch.Tensor | None = None) -> t
     return out
 
 
+def mma_path(dtype: torch.dtype, rope_theta: float | None) -> bool:
+    """The shared kernel (GQA codebook layers) takes its tensor-core path: half-precision storage
+    (query and books alike) and keys stored as attended (no RoPE re-rotation in the kernel)."""
+    return rope_theta is None and dtype in (torch.bfloat16, torch.float16)
+
+
+# The shared kernel's launch on its tensor-core path (Llama-8B decode shapes: G = 4 of GP = 16 rows,
+# D = 128, bf16), chosen by reasoning; the H200 timing is pending (`check_spindle_decode --sweep`
+# times the alternatives). BLOCK_N 64: a block gathers 64 key + 64 value rows (32 KiB) per
+# iteration, and 3 stages keep two of them in flight (64 KiB per program; about 30 KiB per SM is
+# what the copy bandwidth times the memory latency asks for), in 96 KiB of shared memory: two
+# programs per SM. 4 warps: at M = 16 the products are small (16 x 64 x 128), more warps only
+# split them thinner. Splits: 32 programs per SM at least, so that the grid's last partial wave
+# is short (at batch 109, 32K: 872 (row, kv head) programs of one split were 3.3 waves of 264),
+# but a split keeps 8 blocks or more (its partials, 4 x 130 floats, stay < 1% of what it reads).
+MMA_BLOCK_N, MMA_WARPS, MMA_STAGES, MMA_WAVES, MMA_MIN_BLOCKS = 64, 4, 3, 32, 8
+
+
 def _partials(
     query, kbook, vbook, rk, rv, mk, mv, pos, n, scaling, rope_theta,
-    splits=None, block_n=None, num_warps=None, rope_mode="table", match=None,
+    splits=None, block_n=None, num_warps=None, rope_mode="table", match=None, num_stages=None, mma=None,
 ) -> Partials:  # fmt: skip
     """Launch the split kernel (see `spindle_decode`); with `match`, the fused match and a free slot."""
     if not HAVE_TRITON:
@@ -504,10 +589,16 @@ def _partials(
     shared = e == hk and group > 1
     if match is not None and not shared:
         raise ValueError("the fused match serves GQA codebook layers (one index row per kv head)")
-    if block_n is None:  # tuned on an H100 at Llama-8B shapes (check_spindle)
-        block_n = 32 if shared else 64
+    same = kbook.dtype == vbook.dtype == query.dtype
+    use_mma = shared and mma is not False and same and mma_path(query.dtype, rope_theta)
+    if mma and not use_mma:
+        raise ValueError("the tensor-core path serves GQA codebook layers, half-precision storage, no RoPE")
+    if block_n is None:  # the float32 paths': tuned on an H100 at Llama-8B shapes (check_spindle)
+        block_n = MMA_BLOCK_N if use_mma else 32 if shared else 64
     programs = b * e
-    if splits is None:
+    if splits is None and use_mma:
+        splits, chunk = plan_splits(programs, s, block_n, query.device, MMA_WAVES, MMA_MIN_BLOCKS)
+    elif splits is None:
         splits, chunk = plan_splits(programs, s, block_n, query.device, waves=4 if shared else 2)
     else:
         chunk = math.ceil(math.ceil(max(s, 1) / splits) / block_n) * block_n
@@ -520,7 +611,10 @@ def _partials(
     pacc = torch.empty((b, num_heads, slots, d), dtype=torch.float32, device=dev)
     best = arg = None
     if match is not None:
-        xk, xv, rx = (t.contiguous() for t in match)
+        xk, xv, rx = match
+        if use_mma:  # the new key is a row of the query tile: one dtype
+            xk, xv = xk.to(query.dtype), xv.to(query.dtype)
+        xk, xv, rx = xk.contiguous(), xv.contiguous(), rx.float().contiguous()
         best = torch.empty((b, hk, 2, splits), dtype=torch.float32, device=dev)
         arg = torch.empty((b, hk, 2, splits), dtype=torch.int32, device=dev)
     else:
@@ -542,21 +636,25 @@ def _partials(
     fast_trig = has_rope and rope_mode == "fast" and dev.type == "cuda" and _FAST_TRIG_OK
     if match is not None:
         best_, arg_ = best, arg
+    if num_stages is None and use_mma:
+        num_stages = MMA_STAGES
+    stages = {} if num_stages is None else {"num_stages": num_stages}  # else triton's default
 
     def launch(fast: bool) -> None:
-        if shared:
-            gp = max(16, triton.next_power_of_2(group))
+        if shared:  # GP >= 16 rows (the smallest MMA); the fused match's new key takes row G
+            gp = max(16, triton.next_power_of_2(group + (use_mma and match is not None)))
             _shared_kernel[(programs, splits)](
                 *args[:13], xk, xv, rx, best_, arg_, *args[13:], e, splits, slots, chunk, qscale, hrows,
                 G=group, GP=gp, D=d, BLOCK_N=block_n, HAS_MAG=has_mag, HAS_ROPE=has_rope,
                 DOT_IEEE=query.dtype == torch.float32 and dev.type == "cuda", FAST_TRIG=fast, TABLE=table,
-                MATCH=match is not None, num_warps=num_warps or 4,
+                MATCH=match is not None, MMA=use_mma, **stages,
+                num_warps=num_warps or (MMA_WARPS if use_mma else 4),
             )  # fmt: skip
         else:
             _per_head_kernel[(programs, splits)](
                 *args, num_heads, splits, chunk, qscale, hrows,
                 G=group, D=d, BLOCK_N=block_n, HAS_MAG=has_mag, HAS_ROPE=has_rope, FAST_TRIG=fast,
-                TABLE=table, num_warps=num_warps or 4,
+                TABLE=table, num_warps=num_warps or 4, **stages,
             )  # fmt: skip
 
     if fast_trig:

@@ -57,12 +57,16 @@ from policies.signals import KEEP_BASE, attention_probs, in_window, pool_in_posi
 BIG = 2**40
 _SPENT = "spindlekv_spent"  # StepContext.extras: (next layer, kept bytes per row of the layers before it)
 # Codebook layers may fold the decode append's match into the attention kernel
-# (`SpindleLayer._attend_pending`; cleared if that kernel cannot be built). Off: measured on an H100
-# (`python -m pipeline.bench.check_spindle_decode`, Llama-8B shapes, 8 layers, 32K, graph steps) it
-# was no faster: batch 4 4.21 ms fused vs 3.65 ms apart, batch 48 13.55 vs 13.78 ms; one layer's
-# kernel at batch 48, 32K: 5.81 ms fused vs 5.12 ms for attention (3.35) + `best_match` on both
-# books. Its cosines are float32 element-wise sums (the FMA units), not tensor-core products.
-FUSED_MATCH = False
+# (`SpindleLayer._attend_pending`; cleared if that kernel cannot be built), where the kernel takes its
+# tensor-core path (`spindle_kernels.mma_path`: bf16/fp16 storage, no RoPE re-rotation): there the
+# new key is one more row of the query tile and the value match one more small product per block,
+# so the match costs almost nothing beside the attention's own reads. Elsewhere (RoPE, float32) the
+# match stays apart (`best_match`): the float32 path's fused match, element-wise float32 sums on
+# the FMA units, was measured no faster on an H100 (`python -m pipeline.bench.check_spindle_decode`,
+# Llama-8B shapes, 8 layers, 32K, graph steps: batch 4 4.21 ms fused vs 3.65 ms apart, batch 48
+# 13.55 vs 13.78 ms; one layer's kernel at batch 48, 32K: 5.81 ms fused vs 5.12 ms for attention
+# (3.35) + `best_match` on both books). The tensor-core path's H200 figures are pending.
+FUSED_MATCH = True
 
 
 # -- RoPE (default type, rotate-half convention as Llama/Qwen/Mistral in transformers) -----------
@@ -968,12 +972,23 @@ class SpindleLayer(KVLayer):
     # layer), attention runs over the tokens stored before it, the token is written, and its own term
     # joins the softmax as one more split.
     def _decode_write_or_defer(self, keys, values, positions) -> None:
-        from policies import spindle_kernels as sk
-
-        if self.mode == "codebook" and FUSED_MATCH and sk.kernel_available(keys.device):
+        if self._fuses_match(keys):
             self._pending = (keys, values, positions)
         else:
             self._decode_write(keys, values, positions)
+
+    def _fuses_match(self, keys: torch.Tensor) -> bool:
+        """The decode token's match waits for the attention kernel: a codebook layer whose kernel
+        takes the tensor-core path (storage in the keys' dtype; GQA is checked at `attend`)."""
+        from policies import spindle_kernels as sk
+
+        return (
+            FUSED_MATCH
+            and self.mode == "codebook"
+            and sk.mma_path(keys.dtype, self.rope_theta)
+            and self.kbook.dtype == self.vbook.dtype == keys.dtype
+            and sk.kernel_available(keys.device)
+        )
 
     def _attend_pending(self, query: torch.Tensor, scaling: float, static: bool) -> torch.Tensor:
         """Attention of a decode query with the held token's append (see above): [b, H, 1, d]."""
@@ -991,7 +1006,7 @@ class SpindleLayer(KVLayer):
             storage = [self._bufs[name] for name in self._GROWN]
             try:
                 fused = sk.spindle_decode_match(
-                    query[:, :, 0], *storage, self._n, scaling, self.rope_theta, x["k"], x["v"], rx
+                    query[:, :, 0], *storage, self._n, scaling, self.rope_theta, x["k"], x["v"], rx, mma=True
                 )
             except Exception as exc:  # noqa: BLE001 - the fused kernel did not build here: match apart
                 FUSED_MATCH = False

@@ -29,6 +29,29 @@ def tiny_llama():
     return load_model("tiny-llama", dtype="float32")
 
 
+@pytest.fixture
+def bf16_interpreter_dot(monkeypatch):
+    """Triton's interpreter (3.9, on CPU) multiplies bfloat16 `tl.dot` operands as their raw uint16
+    bits (garbage); with this fixture it multiplies their float32 values instead, which is exact
+    (every bfloat16 is a float32) and what a tensor core multiplies, so that kernels' bf16 tensor-core
+    paths can be checked on CPU. Other operations on bf16 tensors (loads, casts) already work."""
+    import numpy as np
+    from triton import language as tl
+    from triton.runtime import interpreter
+
+    real = interpreter.InterpreterBuilder.create_dot
+
+    def as_float32(x):
+        if x.dtype != tl.bfloat16:
+            return x
+        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, *rest):
+        return real(self, as_float32(a), as_float32(b), d, *rest)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
 def chat_ids(tokenizer, text: str) -> list[int]:
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=False

@@ -297,3 +297,143 @@ def test_fused_match_finds_the_best_entry_the_tokens_read(rope_theta):
         torch.testing.assert_close(best[..., j], bm, rtol=0, atol=1e-6)
         assert torch.equal(arg[..., j], am), j
     assert best[0, 0, 0] > 0.9999 and arg[0, 0, 0] == min(int(st["rk"][0, 0, 5]), int(st["rk"][0, 0, 7]))
+
+
+# -- the shared kernel's tensor-core path (half-precision storage, no RoPE) ---------------------
+# Relative error against the float32 reference over the same data: the output's rounding and the
+# probabilities' for P @ V. The interpreter's float32 -> bf16 casts truncate (the GPU rounds to
+# nearest: about half the error): bf16 here is ~6e-3, fp16 ~2.5e-4 (128-dim heads, 300 tokens).
+HALF_TOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(params=[torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def half(request):
+    """A half dtype; for bfloat16 the interpreter's dot takes the operands' values (conftest)."""
+    if request.param == torch.bfloat16:
+        request.getfixturevalue("bf16_interpreter_dot")
+    return request.param
+
+
+@needs_kernel
+@pytest.mark.parametrize("group,d,block_n", [(4, 64, 32), (3, 128, 16), (16, 64, 64)])
+def test_mma_path_matches_reference(half, group, d, block_n):
+    """Codebook storage in fp16/bf16 without RoPE: the tensor-core path (the default there) agrees
+    with the float32 reference over the same data within the half dtype's rounding; ragged lengths,
+    several blocks and splits."""
+    st = random_storage(
+        2, 2, group, d, 150, "codebook", None, dtype=half, gen=torch.Generator().manual_seed(d)
+    )
+    ref = sk.reference_decode(**st)
+    out = sk.spindle_decode(**st, block_n=block_n)
+    assert out.dtype == half and torch.isfinite(out).all()
+    assert _rel(out, ref) < HALF_TOL[half]
+    assert torch.equal(out, sk.spindle_decode(**st, block_n=block_n, mma=True))  # the default took it
+    old = sk.spindle_decode(**st, block_n=block_n, mma=False)
+    assert _rel(old, ref) < HALF_TOL[half] and not torch.equal(out, old)  # another computation
+    for splits in (1, 3):
+        assert _rel(sk.spindle_decode(**st, block_n=16, splits=splits), ref) < HALF_TOL[half]
+
+
+@needs_kernel
+def test_mma_path_only_where_it_applies():
+    st = random_storage(1, 2, 4, 64, 40, "codebook", 10000.0, dtype=torch.float16)
+    with pytest.raises(ValueError, match="tensor-core"):
+        sk.spindle_decode(**st, mma=True)  # RoPE re-rotation: the float32 path
+    st = random_storage(1, 2, 4, 64, 40, "codebook", None)
+    with pytest.raises(ValueError, match="tensor-core"):
+        sk.spindle_decode(**st, mma=True)  # float32 storage
+    assert sk.mma_path(torch.bfloat16, None) and not sk.mma_path(torch.bfloat16, 10000.0)
+    assert not sk.mma_path(torch.float32, None)
+
+
+def _book_cosines(book, idx, n, x, r):
+    """[b, hk, C] float32 cosines of x with each entry some live token reads (-2 for the others)."""
+    live = torch.arange(idx.shape[-1]) < n[..., None]
+    read = torch.zeros(*book.shape[:3], dtype=torch.bool)
+    read.scatter_(2, torch.where(live, idx.long(), 0), live)
+    cos = torch.einsum("bhcd,bhd->bhc", book.float(), x.float()) * r[..., None]
+    return cos.masked_fill(~read, -2.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("group", [4, 16])
+def test_mma_fused_match_finds_the_best_entry_the_tokens_read(half, group):
+    """The fused match on the tensor-core path: per (row, kv head) the largest cosine of the new key
+    (a row of the query tile) / value (its own small product) with an entry the live tokens read,
+    as float32 torch computes it (half x half products are exact in float32), at the same entry
+    where it leads the runner-up by > 1e-3, the lowest on an exact tie; and the attention partials
+    of `spindle_decode` on the same path (ragged lengths, several splits)."""
+    g = torch.Generator().manual_seed(group)
+    b, hk, d, s = 3, 2, 64, 120
+    st = random_storage(b, hk, group, d, s, "codebook", None, dtype=half, gen=g)
+    xk, xv = torch.randn(b, hk, d, generator=g).to(half), torch.randn(b, hk, d, generator=g).to(half)
+    e5, e7 = int(st["rk"][0, 0, 5]), int(st["rk"][0, 0, 7])
+    if e5 != e7:
+        st["kbook"][0, 0, e7] = st["kbook"][0, 0, e5]  # an exact tie: the lower entry wins
+    xk[0, 0] = st["kbook"][0, 0, e5] * 3
+    xv[1, 1] = st["vbook"][1, 1, int(st["rv"][1, 1, 0])] * 0.5
+    rx = torch.stack([1 / xk.float().norm(dim=-1), 1 / xv.float().norm(dim=-1)], dim=-1)
+    launch = dict(block_n=16, splits=3, mma=True)
+    part, best, arg = sk.spindle_decode_match(**st, xk=xk, xv=xv, rx=rx, **launch)
+    assert part.best.shape[-1] == 3  # the splits' matches are combined
+    part.pm[..., -1], part.pl[..., -1], part.pacc[..., -1, :] = float("-inf"), 0.0, 0.0
+    attn = sk.reduce_partials(part, half)
+    # the same scores: one output rounding apart at most (group 16 takes a 32-row tile with the key)
+    eps = torch.finfo(half).eps
+    torch.testing.assert_close(attn, sk.spindle_decode(**st, **launch), rtol=eps, atol=1e-5)
+    assert _rel(attn, sk.reference_decode(**st)) < HALF_TOL[half]
+    clear_rows = 0
+    for j, (book, idx, x) in enumerate(((st["kbook"], st["rk"], xk), (st["vbook"], st["rv"], xv))):
+        cos = _book_cosines(book, idx, st["n"], x, rx[..., j])
+        top2 = cos.topk(2, dim=-1).values
+        torch.testing.assert_close(best[..., j], top2[..., 0], rtol=0, atol=1e-5)
+        clear = (top2[..., 0] - top2[..., 1]) > 1e-3
+        clear_rows += int(clear.sum())
+        assert torch.equal(arg[..., j][clear], cos.argmax(dim=-1)[clear]), j
+    assert clear_rows >= b * hk  # rows with a clear winner: the entry check is not vacuous
+    assert best[0, 0, 0] > 0.99 and arg[0, 0, 0] == min(e5, e7)
+    assert best[1, 1, 1] > 0.99 and arg[1, 1, 1] == int(st["rv"][1, 1, 0])
+
+
+@needs_kernel
+def test_mma_fused_match_equals_best_match_when_every_entry_is_read(half):
+    """Storage whose every book entry is read by a live token (as a layer's is): the fused match is
+    `best_match` over the whole book, the decode append's separate match."""
+    g = torch.Generator().manual_seed(5)
+    b, hk, d, s = 2, 2, 64, 100
+    st = random_storage(b, hk, 4, d, s, "codebook", None, dtype=half, gen=g)
+    st["n"] = torch.full((b, hk), s)
+    for name, book in (("rk", "kbook"), ("rv", "vbook")):
+        c = st[book].shape[2]
+        st[name][..., :c] = torch.rand(b, hk, c, generator=g).argsort(dim=-1).to(torch.int16)
+    x = {"k": torch.randn(b, hk, d, generator=g).to(half), "v": torch.randn(b, hk, d, generator=g).to(half)}
+    x["k"][1, 0] = st["kbook"][1, 0, 3] * 2
+    r = {w: 1 / x[w].float().norm(dim=-1) for w in x}
+    _, best, arg = sk.spindle_decode_match(
+        **st, xk=x["k"], xv=x["v"], rx=torch.stack([r["k"], r["v"]], -1), block_n=16, splits=2, mma=True
+    )
+    for j, w in enumerate("kv"):
+        book = st[w + "book"]
+        P, c = b * hk, book.shape[2]
+        ones = torch.ones(P, dtype=torch.long)
+        bm, am = sk.best_match(
+            x[w].reshape(P, 1, d), r[w].reshape(P, 1), book.reshape(P, c, d), ones, ones * c
+        )
+        torch.testing.assert_close(best[..., j].reshape(P), bm[:, 0], rtol=0, atol=1e-5)
+        cos = _book_cosines(book, st["r" + w], st["n"], x[w], r[w]).reshape(P, c)
+        top2 = cos.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-3
+        assert clear.sum() >= P - 1 and torch.equal(arg[..., j].reshape(P)[clear], am[clear, 0])
+    assert arg[1, 0, 0] == 3
+
+
+@needs_kernel
+def test_check_spindle_decode_agreement_on_cpu(bf16_interpreter_dot):
+    """The GPU check's agreement part (`check_spindle_decode.check_kernel`, timing off) at its shapes
+    on a small case: both paths, attention and fused match, pass its own checks."""
+    from pipeline.bench import check_spindle_decode as check
+
+    row = check.check_kernel(1, 160, None, copy_bps=1.0, dev=torch.device("cpu"), timing=False)
+    assert row["mma_path"] and row["ok"], row
+    assert row["mma_vs_reference_rel"] < 1e-2 and row["fused_mma_arg_equal_k"]
+    assert row["fused_mma_best_maxdiff_v"] < 1e-5 and row["fused_f32_arg_equal_v"]

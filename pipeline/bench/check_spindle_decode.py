@@ -1,14 +1,27 @@
-"""SpindleKV decode on the GPU: the fused match (codebook layers) against the separate one, and the
-decode step as a CUDA graph with and without it.
+"""SpindleKV decode on the GPU: the codebook kernel's tensor-core path against its float32 path, the
+fused match against the separate one, and the decode step as a CUDA graph with and without it.
 
-    python -m pipeline.bench.check_spindle_decode [--layers 8] [--context 32768] [--batches 4,48]
-        [--steps 8] [--no-model]
+    python -m pipeline.bench.check_spindle_decode [--layers 8] [--context 32768] [--batches 4,48,109]
+        [--steps 8] [--no-model] [--sweep] [--json PATH]
 
-Kernel (one codebook layer at Llama-8B decode shapes, bf16, fresh random storage whose every book
-entry is read by some token): `spindle_decode_match` against `best_match` over the book (cosine
-within 1e-5, the same entry where the best cosine leads the next by more than that) and its
-attention partials (free slot empty) against `spindle_decode` (relative error), and the time of
-each: the fused kernel, vs `spindle_decode` + `best_match` for the key and the value book.
+Kernel (one codebook layer at Llama-8B decode shapes: 32 query heads, 8 kv heads, head_dim 128,
+bf16; fresh random storage whose every book entry is read by some token; per batch of `--batches`
+at `--context` tokens without RoPE, and batch 4 at 8K with RoPE, where only the float32 path runs):
+  agreement: the tensor-core attention (`spindle_decode`, the default there) against the float32
+  path (`mma=False`) and, where it fits, the float32 reference (relative error < 1e-2: bf16 output
+  and probabilities); for each path, `spindle_decode_match` against `best_match` over each book
+  (cosine within 1e-5: bf16 products are exact in float32 on either side; the same entry where the
+  best cosine leads the next by more than that) and its partials (free slot empty) against the
+  same path's `spindle_decode` (< 1e-3).
+  times (CUDA events, median): attention on the float32 path and on the tensor-core path; the
+  fused attention + match (with the reduce, as a decode step uses it) on each path; `best_match`
+  on both books; attention + `best_match` on both books (the separate match). Each with its
+  bandwidth share: bytes read / time / the device copy bandwidth measured in the same run
+  (`gpu.copy_bandwidth`). Bytes: attention reads per stored token its gathered key and value book
+  rows, two int16 indices and two bf16 magnitudes (and int32 positions with RoPE), plus the
+  queries and the output; `best_match` reads both books once.
+  --sweep: the tensor-core path's launch alternatives (block_n, warps, stages, splits) at the
+  largest batch, attention and fused.
 
 Model (random weights of Llama-3.1-8B's shapes, `--layers` of them, one row prefilled in 4096-token
 chunks and tiled to each batch): decode steps in the graphs mode with `FUSED_MATCH` on and off:
@@ -16,13 +29,15 @@ step time (CUDA events, median), captures/replays, and per step the logits' rela
 and greedy token agreement between the two (bf16: the two compute the same function in a
 different summation order).
 
-Measured 2026-11-25, H100 80GB HBM3, torch 2.11, triton 3.6 (code b13b877):
+Measured 2026-11-25, H100 80GB HBM3, torch 2.11, triton 3.6 (code b13b877, before the tensor-core
+path; the float32 path's fused match):
   kernel: every case agrees (cosines within 4e-7, the same entries, partials equal to
   `spindle_decode`); batch 4, 8K: fused 0.328 ms vs 0.505 ms apart (attention alone 0.147);
   batch 48, 32K: fused 5.81 ms vs 5.12 ms apart (attention alone 3.35); batch 4, 8K with RoPE:
   0.577 vs 0.963 ms.
   model, 8 layers, 32K, graph steps: batch 4 4.21 ms fused vs 3.65 ms apart, batch 48 13.55 vs
-  13.78 ms; logits within 1.8% relative (bf16), greedy tokens equal. So `FUSED_MATCH` is off.
+  13.78 ms; logits within 1.8% relative (bf16), greedy tokens equal.
+The tensor-core path on an H200: pending.
 """
 
 from __future__ import annotations
@@ -30,12 +45,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from functools import partial
 
 import torch
 
 from pipeline.bench.check_spindle import time_ms
 from policies import spindle_kernels as sk
 from policies import spindlekv
+
+HK, GROUP, D = 8, 4, 128  # Llama-8B: 8 kv heads of 4 query heads, head_dim 128
+REFERENCE_ELEMENTS = 1 << 29  # the float32 reference's dense [b, H, s, d] keys fit (2 GiB each)
 
 
 def _storage(b, hk, group, d, s, rope_theta, gen, dev):
@@ -61,6 +80,22 @@ def _storage(b, hk, group, d, s, rope_theta, gen, dev):
     )  # fmt: skip
 
 
+def attention_bytes(st) -> int:
+    """Bytes one attention pass moves: per stored token its key and value book rows (gathered),
+    indices and magnitudes (positions with RoPE); the queries and the output."""
+    tokens = int(st["n"].sum())
+    d, row = st["kbook"].shape[-1], st["kbook"].element_size()
+    per_token = 2 * d * row + sum(st[x].element_size() for x in ("rk", "rv", "mk", "mv"))
+    if st["rope_theta"] is not None:
+        per_token += st["pos"].element_size()
+    return tokens * per_token + 2 * st["query"].numel() * st["query"].element_size()
+
+
+def book_bytes(st) -> int:
+    """Bytes `best_match` reads on both books: every entry once."""
+    return sum(st[x].numel() * st[x].element_size() for x in ("kbook", "vbook"))
+
+
 def _match(book, x, r):
     """`best_match` of one new vector per (row, kv head) over the whole book: ([b, hk], [b, hk])."""
     b, hk, c, d = book.shape
@@ -70,44 +105,147 @@ def _match(book, x, r):
     return best.reshape(b, hk), arg.reshape(b, hk)
 
 
-def check_kernel(batch: int, tokens: int, rope_theta, dev=None, timing: bool = True) -> dict:
-    """One case: agreement (`ok`) and, with `timing`, the kernels' times (see the module)."""
-    dev = dev or torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(batch + tokens)
-    b, hk, group, d = batch, 8, 4, 128
-    st = _storage(b, hk, group, d, tokens, rope_theta, gen, dev)
+def _lead(book, x, r, rows: int = 8) -> torch.Tensor:
+    """[b, hk]: how far the best cosine of x with the book leads the runner-up (float32, by rows)."""
+    out = []
+    for lo in range(0, book.shape[0], rows):
+        cos = torch.einsum("bhcd,bhd->bhc", book[lo : lo + rows].float(), x[lo : lo + rows].float())
+        top = (cos * r[lo : lo + rows, :, None]).topk(2, dim=-1).values
+        out.append(top[..., 0] - top[..., 1])
+    return torch.cat(out)
+
+
+def _fused(st, xk, xv, rx, **launch):
+    """Attention with the match fused, reduced as a decode step uses it (its free slot, the new
+    token's term, three small writes in a step, emptied here): (attention, best, arg)."""
+    part, best, arg = sk.spindle_decode_match(**st, xk=xk, xv=xv, rx=rx, **launch)
+    part.pm[..., -1], part.pl[..., -1], part.pacc[..., -1, :] = float("-inf"), 0.0, 0.0
+    return sk.reduce_partials(part, torch.bfloat16), best, arg
+
+
+def _rel(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def _new_token(st, gen):
+    """A new key close to a book entry (a clear match) and a random value, bf16; their 1 / norms."""
+    b, hk, _, d = st["kbook"].shape
+    dev = st["kbook"].device
     xk = st["kbook"][:, :, 3].float() * 2 + 0.01 * torch.randn(b, hk, d, generator=gen, device=dev)
     xv = torch.randn(b, hk, d, generator=gen, device=dev)
     xk, xv = xk.to(torch.bfloat16), xv.to(torch.bfloat16)
     rx = torch.stack([1 / xk.float().norm(dim=-1), 1 / xv.float().norm(dim=-1)], dim=-1)
-    part, best, arg = sk.spindle_decode_match(**st, xk=xk, xv=xv, rx=rx)
-    part.pm[..., -1], part.pl[..., -1], part.pacc[..., -1, :] = float("-inf"), 0.0, 0.0
-    out = sk.reduce_partials(part, torch.bfloat16)
-    ref = sk.spindle_decode(**st)
-    row = {"batch": b, "tokens": tokens, "rope": rope_theta}
-    row["attn_rel_err"] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    ok = row["attn_rel_err"] < 1e-2
+    return xk, xv, rx
+
+
+def _agreement(st, xk, xv, rx, mma: bool) -> tuple[dict, bool]:
+    """The tensor-core (mma) or float32 path's agreement (see the module)."""
+    tag = "mma" if mma else "f32"
+    row: dict = {}
+    if mma:
+        out = sk.spindle_decode(**st)
+        row["mma_vs_f32_rel"] = _rel(out, sk.spindle_decode(**st, mma=False))
+        ok = row["mma_vs_f32_rel"] < 1e-2
+        b, h, s = st["query"].shape[0], st["query"].shape[1], st["rk"].shape[-1]
+        if b * h * s * st["query"].shape[-1] <= REFERENCE_ELEMENTS:
+            row["mma_vs_reference_rel"] = _rel(out, sk.reference_decode(**st))
+            ok = ok and row["mma_vs_reference_rel"] < 1e-2
+    else:
+        ok = True
+    attn, best, arg = _fused(st, xk, xv, rx, mma=mma)
+    row[f"fused_{tag}_attn_rel"] = _rel(attn, sk.spindle_decode(**st, mma=mma))
+    ok = ok and row[f"fused_{tag}_attn_rel"] < 1e-3
     for j, (book, x) in enumerate(((st["kbook"], xk), (st["vbook"], xv))):
         bm, am = _match(book, x, rx[..., j])
-        cos = torch.einsum("bhcd,bhd->bhc", book.float(), x.float()) * rx[..., j, None]
-        second = cos.topk(2, dim=-1).values
-        clear = (second[..., 0] - second[..., 1]) > 1e-5
-        row[f"best_maxdiff_{'kv'[j]}"] = (best[..., j] - bm).abs().max().item()
-        row[f"arg_equal_{'kv'[j]}"] = bool(torch.equal(arg[..., j][clear], am[clear]))
-        ok = ok and row[f"best_maxdiff_{'kv'[j]}"] < 1e-5 and row[f"arg_equal_{'kv'[j]}"]
+        clear = _lead(book, x, rx[..., j]) > 1e-5
+        diff = (best[..., j] - bm).abs().max().item()
+        same = bool(torch.equal(arg[..., j][clear], am[clear]))
+        row[f"fused_{tag}_best_maxdiff_{'kv'[j]}"] = diff
+        row[f"fused_{tag}_arg_equal_{'kv'[j]}"] = same
+        ok = ok and diff < 1e-5 and same
+    return row, ok
+
+
+def check_kernel(batch: int, tokens: int, rope_theta, copy_bps: float, dev=None, timing: bool = True) -> dict:
+    """One case: agreement (`ok`) and, with `timing`, the kernels' times and bandwidth shares."""
+    dev = dev or torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(batch + tokens)
+    st = _storage(batch, HK, GROUP, D, tokens, rope_theta, gen, dev)
+    xk, xv, rx = _new_token(st, gen)
+    mma = sk.mma_path(torch.bfloat16, rope_theta)
+    row = {"batch": batch, "tokens": tokens, "rope": rope_theta, "mma_path": mma}
+    ok = True
+    for path in (False, True) if mma else (False,):
+        got, good = _agreement(st, xk, xv, rx, path)
+        row.update(got)
+        ok = ok and good
     row["ok"] = ok
     if not timing:
         return row
+    attn, books = attention_bytes(st), book_bytes(st)
+    row["attention_GB"], row["books_GB"] = attn / 1e9, books / 1e9
 
-    def separate():
-        sk.spindle_decode(**st)
+    def matches():
         _match(st["kbook"], xk, rx[..., 0])
         _match(st["vbook"], xv, rx[..., 1])
 
-    row["fused_ms"] = time_ms(lambda: sk.spindle_decode_match(**st, xk=xk, xv=xv, rx=rx))["median_ms"]
-    row["separate_ms"] = time_ms(separate)["median_ms"]
-    row["attention_only_ms"] = time_ms(lambda: sk.spindle_decode(**st))["median_ms"]
+    def separate():
+        sk.spindle_decode(**st)
+        matches()
+
+    runs = {  # name: (function, bytes read)
+        "attn_f32": (partial(sk.spindle_decode, **st, mma=False), attn),
+        "fused_f32": (partial(_fused, st, xk, xv, rx, mma=False), attn),
+        "best_match_both": (matches, books),
+        "separate": (separate, attn + books),
+    }
+    if mma:
+        runs["attn_mma"] = (partial(sk.spindle_decode, **st, mma=True), attn)
+        runs["fused_mma"] = (partial(_fused, st, xk, xv, rx, mma=True), attn)
+    for name, (fn, nbytes) in runs.items():
+        ms = time_ms(fn)["median_ms"]
+        row[f"{name}_ms"] = round(ms, 4)
+        row[f"{name}_bw_pct"] = round(100 * nbytes / (ms * 1e-3) / copy_bps, 1)
     return row
+
+
+# (block_n, num_warps, num_stages) of the tensor-core path, and programs per SM for the splits
+SWEEP_LAUNCH = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 2)]
+SWEEP_LAUNCH += [(128, 8, 3)]
+SWEEP_WAVES = (4, 32)
+
+
+def sweep(batch: int, tokens: int, copy_bps: float, dev=None) -> list[dict]:
+    """The tensor-core path's launch alternatives at one size: attention and fused, ms and bandwidth."""
+    dev = dev or torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(batch + tokens)
+    st = _storage(batch, HK, GROUP, D, tokens, None, gen, dev)
+    xk, xv, rx = _new_token(st, gen)
+    nbytes = attention_bytes(st)
+    ref = sk.spindle_decode(**st, mma=False)
+    rows = []
+    for bn, warps, stages in SWEEP_LAUNCH:
+        for waves in SWEEP_WAVES:
+            splits, _ = sk.plan_splits(batch * HK, tokens, bn, dev, waves, sk.MMA_MIN_BLOCKS)
+            kw = dict(block_n=bn, num_warps=warps, num_stages=stages, splits=splits, mma=True)
+            row = dict(block_n=bn, num_warps=warps, num_stages=stages, waves=waves, splits=splits)
+            try:
+                row["rel_vs_f32"] = _rel(sk.spindle_decode(**st, **kw), ref)
+                row["attn_ms"] = time_ms(partial(sk.spindle_decode, **st, **kw), reps=20)["median_ms"]
+                row["fused_ms"] = time_ms(partial(_fused, st, xk, xv, rx, **kw), reps=20)["median_ms"]
+            except Exception as exc:  # noqa: BLE001 - a launch that does not fit: report and go on
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            if "attn_ms" in row:
+                row["attn_bw_pct"] = round(100 * nbytes / (row["attn_ms"] * 1e-3) / copy_bps, 1)
+                row["fused_bw_pct"] = round(100 * nbytes / (row["fused_ms"] * 1e-3) / copy_bps, 1)
+            rows.append(row)
+            print("sweep", json.dumps(row), flush=True)
+    timed = [r for r in rows if "attn_ms" in r and r["rel_vs_f32"] < 1e-2]
+    for key in ("attn_ms", "fused_ms"):
+        if timed:
+            best = min(timed, key=lambda r: r[key])
+            print(f"sweep best {key}: {json.dumps(best)}", flush=True)
+    return rows
 
 
 def check_model(args) -> list[dict]:
@@ -122,6 +260,7 @@ def check_model(args) -> list[dict]:
     gen = measure.make_generator(bm, make_policy("spindlekv"), Budget(ratio=args.ratio))
     measure.use_kvpipe_attention(bm)
     rows = []
+    was = spindlekv.FUSED_MATCH
     with torch.inference_mode():
         pre = measure.kvpipe_prefill(gen, ids, 4096, 3 + args.steps + 2)
         for batch in [int(x) for x in args.batches.split(",")]:
@@ -159,8 +298,16 @@ def check_model(args) -> list[dict]:
             }  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
-    spindlekv.FUSED_MATCH = True
+    spindlekv.FUSED_MATCH = was
     return rows
+
+
+def _summary(row: dict) -> str:
+    """One line per kernel case: ms (bandwidth %) of each timed run."""
+    names = ("attn_f32", "attn_mma", "fused_f32", "fused_mma", "best_match_both", "separate")
+    parts = [f"{n} {row[n + '_ms']:.3f} ms ({row[n + '_bw_pct']:.0f}%)" for n in names if n + "_ms" in row]
+    head = f"batch {row['batch']}, {row['tokens']} tokens{', rope' if row['rope'] else ''}:"
+    return " ".join([head, " | ".join(parts), "| ok" if row["ok"] else "| DISAGREE"])
 
 
 def main(argv=None) -> int:
@@ -169,29 +316,44 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--batches", default="4,48")
+    ap.add_argument("--batches", default="4,48,109")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--ratio", type=float, default=0.25)
     ap.add_argument("--no-model", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="the tensor-core path's launch alternatives")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check here (the kernel tests run under TRITON_INTERPRET=1)")
         return 0
     gpu.prefer_expandable_segments()
-    result = {"device": torch.cuda.get_device_name(), "kernel": [], "model": []}
-    for batch, tokens, rope in ((4, 8192, None), (48, 32768, None), (4, 8192, 500000.0)):
-        row = check_kernel(batch, tokens, rope)
+    device = torch.device("cuda")
+    copy = gpu.copy_bandwidth(device)
+    print(f"device copy bandwidth: {copy['tb_per_s']:.3f} TB/s ({copy['method']})", flush=True)
+    result = {"device": torch.cuda.get_device_name(), "copy": copy, "kernel": [], "sweep": [], "model": []}
+    batches = [int(x) for x in args.batches.split(",")]
+    cases = [(b, args.context, None) for b in batches] + [(4, 8192, 500000.0)]
+    for batch, tokens, rope in cases:
+        row = check_kernel(batch, tokens, rope, copy["bytes_per_s"])
         result["kernel"].append(row)
         print(json.dumps(row), flush=True)
+        print(_summary(row), flush=True)
+        gpu.cleanup(device)
+    if args.sweep:
+        result["sweep"] = sweep(max(batches), args.context, copy["bytes_per_s"])
+        gpu.cleanup(device)
     if not args.no_model:
         result["model"] = check_model(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     failed = sum(not r["ok"] for r in result["kernel"])
-    print("kernel checks failed:", failed, "| median fused/separate ms:",
-          statistics.median(r["fused_ms"] / r["separate_ms"] for r in result["kernel"]))  # fmt: skip
+    mma_rows = [r for r in result["kernel"] if "attn_mma_ms" in r]
+    print("kernel checks failed:", failed)
+    for num, den in (("attn_f32", "attn_mma"), ("fused_mma", "attn_mma"), ("separate", "fused_mma")):
+        if mma_rows:
+            ratio = statistics.median(r[num + "_ms"] / r[den + "_ms"] for r in mma_rows)
+            print(f"median {num} / {den}: {ratio:.3f}")
     return 1 if failed else 0
 
 

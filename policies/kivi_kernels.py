@@ -417,48 +417,6 @@ if triton is not None:
         return m_i, l_i, acc0, acc1, acc2, acc3
 
     @triton.jit
-    def _ring_dot(acc, p, vr_base, tok, inside, swt, Wv, t: tl.constexpr, dt, PER: tl.constexpr,
-                  D: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-        """acc [M, D/PER] (channels j * PER + t) += p [M, BN] @ the ring's values of tokens `tok`."""
-        ch = tl.arange(0, D // PER) * PER + t
-        v = tl.load(vr_base + (tok % Wv)[:, None] * swt + ch[None, :], mask=inside[:, None], other=0.0)
-        if IEEE:
-            return acc + tl.dot(p, v.to(dt), input_precision="ieee")
-        return acc + tl.dot(p, v.to(dt))
-
-    @triton.jit
-    def _ring_tile(
-        q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, qk_scale, kr_base, vr_base, srt, swt, Wk, Wv,
-        D: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
-    ):  # fmt: skip
-        """`_tail_tile` for a tile whose tokens are all in the residual rings (at or past both `nk` and
-        `nv`): plain full-precision attention, no quantised bytes loaded, one score product. The
-        steady state of decoding (between flushes) has its whole tail here."""
-        PER: tl.constexpr = 8 // BITS
-        dt = q.dtype
-        c = tl.arange(0, D)
-        tok = start + tl.arange(0, BN)
-        inside = tok < n
-        k = tl.load(kr_base + (tok % Wk)[None, :] * srt + c[:, None], mask=inside[None, :], other=0.0)
-        if IEEE:
-            scores = tl.dot(q, k.to(dt), input_precision="ieee")
-        else:
-            scores = tl.dot(q, k.to(dt))
-        scores = tl.where(inside[None, :], scores * qk_scale, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        p = p.to(dt)
-        acc0 = _ring_dot(acc0 * alpha[:, None], p, vr_base, tok, inside, swt, Wv, 0, dt, PER, D, IEEE)
-        acc1 = _ring_dot(acc1 * alpha[:, None], p, vr_base, tok, inside, swt, Wv, 1, dt, PER, D, IEEE)
-        if PER == 4:
-            acc2 = _ring_dot(acc2 * alpha[:, None], p, vr_base, tok, inside, swt, Wv, 2, dt, PER, D, IEEE)
-            acc3 = _ring_dot(acc3 * alpha[:, None], p, vr_base, tok, inside, swt, Wv, 3, dt, PER, D, IEEE)
-        return m_new, l_i, acc0, acc1, acc2, acc3
-
-    @triton.jit
     def _ints_as_floats(x, t: tl.constexpr, sc, ze, BITS: tl.constexpr, DEQ: tl.constexpr):
         """The integers at bit offset t of the bytes `x` (uint8), de-quantised as `x' * sc + ze`.
 
@@ -692,19 +650,12 @@ if triton is not None:
         lo = split * per_split
         hi = tl.minimum(lo + per_split, n)
         if TAIL:  # program_id(1) takes every TAIL_PARTS-th tile of the tail
-            quantised_end = tl.maximum(nk, nv)  # tiles from here on hold ring tokens only
             for start in range(quant_end + split * BN, n, BN * TAIL_PARTS):
-                if start >= quantised_end:
-                    m_i, l_i, acc0, acc1, acc2, acc3 = _ring_tile(
-                        q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, qk_scale, kr_base, vr_base,
-                        srt, swt, Wk, Wv, D, BITS, BN, IEEE,
-                    )  # fmt: skip
-                else:
-                    m_i, l_i, acc0, acc1, acc2, acc3 = _tail_tile(
-                        q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
-                        kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
-                        skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE,
-                    )  # fmt: skip
+                m_i, l_i, acc0, acc1, acc2, acc3 = _tail_tile(
+                    q, m_i, l_i, acc0, acc1, acc2, acc3, start, n, nk, nv, qk_scale,
+                    kq_base, ks_base, kz_base, kr_base, vq_base, vs_base, vz_base, vr_base,
+                    skg, ssg, srt, svt, sut, swt, Wk, Wv, D, G, GV, BITS, BN, IEEE,
+                )  # fmt: skip
             part = bh * num_parts + num_parts - TAIL_PARTS + split
         else:
             for start in range(lo, tl.minimum(hi, quant_end), BN):
@@ -811,7 +762,9 @@ def decode_attention(
     use_cuda = _cuda_blocks(impl, query, store, group)
     if use_cuda:  # one warp a program, whole 128-token blocks; the tail in smaller tiles
         programs_per_sm = programs_per_sm or CUDA_PROGRAMS_PER_SM
-        bn, tail_bn, fewest = kivi_cuda.BLOCK, block_n or TAIL_BLOCK, CUDA_MIN_BLOCKS_PER_SPLIT
+        # the tail's tiles divide the CUDA block (a larger `block_n` is capped there)
+        bn, fewest = kivi_cuda.BLOCK, CUDA_MIN_BLOCKS_PER_SPLIT
+        tail_bn = min(block_n or TAIL_BLOCK, bn)
     else:
         programs_per_sm = programs_per_sm or tuned["programs_per_sm"]
         bn = tail_bn = block_n or default_block_n(store.bits)

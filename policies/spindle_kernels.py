@@ -546,15 +546,16 @@ def mma_path(dtype: torch.dtype, rope_theta: float | None) -> bool:
 
 
 # The shared kernel's launch on its tensor-core path (Llama-8B decode shapes: G = 4 of GP = 16 rows,
-# D = 128, bf16), chosen by reasoning; the H200 timing is pending (`check_spindle_decode --sweep`
-# times the alternatives). BLOCK_N 64: a block gathers 64 key + 64 value rows (32 KiB) per
-# iteration, and 3 stages keep two of them in flight (64 KiB per program; about 30 KiB per SM is
-# what the copy bandwidth times the memory latency asks for), in 96 KiB of shared memory: two
-# programs per SM. 4 warps: at M = 16 the products are small (16 x 64 x 128), more warps only
-# split them thinner. Splits: 32 programs per SM at least, so that the grid's last partial wave
-# is short (at batch 109, 32K: 872 (row, kv head) programs of one split were 3.3 waves of 264),
-# but a split keeps 8 blocks or more (its partials, 4 x 130 floats, stay < 1% of what it reads).
-MMA_BLOCK_N, MMA_WARPS, MMA_STAGES, MMA_WAVES, MMA_MIN_BLOCKS = 64, 4, 3, 32, 8
+# D = 128, bf16), the fastest of `check_spindle_decode --sweep` on an H200 (code 4c16208, batch 109,
+# 32K tokens, 14.86 GB read; attention alone / with the fused match, ms):
+#   block_n 128, 4 warps, 2 stages, >= 32 programs per SM (5 splits):  3.49 / 4.86   <- chosen
+#   block_n 128, 4 warps, 2 stages, 4 per SM (1 split):                3.95 / 5.56
+#   block_n 64, 4 warps, 2 stages, 32 per SM:                           4.06 / 6.73
+#   block_n 64, 4 warps, 3 stages, 32 per SM (the reasoned guess):      5.15 / 6.36
+#   block_n 128, 8 warps, 3 stages:                                     9.09 / 10.40
+# the float32 path: 5.88 / 16.83; the separate match (best_match on both books) 3.00 more.
+# Splits keep 8 blocks or more (their partials stay < 1% of what they read).
+MMA_BLOCK_N, MMA_WARPS, MMA_STAGES, MMA_WAVES, MMA_MIN_BLOCKS = 128, 4, 2, 32, 8
 
 
 def _partials(

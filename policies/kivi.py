@@ -159,7 +159,8 @@ class QuantizedKVLayer(KVLayer):
     geometrically or to what `reserve` asks, so a decode step copies nothing already stored.
     The host mirrors the counts (`_hn`, `_hnk`, `_hnv`, CPU): a forward without padding
     (`note_padding(False)`) advances them without a device sync; after one with padding they
-    are read back once, when next needed.
+    are read back once, when next needed. While every (row, head) holds the same counts the host
+    keeps them as three ints (`_uni`) and builds the CPU tensors only when a caller asks.
 
     `keys`, `values` and `positions` are the de-quantised view over slots [0, max n) (slot j of
     a (row, head) = its j-th token; slots past its length are EMPTY) - the reference path, used
@@ -246,13 +247,35 @@ class QuantizedKVLayer(KVLayer):
         return self._vring[:, :, :-1]
 
     # -- host mirror of the counts -----------------------------------------------------------
+    # `_hc`: (n, nk, nv) as [b, h] CPU tensors, or None while the counts are uniform (`_uni`, three
+    # host ints, is all the uniform paths need): the tensors are then built from `_uni` when a ragged
+    # path or a caller asks for them (`_hn`, `_hnk`, `_hnv`), not advanced on every forward.
+    @property
+    def _hn(self) -> torch.Tensor:
+        return self._host_counts()[0]
+
+    @property
+    def _hnk(self) -> torch.Tensor:
+        return self._host_counts()[1]
+
+    @property
+    def _hnv(self) -> torch.Tensor:
+        return self._host_counts()[2]
+
+    def _host_counts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The host counts as they stand (no device read; see `_host` for exact ones)."""
+        if self._hc is None:  # held as `_uni` only
+            b, h = self._n.shape
+            self._hc = tuple(torch.full((b, h), x, dtype=torch.int64) for x in self._uni)
+        return self._hc
+
     def _host(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(n, nk, nv) on the host, exact; reads them back (one sync) only when they are unknown."""
-        if self._hn is None or self._pending is not None:
-            self._hn, self._hnk, self._hnv = torch.stack([self._n, self._nk, self._nv]).cpu().unbind(0)
+        if self._pending is not None or (self._hc is None and not isinstance(self._uni, tuple)):
+            self._hc = tuple(torch.stack([self._n, self._nk, self._nv]).cpu().unbind(0))
             self._pending = None
             self._uni = _UNKNOWN
-        return self._hn, self._hnk, self._hnv
+        return self._host_counts()
 
     def _uniform(self) -> tuple[int, int, int] | None:
         """(n, nk, nv) as ints when every (row, head) holds the same counts (host-known), else None.
@@ -268,9 +291,12 @@ class QuantizedKVLayer(KVLayer):
 
     def note_padding(self, padded: bool, valid: list[int] | None = None) -> None:
         super().note_padding(padded, valid)
-        if self._ready and self._pending is not None and self._hn is not None and not padded:
-            self._hn = self._hn + self._pending  # every row and head stored all the new tokens
-            if self._uni is not None and self._uni is not _UNKNOWN:
+        if self._ready and self._pending is not None and not padded:
+            # every row and head stored all the new tokens
+            if self._hc is not None:
+                hn, hnk, hnv = self._hc
+                self._hc = (hn + self._pending, hnk, hnv)
+            if isinstance(self._uni, tuple):
                 n, nk, nv = self._uni
                 self._uni = (n + self._pending, nk, nv)
             self._pending = None
@@ -284,10 +310,12 @@ class QuantizedKVLayer(KVLayer):
         return u[0] if u is not None else self._max(self._host()[0])
 
     def _key_groups(self) -> int:
-        return self._max(self._host()[1]) // self.group_size
+        u = self._uniform()
+        return (u[1] if u is not None else self._max(self._host()[1])) // self.group_size
 
     def _value_tokens(self) -> int:
-        return self._max(self._host()[2])
+        u = self._uniform()
+        return u[2] if u is not None else self._max(self._host()[2])
 
     # -- storage ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -304,7 +332,7 @@ class QuantizedKVLayer(KVLayer):
         dev, dt = key_states.device, key_states.dtype
         zeros = torch.zeros((b, h), dtype=torch.int64, device=dev)
         self._n, self._nk, self._nv = zeros.clone(), zeros.clone(), zeros.clone()
-        self._hn = self._hnk = self._hnv = torch.zeros((b, h), dtype=torch.int64)
+        self._hc = None  # (the host counts are `_uni`)
         self._pending: int | None = None
         self._uni = (0, 0, 0)
         self._pos_buf = torch.full((b, h, 1), EMPTY, dtype=torch.int32, device=dev)
@@ -405,7 +433,8 @@ class QuantizedKVLayer(KVLayer):
             self._ks_buf.scatter_(2, _expand_index(idx, scale), scale)
             self._kz_buf.scatter_(2, _expand_index(idx, zero), zero)
             self._nk.add_(mk)  # in place: a captured decode step reads the counts by address
-            self._hnk = hnk = hnk + mk_host
+            hnk = hnk + mk_host
+            self._hc = (hn, hnk, hnv)
             self._uni = _UNKNOWN
         # values: whole groups of G older than the newest `residual` tokens, per token
         mv_host = torch.div((hn - hnv - self.residual).clamp(min=0), g, rounding_mode="floor") * g
@@ -429,7 +458,8 @@ class QuantizedKVLayer(KVLayer):
             self._vs_buf.scatter_(2, _expand_index(idx, scale), scale)
             self._vz_buf.scatter_(2, _expand_index(idx, zero), zero)
             self._nv.add_(mv)
-            self._hnv = hnv = hnv + mv_host
+            hnv = hnv + mv_host
+            self._hc = (hn, hnk, hnv)
             self._uni = _UNKNOWN
         # rings larger than a decode step needs (after a prefill) go back to that size
         for which, count in (("k", hnk), ("v", hnv)):
@@ -461,8 +491,9 @@ class QuantizedKVLayer(KVLayer):
                 self._quantize_uniform(nk, mk, nv, mv)
             self._nk.add_(mk)  # in place: a captured decode step reads the counts by address
             self._nv.add_(mv)
-            self._hnk, self._hnv, nk, nv = self._hnk + mk, self._hnv + mv, nk + mk, nv + mv
+            nk, nv = nk + mk, nv + mv
         self._uni = (n, nk, nv)
+        self._hc = None  # (the host counts are `_uni`)
         for which, count in (("k", nk), ("v", nv)):  # rings larger than decoding needs shrink
             ring = self._kring if which == "k" else self._vring
             size = max(self._ring_min(which), n - count)
@@ -721,13 +752,15 @@ class QuantizedKVLayer(KVLayer):
     def commit_static(self, steps: int = 1) -> None:
         """Host bookkeeping of `steps` static steps: every (row, head) stored one token per step
         (decode positions are never EMPTY)."""
-        old = (self._hn, self._hnk, self._hnv)
-        self._hn = self._hn + steps
-        if self._uni is not None and self._uni is not _UNKNOWN:
+        old = self._hc
+        if old is not None:
+            hn, hnk, hnv = old
+            self._hc = (hn + steps, hnk, hnv)
+        if isinstance(self._uni, tuple):
             n, nk, nv = self._uni
             self._uni = (n + steps, nk, nv)
-        if self._lag_of is not None and all(a is b for a, b in zip(self._lag_of, old)):
-            self._lag_of = (self._hn, self._hnk, self._hnv)
+        if old is not None and self._lag_of is not None and all(a is b for a, b in zip(self._lag_of, old)):
+            self._lag_of = self._hc
             self._lag_val = tuple(x + steps for x in self._lag_val)
 
     def _load_dense(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, stats) -> None:
@@ -740,8 +773,8 @@ class QuantizedKVLayer(KVLayer):
         self._n = n
         self._nk = torch.zeros_like(n)
         self._nv = torch.zeros_like(n)
-        self._hn = n.to("cpu", copy=True)  # never the device tensor itself (on CPU), which advances in place
-        self._hnk = self._hnv = torch.zeros_like(self._hn)
+        hn = n.to("cpu", copy=True)  # never the device tensor itself (on CPU), which advances in place
+        self._hc = (hn, torch.zeros_like(hn), torch.zeros_like(hn))
         self._pending = None
         self._uni = _UNKNOWN
         pos = torch.where(front_mask(n, s), pos, torch.full_like(pos, EMPTY))
@@ -770,7 +803,7 @@ class QuantizedKVLayer(KVLayer):
             return
         self._host()
         host_rows = rows.cpu()
-        self._hn, self._hnk, self._hnv = self._hn[host_rows], self._hnk[host_rows], self._hnv[host_rows]
+        self._hc = tuple(x[host_rows] for x in self._host_counts())
         self._uni = _UNKNOWN
         for name in (
             "_n", "_nk", "_nv", "_pos_buf", "_kq_buf", "_ks_buf", "_kz_buf",

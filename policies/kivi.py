@@ -390,6 +390,17 @@ class QuantizedKVLayer(KVLayer):
         else:
             self._vring = new
 
+    def _place_ring(self, which: str, size: int, count: int, n: int, zero: bool = True) -> torch.Tensor:
+        """`_resize_ring` when every (row, head) holds tokens [count, n) in ring `which`: copied by
+        host-int slices (one per run that no ring wraps), no index tensors. `zero`: slots that hold
+        no token are zero (else whatever memory held: slots that are written before they are read)."""
+        ring = self._kring if which == "k" else self._vring
+        b, h, _, d = ring.shape
+        new = (ring.new_zeros if zero else ring.new_empty)((b, h, size + 1, d))
+        _copy_ring(ring, count, n, new)
+        setattr(self, "_kring" if which == "k" else "_vring", new)
+        return new
+
     def _store(self) -> KiviStore:
         return KiviStore(
             self._n, self._nk, self._nv, self._kq, self._kscale, self._kzero, self._kres,
@@ -498,7 +509,7 @@ class QuantizedKVLayer(KVLayer):
             ring = self._kring if which == "k" else self._vring
             size = max(self._ring_min(which), n - count)
             if ring.shape[2] - 1 > size:
-                self._resize_ring(which, size)
+                self._place_ring(which, size, count, n)
 
     def _quantize_uniform(self, nk: int, mk: int, nv: int, mv: int) -> None:
         """The torch form of `_flush_uniform`'s kernels: key tokens [nk, nk + mk) and value tokens
@@ -556,6 +567,48 @@ class QuantizedKVLayer(KVLayer):
             s = self._slots()
             self.slot_stats = {x: t[:, :, :s] for x, t in self.slot_stats.items()}
         return None, None
+
+    def append_step(self, keys: torch.Tensor, values: torch.Tensor, step) -> None:
+        """A forward's tokens (`KVLayer.append_step`). A chunk (several tokens) without padding or
+        per-slot statistics over uniform counts goes to the same host-known slots of every (row,
+        head), written by slices (`_append_uniform`): no index tensors, and no `note_padding` to
+        wait for (the step says that nothing is padded). Everything else: `append`, `note_padding`."""
+        if not self._ready:
+            self.lazy_initialization(keys, values)
+        if keys.shape[2] > 1 and not step.padded and not self.slot_stats:
+            self._flush()  # (what `append` does first)
+            if self._uniform() is not None:
+                self._append_uniform(keys, values, step.slot_positions, wide=step.compress)
+                return
+        super().append_step(keys, values, step)
+
+    def _append_uniform(
+        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, wide: bool
+    ) -> None:
+        """Tokens [n, n + q) of every (row, head) (no padding, uniform counts, flushed): ring slots
+        j % W and positions [n, n + q) by slices; the counts advance by q, on the host too.
+
+        `wide` (the forward compresses: `compress_layer` flushes this layer right after its
+        attention): each ring holds every token at its own index (W >= n + q), so that attention
+        de-quantises the earlier tokens into the ring's dead slots [0, count) and attends over
+        the ring itself (`_dense`: no dense copy, no residual copy), and the flush quantises from it
+        and puts the residual back into a ring of decoding's size. The wide ring is what attention
+        would allocate anyway (the dense keys or values of the layer), taken a little earlier and
+        given back by the flush; without the flush to follow, rings grow only to the residual
+        plus the chunk."""
+        n, nk, nv = self._uni
+        q = keys.shape[2]
+        for which, new, count in (("k", keys, nk), ("v", values, nv)):
+            ring = self._kring if which == "k" else self._vring
+            need = n + q if wide else n - count + q
+            if ring.shape[2] - 1 < need:
+                ring = self._place_ring(which, max(need, self._ring_min(which)), count, n, zero=not wide)
+            _write_ring(ring, n, new)
+        self._grow("_pos_buf", n + q, fill=EMPTY)
+        self._pos_buf[:, :, n : n + q] = positions[:, None, :]
+        self._n = self._n + q
+        self._uni = (n + q, nk, nv)
+        self._hc = None
 
     def _append_one(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """A decode token when every (row, head) holds the same counts: written at host-known slots.
@@ -625,11 +678,14 @@ class QuantizedKVLayer(KVLayer):
         """Keys or values [b, h, n, d] (model dtype) when every (row, head) holds n tokens, the first
         `count` quantised: a view of the residual ring when nothing is quantised (and it does not wrap)."""
         ring = self._kring if which == "k" else self._vring
-        res = _ring_range(ring, count, n)
         if count == 0:
-            return res
+            return _ring_range(ring, count, n)
         b, h, _, d = ring.shape
-        out = ring.new_empty((b, h, n, d))
+        # a ring of n slots or more holds token j in slot j: the quantised tokens' slots [0, count)
+        # are dead, and the earlier tokens are de-quantised into them (the ring is the dense view)
+        wide = ring.shape[2] - 1 >= n
+        out = ring if wide else ring.new_empty((b, h, n, d))
+        res = None if wide else _ring_range(ring, count, n)
         g, bits = self.group_size, self.bits
         if kernels_run(ring):
             # one pass from the packed bytes to the model dtype (no float32 temporaries)
@@ -641,8 +697,9 @@ class QuantizedKVLayer(KVLayer):
                 kivi_kernels.dequantize_values_into(
                     self._vq_buf, self._vs_buf, self._vz_buf, out, count, bits
                 )
-            out[:, :, count:] = res
-            return out
+            if not wide:
+                out[:, :, count:] = res
+            return out[:, :, :n]
         table = _unpack_table(bits, ring.device)
         step = max(g, (1 << 24) // max(1, b * h * d) // g * g)  # bounded float32 temporaries
         for lo in range(0, count, step):
@@ -659,8 +716,9 @@ class QuantizedKVLayer(KVLayer):
                 out[:, :, lo:hi].view(b, h, (hi - lo) // g, g, d).copy_(x.transpose(-1, -2))
             else:
                 out[:, :, lo:hi] = x.reshape(b, h, hi - lo, d)
-        out[:, :, count:] = res
-        return out
+        if not wide:
+            out[:, :, count:] = res
+        return out[:, :, :n]
 
     def _store_for_kernel(self) -> KiviStore:
         """The store over whole buffers (no host counts needed: the kernel reads the lengths)."""
@@ -861,6 +919,29 @@ def _ring_range(ring: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     if start + (hi - lo) <= w:
         return ring[:, :, start : start + hi - lo]
     return torch.cat([ring[:, :, start:w], ring[:, :, : hi - lo - (w - start)]], dim=2)
+
+
+def _ring_runs(lo: int, hi: int, *widths: int):
+    """(first token, length) of the runs of tokens [lo, hi) within which no ring of `widths` wraps."""
+    j = lo
+    while j < hi:
+        run = min(hi - j, *(w - j % w for w in widths))
+        yield j, run
+        j += run
+
+
+def _copy_ring(src: torch.Tensor, lo: int, hi: int, dst: torch.Tensor) -> None:
+    """Tokens [lo, hi) of ring `src` into ring `dst` (each [b, h, W + 1, d], token j in slot j % W)."""
+    ws, wd = src.shape[2] - 1, dst.shape[2] - 1
+    for j, run in _ring_runs(lo, hi, ws, wd):
+        dst[:, :, j % wd : j % wd + run] = src[:, :, j % ws : j % ws + run]
+
+
+def _write_ring(ring: torch.Tensor, lo: int, new: torch.Tensor) -> None:
+    """Tokens [lo, lo + q) of `new` ([b, h, q, d]) into `ring` (token j in slot j % W)."""
+    w = ring.shape[2] - 1
+    for j, run in _ring_runs(lo, lo + new.shape[2], w):
+        ring[:, :, j % w : j % w + run] = new[:, :, j - lo : j - lo + run]
 
 
 # Tests set this to run the fused kernels on CPU tensors under Triton's interpreter; the

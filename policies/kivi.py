@@ -359,13 +359,22 @@ class QuantizedKVLayer(KVLayer):
         """Ring slots a decode step needs: the most residual tokens after a flush, plus one."""
         return self._unit() if which == "k" else self.residual + self.group_size
 
-    def _grow(self, name: str, need: int, fill=0) -> None:
-        """Make buffer `name` hold at least `need` items (+ its dump slot), keeping the stored ones."""
+    def _grow(self, name: str, need: int, top: int, fill=0) -> None:
+        """Make buffer `name` hold at least `need` items (+ its dump slot), keeping the stored ones.
+
+        `top`: the tokens of the longest (row, head) once this store is done. With a spare (the
+        tokens the engine says will follow: the rest of a prompt for a storage form that keeps every
+        token, the decode tokens) the buffer is sized at once for top + spare tokens, exactly as
+        `reserve` sizes it, so that it is not grown again; without one, geometrically."""
         buf = getattr(self, name)
         cap = buf.shape[2] - 1
         if need <= cap:
             return
-        new_cap = need + max(self.spare, need // 8, 16)
+        if self.spare > 0:
+            per = self.group_size if name in _KEY_BUFFERS else 1  # key buffers hold groups
+            new_cap = max(need, -(-(top + self.spare) // per))
+        else:
+            new_cap = need + max(need // 8, 16)
         new = buf.new_full((*buf.shape[:2], new_cap + 1, *buf.shape[3:]), fill)
         new[:, :, :cap] = buf[:, :, :cap]
         setattr(self, name, new)
@@ -435,9 +444,9 @@ class QuantizedKVLayer(KVLayer):
             block = block.reshape(b, h, m // g, g, d).transpose(-1, -2)
             packed, scale, zero = quantize_groups(block, bits, self.dtype)
             grp = torch.arange(m // g, device=self._n.device)
-            self._grow("_kq_buf", self._max(hnk + mk_host) // g)
-            self._grow("_ks_buf", self._max(hnk + mk_host) // g)
-            self._grow("_kz_buf", self._max(hnk + mk_host) // g)
+            groups, top = self._max(hnk + mk_host) // g, self._max(hn)
+            for name in _KEY_BUFFERS:
+                self._grow(name, groups, top)
             dump = self._kq_buf.shape[2] - 1
             idx = torch.where(grp < (mk // g)[..., None], (self._nk // g)[..., None] + grp, dump)
             self._kq_buf.scatter_(2, _expand_index(idx, packed), packed)
@@ -460,9 +469,9 @@ class QuantizedKVLayer(KVLayer):
                 tokens.reshape(b, h, m, d // self.gv, self.gv), bits, self.dtype
             )
             packed = packed.reshape(b, h, m, -1)
-            need = self._max(hnv + mv_host)
+            need, top = self._max(hnv + mv_host), self._max(hn)
             for name in ("_vq_buf", "_vs_buf", "_vz_buf"):
-                self._grow(name, need)
+                self._grow(name, need, top)
             dump = self._vq_buf.shape[2] - 1
             idx = torch.where(j < mv[..., None], tok, dump)
             self._vq_buf.scatter_(2, _expand_index(idx, packed), packed)
@@ -486,10 +495,10 @@ class QuantizedKVLayer(KVLayer):
         mk = (n - nk) // self._unit() * self._unit()
         mv = max(0, n - nv - self.residual) // g * g
         if mk > 0 or mv > 0:
-            for name in ("_kq_buf", "_ks_buf", "_kz_buf"):
-                self._grow(name, (nk + mk) // g)
+            for name in _KEY_BUFFERS:
+                self._grow(name, (nk + mk) // g, n)
             for name in ("_vq_buf", "_vs_buf", "_vz_buf"):
-                self._grow(name, nv + mv)
+                self._grow(name, nv + mv, n)
             if kernels_run(self._kring):
                 # one kernel each from the ring to the packed store (no float32 temporaries)
                 kivi_kernels.quantize_keys_from_ring(
@@ -555,7 +564,7 @@ class QuantizedKVLayer(KVLayer):
             w = ring.shape[2] - 1
             idx = torch.where(valid, tok % w, w)
             ring.scatter_(2, _expand_index(idx, new), new.to(ring.dtype))
-        self._grow("_pos_buf", self._max(hn) + q, fill=EMPTY)
+        self._grow("_pos_buf", self._max(hn) + q, self._max(hn) + q, fill=EMPTY)
         dump = self._pos_buf.shape[2] - 1
         new_pos = positions.to(torch.int32)[:, None, :].expand(b, h, q)
         self._pos_buf.scatter_(2, torch.where(valid, tok, dump), new_pos)
@@ -604,7 +613,7 @@ class QuantizedKVLayer(KVLayer):
             if ring.shape[2] - 1 < need:
                 ring = self._place_ring(which, max(need, self._ring_min(which)), count, n, zero=not wide)
             _write_ring(ring, n, new)
-        self._grow("_pos_buf", n + q, fill=EMPTY)
+        self._grow("_pos_buf", n + q, n + q, fill=EMPTY)
         self._pos_buf[:, :, n : n + q] = positions[:, None, :]
         self._n = self._n + q
         self._uni = (n + q, nk, nv)
@@ -622,7 +631,7 @@ class QuantizedKVLayer(KVLayer):
                 self._resize_ring(which, max(n - count + 1, self._ring_min(which)))
                 ring = self._kring if which == "k" else self._vring
             ring[:, :, n % (ring.shape[2] - 1)] = new[:, :, 0]
-        self._grow("_pos_buf", n + 1, fill=EMPTY)
+        self._grow("_pos_buf", n + 1, n + 1, fill=EMPTY)
         self._pos_buf[:, :, n] = positions.to(torch.int32)  # [b, 1] over every head
         self._n = self._n + (positions != EMPTY)
         self._pending = 1  # `note_padding(False)` confirms that every row stored its token
@@ -631,8 +640,7 @@ class QuantizedKVLayer(KVLayer):
         """Capacity for `extra` more tokens per (row, head) (decoding appends in place, copies nothing)."""
         if not self._ready:
             return
-        hn, hnk, hnv = self._host()
-        top = self._max(hn) + extra
+        top = self._lags()[0] + extra
         g = self.group_size
         for name, need, fill in (
             ("_pos_buf", top, EMPTY),
@@ -910,6 +918,7 @@ class QuantizedKVLayer(KVLayer):
 
 
 _UNKNOWN = object()  # `QuantizedKVLayer._uni` not yet derived from the host counts
+_KEY_BUFFERS = ("_kq_buf", "_ks_buf", "_kz_buf")  # items: key groups
 
 
 def _ring_range(ring: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -959,6 +968,7 @@ class KIVI(Policy):
     name = "kivi"
     paper = "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache (Liu et al. 2024)"
     storage_form = True  # composable after an eviction policy: "snapkv+kivi"
+    keeps_every_token = True  # (alone: composed after an evictor, the composition keeps what that keeps)
 
     @dataclass
     class Params:

@@ -382,3 +382,28 @@ def test_chunked_prefill_equals_the_append_route(tiny_llama, chunk, lengths, mon
     for a, b in zip(fast.layers, slow.layers):
         _assert_same(_live(a), _live(b))
         assert a.stored_bytes() == b.stored_bytes()
+
+
+def test_chunked_prefill_sizes_the_store_once(tiny_llama, monkeypatch):
+    """kivi keeps every token: the engine sizes its store once for the prompt and the decode tokens
+    (as for a full cache), so no chunk reallocates it and `reserve` after the prefill keeps it;
+    composed after an evictor it grows chunk by chunk (the evictor keeps less than the prompt)."""
+    model, tok = tiny_llama
+    prompt = torch.randint(3, 1000, (300,), generator=torch.Generator().manual_seed(2)).tolist()
+    grown = []
+    real = QuantizedKVLayer._grow
+
+    def grow(layer, name, need, top, fill=0):
+        before = getattr(layer, name)
+        real(layer, name, need, top, fill)
+        if getattr(layer, name) is not before:
+            grown.append((id(layer), name))
+
+    monkeypatch.setattr(QuantizedKVLayer, "_grow", grow)
+    cfg = GenerationConfig(max_new_tokens=4, prefill_chunk_tokens=64)
+    for name, once in (("kivi", True), ("snapkv+kivi", False)):
+        grown.clear()
+        gen = Generator(model, tok, make_policy(name, residual=32), Budget(ratio=0.5))
+        gen.generate([prompt], cfg)
+        per_buffer = max(grown.count(x) for x in set(grown))
+        assert (per_buffer == 1) == once, (name, per_buffer)

@@ -348,6 +348,12 @@ class QuantizedKVLayer(KVLayer):
         self._vring = torch.zeros((b, h, self._ring_min("v") + 1, d), dtype=dt, device=dev)
         self._ready = True
         self.is_initialized = True
+        self._decode_rings: dict[str, torch.Tensor] = {}  # (see `_append_uniform`)
+
+    def __copy__(self):
+        new = super().__copy__()
+        new._decode_rings = {}  # never shared: a layer writes its residual into it
+        return new
 
     def get_seq_length(self) -> int:
         return self._slots() if self._ready else 0
@@ -399,13 +405,16 @@ class QuantizedKVLayer(KVLayer):
         else:
             self._vring = new
 
-    def _place_ring(self, which: str, size: int, count: int, n: int, zero: bool = True) -> torch.Tensor:
+    def _place_ring(
+        self, which: str, size: int, count: int, n: int, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`_resize_ring` when every (row, head) holds tokens [count, n) in ring `which`: copied by
-        host-int slices (one per run that no ring wraps), no index tensors. `zero`: slots that hold
-        no token are zero (else whatever memory held: slots that are written before they are read)."""
+        host-int slices (one per run that no ring wraps), no index tensors, into a new zeroed ring
+        of `size` slots or into `into` (of that shape; its other slots keep what they hold, which
+        is never read: only live tokens are)."""
         ring = self._kring if which == "k" else self._vring
         b, h, _, d = ring.shape
-        new = (ring.new_zeros if zero else ring.new_empty)((b, h, size + 1, d))
+        new = ring.new_zeros((b, h, size + 1, d)) if into is None else into
         _copy_ring(ring, count, n, new)
         setattr(self, "_kring" if which == "k" else "_vring", new)
         return new
@@ -517,8 +526,11 @@ class QuantizedKVLayer(KVLayer):
         for which, count in (("k", nk), ("v", nv)):  # rings larger than decoding needs shrink
             ring = self._kring if which == "k" else self._vring
             size = max(self._ring_min(which), n - count)
-            if ring.shape[2] - 1 > size:
-                self._place_ring(which, size, count, n)
+            if ring.shape[2] - 1 > size:  # (the ring decoding had before a wide forward, if it fits)
+                into = self._decode_rings.pop(which, None)
+                if into is not None and into.shape != (*ring.shape[:2], size + 1, ring.shape[3]):
+                    into = None
+                self._place_ring(which, size, count, n, into)
 
     def _quantize_uniform(self, nk: int, mk: int, nv: int, mv: int) -> None:
         """The torch form of `_flush_uniform`'s kernels: key tokens [nk, nk + mk) and value tokens
@@ -603,15 +615,21 @@ class QuantizedKVLayer(KVLayer):
         the ring itself (`_dense`: no dense copy, no residual copy), and the flush quantises from it
         and puts the residual back into a ring of decoding's size. The wide ring is what attention
         would allocate anyway (the dense keys or values of the layer), taken a little earlier and
-        given back by the flush; without the flush to follow, rings grow only to the residual
-        plus the chunk."""
+        given back by the flush, which puts the residual back into the ring decoding had (kept in
+        `_decode_rings` meanwhile: no new ring, no zero fill); without the flush to follow, rings
+        grow only to the residual plus the chunk."""
         n, nk, nv = self._uni
-        q = keys.shape[2]
+        b, h, q, d = keys.shape
         for which, new, count in (("k", keys, nk), ("v", values, nv)):
             ring = self._kring if which == "k" else self._vring
             need = n + q if wide else n - count + q
             if ring.shape[2] - 1 < need:
-                ring = self._place_ring(which, max(need, self._ring_min(which)), count, n, zero=not wide)
+                size = max(need, self._ring_min(which))
+                into = None
+                if wide:  # every slot is written before it is read: no zero fill
+                    self._decode_rings[which] = ring
+                    into = ring.new_empty((b, h, size + 1, d))
+                ring = self._place_ring(which, size, count, n, into)
             _write_ring(ring, n, new)
         self._grow("_pos_buf", n + q, n + q, fill=EMPTY)
         self._pos_buf[:, :, n : n + q] = positions[:, None, :]
@@ -851,6 +869,7 @@ class QuantizedKVLayer(KVLayer):
             ring[:, :, :s] = x
             setattr(self, "_kring" if which == "k" else "_vring", ring)
         self.slot_stats = {x: t.masked_fill(~front_mask(n, t.shape[-1]), 0) for x, t in zip(names, st)}
+        self._decode_rings = {}
 
     def keep(self, index: torch.Tensor, filled: torch.Tensor, **_host) -> None:
         """Eviction on quantised storage: gather the (de-quantised) kept slots into the residual
@@ -871,6 +890,7 @@ class QuantizedKVLayer(KVLayer):
         host_rows = rows.cpu()
         self._hc = tuple(x[host_rows] for x in self._host_counts())
         self._uni = _UNKNOWN
+        self._decode_rings = {}
         for name in (
             "_n", "_nk", "_nv", "_pos_buf", "_kq_buf", "_ks_buf", "_kz_buf",
             "_kring", "_vq_buf", "_vs_buf", "_vz_buf", "_vring",

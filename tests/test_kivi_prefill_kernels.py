@@ -99,3 +99,48 @@ def test_triton_quantisation_equals_the_torch_path(bits, residual, d, dtype, mon
         a, b = getattr(fast, name), getattr(slow, name)
         assert a.shape == b.shape and a.numel() > 0
         assert torch.equal(a, b), name
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,residual,d", [(2, 128, 64), (4, 32, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_wide_ring_chunks_with_kernels_equal_the_torch_path(bits, residual, d, dtype, monkeypatch):
+    """Chunks stored through `append_step` in compressing forwards (the rings hold every token at
+    its own index; attention de-quantises the earlier tokens into them): with the Triton kernels and
+    with the torch path, the same attention and the same store, chunk after chunk."""
+    from pipeline.kv_cache import StepContext
+
+    calls = []
+
+    def run(kernels: bool):
+        monkeypatch.setattr(kivi, "CPU_INTERPRET", kernels)
+        for name in ("dequantize_keys_into", "dequantize_values_into", "quantize_keys_from_ring"):
+            real = getattr(kivi.kivi_kernels, name)
+            counted = lambda *a, real=real, n=name: calls.append(n) or real(*a)  # noqa: E731
+            monkeypatch.setattr(kivi.kivi_kernels, name, counted)
+        torch.manual_seed(bits + d)
+        b, h = 2, 3
+        layer = QuantizedKVLayer(bits, 32, residual)
+        seen, lo = [], 0
+        for q in [100, 190, 45]:
+            k = torch.randn(b, h, q, d, dtype=dtype, device=DEVICE)
+            v = torch.randn(b, h, q, d, dtype=dtype, device=DEVICE) * 3
+            pos = torch.arange(lo, lo + q, device=DEVICE)[None].expand(b, q)
+            step = StepContext(cache=None, positions=pos, padded=False, compress=True)
+            query = torch.randn(b, 2 * h, q, d, dtype=dtype, device=DEVICE)
+            layer.append_step(k, v, step)
+            seen.append(layer.attend(query, step, d**-0.5))
+            layer.flush()
+            seen += [getattr(layer, x).clone() for x in ("_kq", "_kscale", "_kzero", "_vq", "_vscale")]
+            seen += [layer._vzero.clone(), layer.keys, layer.values]
+            lo += q
+        monkeypatch.undo()
+        return seen
+
+    fast = run(True)
+    assert {"dequantize_keys_into", "dequantize_values_into", "quantize_keys_from_ring"} == set(calls)
+    ran = len(calls)
+    slow = run(False)
+    assert len(calls) == ran and len(fast) == len(slow)
+    for i, (a, b) in enumerate(zip(fast, slow)):
+        assert a.shape == b.shape and torch.equal(a, b), i

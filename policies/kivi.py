@@ -509,13 +509,11 @@ class QuantizedKVLayer(KVLayer):
             for name in ("_vq_buf", "_vs_buf", "_vz_buf"):
                 self._grow(name, nv + mv, n)
             if kernels_run(self._kring):
-                # one kernel each from the ring to the packed store (no float32 temporaries)
-                kivi_kernels.quantize_keys_from_ring(
-                    self._kring, self._kq_buf, self._ks_buf, self._kz_buf, nk, mk, bits
-                )
-                kivi_kernels.quantize_values_from_ring(
-                    self._vring, self._vq_buf, self._vs_buf, self._vz_buf, nv, mv, bits
-                )
+                # one kernel from the rings to the packed stores (no float32 temporaries)
+                kivi_kernels.quantize_from_rings(
+                    self._kring, self._kq_buf, self._ks_buf, self._kz_buf, nk, mk,
+                    self._vring, self._vq_buf, self._vs_buf, self._vz_buf, nv, mv, bits,
+                )  # fmt: skip
             else:
                 self._quantize_uniform(nk, mk, nv, mv)
             self._nk.add_(mk)  # in place: a captured decode step reads the counts by address
@@ -696,37 +694,46 @@ class QuantizedKVLayer(KVLayer):
             return kivi_kernels.decode_attention(query, store, scaling, max_tokens=self._slots())
         if not step.padded and self._uniform() is not None:
             n, nk, nv = self._uni
-            keys, values = self._dense("k", n, nk), self._dense("v", n, nv)
+            keys, values = self._dense(n, nk, nv)
             return grouped_attention(query, keys, values, dense_bias(q, n), scaling)
         return super().attend(query, step, scaling)
 
-    def _dense(self, which: str, n: int, count: int) -> torch.Tensor:
-        """Keys or values [b, h, n, d] (model dtype) when every (row, head) holds n tokens, the first
-        `count` quantised: a view of the residual ring when nothing is quantised (and it does not wrap)."""
-        ring = self._kring if which == "k" else self._vring
-        if count == 0:
-            return _ring_range(ring, count, n)
-        b, h, _, d = ring.shape
-        # a ring of n slots or more holds token j in slot j: the quantised tokens' slots [0, count)
-        # are dead, and the earlier tokens are de-quantised into them (the ring is the dense view)
-        wide = ring.shape[2] - 1 >= n
-        out = ring if wide else ring.new_empty((b, h, n, d))
-        res = None if wide else _ring_range(ring, count, n)
-        g, bits = self.group_size, self.bits
-        if kernels_run(ring):
-            # one pass from the packed bytes to the model dtype (no float32 temporaries)
-            if which == "k":
-                kivi_kernels.dequantize_keys_into(
-                    self._kq_buf, self._ks_buf, self._kz_buf, out, count // g, bits
-                )
+    def _dense(self, n: int, nk: int, nv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [b, h, n, d] (model dtype) when every (row, head) holds n tokens, the first
+        nk keys and nv values quantised: the de-quantised tokens, then the residual ring's.
+
+        A ring of n slots or more holds token j in slot j, so the quantised tokens' slots [0, count)
+        are dead: the earlier tokens are de-quantised into them and the ring is the dense view (no
+        copy); nothing quantised: a view of the ring (when it does not wrap). On CUDA one kernel
+        de-quantises the keys and the values (straight to the model dtype)."""
+        outs, rests = [], []
+        for ring, count in ((self._kring, nk), (self._vring, nv)):
+            b, h, _, d = ring.shape
+            if count == 0 or ring.shape[2] - 1 >= n:
+                outs.append(ring if count else _ring_range(ring, 0, n))
+                rests.append(None)
             else:
-                kivi_kernels.dequantize_values_into(
-                    self._vq_buf, self._vs_buf, self._vz_buf, out, count, bits
-                )
-            if not wide:
-                out[:, :, count:] = res
-            return out[:, :, :n]
-        table = _unpack_table(bits, ring.device)
+                outs.append(ring.new_empty((b, h, n, d)))
+                rests.append(_ring_range(ring, count, n))
+        if kernels_run(self._kring):
+            kivi_kernels.dequantize_into(
+                self._kq_buf, self._ks_buf, self._kz_buf, outs[0], nk // self.group_size,
+                self._vq_buf, self._vs_buf, self._vz_buf, outs[1], nv, self.bits,
+            )  # fmt: skip
+        else:
+            self._dequantize_torch("k", outs[0], nk)
+            self._dequantize_torch("v", outs[1], nv)
+        for out, rest, count in zip(outs, rests, (nk, nv)):
+            if rest is not None:
+                out[:, :, count:] = rest
+        return outs[0][:, :, :n], outs[1][:, :, :n]
+
+    def _dequantize_torch(self, which: str, out: torch.Tensor, count: int) -> None:
+        """The torch form of the de-quantisation kernel: tokens [0, count) of keys or values into
+        `out` [b, h, >= count, d] (float32 products rounded once to the model dtype)."""
+        b, h, _, d = out.shape
+        g, bits = self.group_size, self.bits
+        table = _unpack_table(bits, out.device)
         step = max(g, (1 << 24) // max(1, b * h * d) // g * g)  # bounded float32 temporaries
         for lo in range(0, count, step):
             hi = min(count, lo + step)
@@ -742,9 +749,6 @@ class QuantizedKVLayer(KVLayer):
                 out[:, :, lo:hi].view(b, h, (hi - lo) // g, g, d).copy_(x.transpose(-1, -2))
             else:
                 out[:, :, lo:hi] = x.reshape(b, h, hi - lo, d)
-        if not wide:
-            out[:, :, count:] = res
-        return out[:, :, :n]
 
     def _store_for_kernel(self) -> KiviStore:
         """The store over whole buffers (no host counts needed: the kernel reads the lengths)."""

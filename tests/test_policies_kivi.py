@@ -234,7 +234,7 @@ def test_prefill_attends_without_a_mask_and_matches_the_masked_path(bits, residu
         assert len(seen) == 1  # only the reference path built a mask
         seen.clear()
         if lo == 0:  # a first forward attends over its own tokens: a view of the residual ring
-            assert layer._dense("k", 100, 0).data_ptr() == layer._kring.data_ptr()
+            assert layer._dense(100, 0, 0)[0].data_ptr() == layer._kring.data_ptr()
     assert layer._nk.min() > 0 and layer._nv.min() > 0
 
 

@@ -428,13 +428,7 @@ def stored_digest(cache, logits: torch.Tensor) -> str:
 
 
 # kivi's Triton launches (`--interpret`)
-_KIVI_KERNELS = (
-    "dequantize_keys_into",
-    "dequantize_values_into",
-    "quantize_keys_from_ring",
-    "quantize_values_from_ring",
-    "decode_attention",
-)
+_KIVI_KERNELS = ("dequantize_into", "quantize_from_rings", "decode_attention")
 
 
 def main(argv=None) -> None:

@@ -174,6 +174,7 @@ class QuantizedKVLayer(KVLayer):
         self.group_size = group_size
         self.residual = residual
         self._ready = False
+        self._counts_behind = False  # (see "the device counts")
         super().__init__()
         self.has_empty = self.heads_differ = True  # ragged per-(row, head) views: the masked path
         self._fits: bool | None = None  # the fused decode kernel takes this layer's shapes (seen at `attend`)
@@ -246,6 +247,57 @@ class QuantizedKVLayer(KVLayer):
     def _vres(self) -> torch.Tensor:
         return self._vring[:, :, :-1]
 
+    # -- the device counts -------------------------------------------------------------------
+    # `_n`, `_nk`, `_nv` ([b, h] int64 on the device) are what kernels and the index paths read.
+    # A prefill chunk stored by slices (`_append_uniform`) and the flush that follows it advance
+    # only the host's `_uni` and leave the device counts behind (`_counts_behind`): they are
+    # written from `_uni` (three fills) when next read, once after the prefill rather than three
+    # ops per chunk and layer. A flush of counts that are not behind advances them in place, as a
+    # captured decode step reads them by address (and every static step reads them first).
+    @property
+    def _n(self) -> torch.Tensor:
+        if self._counts_behind:
+            self._catch_up_counts()
+        return self._dn
+
+    @_n.setter
+    def _n(self, value: torch.Tensor) -> None:
+        if self._counts_behind:
+            self._catch_up_counts()
+        self._dn = value
+
+    @property
+    def _nk(self) -> torch.Tensor:
+        if self._counts_behind:
+            self._catch_up_counts()
+        return self._dnk
+
+    @_nk.setter
+    def _nk(self, value: torch.Tensor) -> None:
+        if self._counts_behind:
+            self._catch_up_counts()
+        self._dnk = value
+
+    @property
+    def _nv(self) -> torch.Tensor:
+        if self._counts_behind:
+            self._catch_up_counts()
+        return self._dnv
+
+    @_nv.setter
+    def _nv(self, value: torch.Tensor) -> None:
+        if self._counts_behind:
+            self._catch_up_counts()
+        self._dnv = value
+
+    def _catch_up_counts(self) -> None:
+        """Write the uniform host counts into the device counts (in place: their addresses stay),
+        in the inference mode they were made in (a read may come after the prefill's mode ended)."""
+        self._counts_behind = False
+        with torch.inference_mode(self._dn.is_inference()):
+            for t, x in zip((self._dn, self._dnk, self._dnv), self._uni):
+                t.fill_(x)
+
     # -- host mirror of the counts -----------------------------------------------------------
     # `_hc`: (n, nk, nv) as [b, h] CPU tensors, or None while the counts are uniform (`_uni`, three
     # host ints, is all the uniform paths need): the tensors are then built from `_uni` when a ragged
@@ -265,7 +317,7 @@ class QuantizedKVLayer(KVLayer):
     def _host_counts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The host counts as they stand (no device read; see `_host` for exact ones)."""
         if self._hc is None:  # held as `_uni` only
-            b, h = self._n.shape
+            b, h = self._dn.shape
             self._hc = tuple(torch.full((b, h), x, dtype=torch.int64) for x in self._uni)
         return self._hc
 
@@ -331,6 +383,7 @@ class QuantizedKVLayer(KVLayer):
         self.head_dim = d
         dev, dt = key_states.device, key_states.dtype
         zeros = torch.zeros((b, h), dtype=torch.int64, device=dev)
+        self._counts_behind = False
         self._n, self._nk, self._nv = zeros.clone(), zeros.clone(), zeros.clone()
         self._hc = None  # (the host counts are `_uni`)
         self._pending: int | None = None
@@ -516,8 +569,9 @@ class QuantizedKVLayer(KVLayer):
                 )  # fmt: skip
             else:
                 self._quantize_uniform(nk, mk, nv, mv)
-            self._nk.add_(mk)  # in place: a captured decode step reads the counts by address
-            self._nv.add_(mv)
+            if not self._counts_behind:  # (else they catch up with `_uni` when next read)
+                self._nk.add_(mk)  # in place: a captured decode step reads the counts by address
+                self._nv.add_(mv)
             nk, nv = nk + mk, nv + mv
         self._uni = (n, nk, nv)
         self._hc = None  # (the host counts are `_uni`)
@@ -534,7 +588,7 @@ class QuantizedKVLayer(KVLayer):
         """The torch form of `_flush_uniform`'s kernels: key tokens [nk, nk + mk) and value tokens
         [nv, nv + mv) from the rings into the packed store (grown already)."""
         g, bits, d = self.group_size, self.bits, self.head_dim
-        b, h = self._n.shape
+        b, h = self._dn.shape
         if mk > 0:  # complete key blocks: per channel within groups of g tokens
             block = _ring_range(self._kring, nk, nk + mk).reshape(b, h, mk // g, g, d).transpose(-1, -2)
             packed, scale, zero = quantize_groups(block, bits, self.dtype)
@@ -631,9 +685,9 @@ class QuantizedKVLayer(KVLayer):
             _write_ring(ring, n, new)
         self._grow("_pos_buf", n + q, n + q, fill=EMPTY)
         self._pos_buf[:, :, n : n + q] = positions[:, None, :]
-        self._n = self._n + q
         self._uni = (n + q, nk, nv)
         self._hc = None
+        self._counts_behind = True  # (`_n` catches up with `_uni` when next read)
 
     def _append_one(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """A decode token when every (row, head) holds the same counts: written at host-known slots.
@@ -688,7 +742,8 @@ class QuantizedKVLayer(KVLayer):
             return self.attend_static(query, scaling)
         q = query.shape[2]
         if self._fits is None:  # the shapes the kernel tiles do not change while the layer lives
-            self._fits = kivi_kernels.kernel_supports(self._store_for_kernel(), query[:, :, -1:])
+            shapes = self._store_for_kernel(counts=False)
+            self._fits = kivi_kernels.kernel_supports(shapes, query[:, :, -1:])
         if q == 1 and not step.padded and kernels_run(query) and self._fits:
             store = self._store_for_kernel()
             return kivi_kernels.decode_attention(query, store, scaling, max_tokens=self._slots())
@@ -750,10 +805,12 @@ class QuantizedKVLayer(KVLayer):
             else:
                 out[:, :, lo:hi] = x.reshape(b, h, hi - lo, d)
 
-    def _store_for_kernel(self) -> KiviStore:
-        """The store over whole buffers (no host counts needed: the kernel reads the lengths)."""
+    def _store_for_kernel(self, counts: bool = True) -> KiviStore:
+        """The store over whole buffers (no host counts needed: the kernel reads the lengths);
+        `counts` False: for its shapes only (device counts as they are, maybe behind)."""
+        n, nk, nv = (self._n, self._nk, self._nv) if counts else (self._dn, self._dnk, self._dnv)
         return KiviStore(
-            self._n, self._nk, self._nv, self._kq_buf, self._ks_buf, self._kz_buf, self._kres,
+            n, nk, nv, self._kq_buf, self._ks_buf, self._kz_buf, self._kres,
             self._vq_buf, self._vs_buf, self._vz_buf, self._vres, self.bits, self.group_size,
         )  # fmt: skip
 

@@ -371,7 +371,10 @@ class QuantizedKVLayer(KVLayer):
 
     # -- storage ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
+        """Empty storage for rows and heads like `key_states`': counts, positions (room for this
+        forward's tokens and the spare when the engine gives one), decoding's rings, and packed
+        buffers of no item (their dump slot, never read: they are sized when first needed)."""
+        b, h, q, d = key_states.shape
         g = self.group_size
         self.gv = min(g, d)
         if d % self.gv or (g * self.bits) % 8 or (d * self.bits) % 8:
@@ -382,21 +385,21 @@ class QuantizedKVLayer(KVLayer):
         self.dtype = key_states.dtype
         self.head_dim = d
         dev, dt = key_states.device, key_states.dtype
-        zeros = torch.zeros((b, h), dtype=torch.int64, device=dev)
         self._counts_behind = False
-        self._n, self._nk, self._nv = zeros.clone(), zeros.clone(), zeros.clone()
+        self._n, self._nk, self._nv = torch.zeros((3, b, h), dtype=torch.int64, device=dev).unbind(0)
         self._hc = None  # (the host counts are `_uni`)
         self._pending: int | None = None
         self._uni = (0, 0, 0)
-        self._pos_buf = torch.full((b, h, 1), EMPTY, dtype=torch.int32, device=dev)
+        room = q + self.spare if self.spare > 0 else 0  # (as `_grow` would size it for this forward)
+        self._pos_buf = torch.full((b, h, room + 1), EMPTY, dtype=torch.int32, device=dev)
         # keys: groups of g tokens, per channel -> packed [b, h, groups, d, g*bits/8]
-        self._kq_buf = torch.zeros((b, h, 1, d, g * self.bits // 8), dtype=torch.uint8, device=dev)
-        self._ks_buf = torch.zeros((b, h, 1, d), dtype=dt, device=dev)
-        self._kz_buf = torch.zeros((b, h, 1, d), dtype=dt, device=dev)
+        self._kq_buf = torch.empty((b, h, 1, d, g * self.bits // 8), dtype=torch.uint8, device=dev)
+        self._ks_buf = torch.empty((b, h, 1, d), dtype=dt, device=dev)
+        self._kz_buf = torch.empty((b, h, 1, d), dtype=dt, device=dev)
         # values: per token, groups of gv channels -> packed [b, h, tokens, d*bits/8]
-        self._vq_buf = torch.zeros((b, h, 1, d * self.bits // 8), dtype=torch.uint8, device=dev)
-        self._vs_buf = torch.zeros((b, h, 1, d // self.gv), dtype=dt, device=dev)
-        self._vz_buf = torch.zeros((b, h, 1, d // self.gv), dtype=dt, device=dev)
+        self._vq_buf = torch.empty((b, h, 1, d * self.bits // 8), dtype=torch.uint8, device=dev)
+        self._vs_buf = torch.empty((b, h, 1, d // self.gv), dtype=dt, device=dev)
+        self._vz_buf = torch.empty((b, h, 1, d // self.gv), dtype=dt, device=dev)
         self._kring = torch.zeros((b, h, self._ring_min("k") + 1, d), dtype=dt, device=dev)
         self._vring = torch.zeros((b, h, self._ring_min("v") + 1, d), dtype=dt, device=dev)
         self._ready = True
@@ -435,7 +438,8 @@ class QuantizedKVLayer(KVLayer):
         else:
             new_cap = need + max(need // 8, 16)
         new = buf.new_full((*buf.shape[:2], new_cap + 1, *buf.shape[3:]), fill)
-        new[:, :, :cap] = buf[:, :, :cap]
+        if cap:
+            new[:, :, :cap] = buf[:, :, :cap]
         setattr(self, name, new)
 
     def _resize_ring(self, which: str, size: int) -> None:

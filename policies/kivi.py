@@ -774,12 +774,12 @@ class QuantizedKVLayer(KVLayer):
             else:
                 outs.append(ring.new_empty((b, h, n, d)))
                 rests.append(_ring_range(ring, count, n))
-        if kernels_run(self._kring):
+        if (nk or nv) and kernels_run(self._kring):
             kivi_kernels.dequantize_into(
                 self._kq_buf, self._ks_buf, self._kz_buf, outs[0], nk // self.group_size,
                 self._vq_buf, self._vs_buf, self._vz_buf, outs[1], nv, self.bits,
             )  # fmt: skip
-        else:
+        elif nk or nv:
             self._dequantize_torch("k", outs[0], nk)
             self._dequantize_torch("v", outs[1], nv)
         for out, rest, count in zip(outs, rests, (nk, nv)):

@@ -154,7 +154,8 @@ class Generator:
     def _spare_slots(compressing: bool, width: int, hi: int, after_prefill: int) -> int:
         """Slots a layer should allocate beyond its need while prefilling up to column `hi`.
 
-        A full cache allocates once, for the whole prompt and every token after it; a
+        A full cache allocates once, for the whole prompt and every token after it (so does a
+        storage form that keeps every token, `Policy.keeps_every_token`: `compressing` False); a
         compressed one allocates no spare between chunks (a layer grows when the next chunk
         arrives, copying only its kept tokens; room for the next chunk reserved in every layer
         at once would hold a whole chunk's KV beyond the budget), and its last compression
@@ -204,6 +205,8 @@ class Generator:
         width = ids.shape[1]
         chunk = chunk_tokens or width
         compressing = self.budget is not None
+        # storage that keeps every token is sized once for the prompt, as a full cache is
+        sized_once = not compressing or getattr(self.policy, "keeps_every_token", False)
         if lengths is not None:
             budgets_host = row_budget_values(self.budget, lengths)
         else:  # one read for the whole prefill rather than one per forward
@@ -211,7 +214,7 @@ class Generator:
         for lo in range(0, width, chunk):
             hi = min(width, lo + chunk)
             compress = compressing and (hi == width or chunk_tokens is not None)
-            cache.set_spare(self._spare_slots(compressing, width, hi, after_prefill))
+            cache.set_spare(self._spare_slots(not sized_once, width, hi, after_prefill))
             host = chunk_facts(lengths, width, lo, hi) if lengths is not None else {}
             logits = self._forward(
                 cache,

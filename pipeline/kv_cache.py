@@ -231,6 +231,14 @@ class KVLayer(CacheLayerMixin):
             self.slot_stats[name] = torch.cat([stat, stat.new_zeros((b, h, q))], dim=-1)
         return self.keys, self.values
 
+    def append_step(self, keys: torch.Tensor, values: torch.Tensor, step: StepContext) -> None:
+        """Store a forward's new tokens ([b, h, q, d]) and confirm their padding: `append` at the
+        step's positions, then `note_padding` with its host facts (`CompressedCache.update`). A
+        storage form may store them in one go where the step's host facts make it cheaper (kivi: a
+        chunk without padding at host-known slots)."""
+        self.append(keys, values, step.slot_positions)
+        self.note_padding(step.padded, step.valid_host)
+
     # -- the static-shape decode step (graph-capturable; dense layers, and storage forms that
     # implement these methods for their own form) --------------------------------------------
     def prepare_static(self) -> None:
@@ -413,8 +421,7 @@ class CompressedCache(Cache):
                 key_states, value_states, self.step.slot_positions, self.step.static_slots[layer_idx]
             )
             return key_states, value_states
-        layer.append(key_states, value_states, self.step.slot_positions)
-        layer.note_padding(self.step.padded, self.step.valid_host)
+        layer.append_step(key_states, value_states, self.step)
         # attention reads the layer's own storage (`KVLayer.attend`), not these
         return key_states, value_states
 

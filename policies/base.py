@@ -49,6 +49,10 @@ class Policy:
     # Also compress after each decode step (keeps the cache capped at the budget during long
     # generations: H2O, TOVA). Otherwise only the prompt is compressed and new tokens append.
     compress_during_decode: ClassVar[bool] = False
+    # Its layers keep every token they are given (a storage form alone: kivi quantises them all):
+    # the engine then sizes their storage once for the whole prompt, as for a full cache, since
+    # no compression will make room for the next chunk.
+    keeps_every_token: ClassVar[bool] = False
 
     @dataclass
     class Params:

@@ -159,7 +159,8 @@ class QuantizedKVLayer(KVLayer):
     geometrically or to what `reserve` asks, so a decode step copies nothing already stored.
     The host mirrors the counts (`_hn`, `_hnk`, `_hnv`, CPU): a forward without padding
     (`note_padding(False)`) advances them without a device sync; after one with padding they
-    are read back once, when next needed.
+    are read back once, when next needed. While every (row, head) holds the same counts the host
+    keeps them as three ints (`_uni`) and builds the CPU tensors only when a caller asks.
 
     `keys`, `values` and `positions` are the de-quantised view over slots [0, max n) (slot j of
     a (row, head) = its j-th token; slots past its length are EMPTY) - the reference path, used
@@ -173,6 +174,7 @@ class QuantizedKVLayer(KVLayer):
         self.group_size = group_size
         self.residual = residual
         self._ready = False
+        self._counts_behind = False  # (see "the device counts")
         super().__init__()
         self.has_empty = self.heads_differ = True  # ragged per-(row, head) views: the masked path
         self._fits: bool | None = None  # the fused decode kernel takes this layer's shapes (seen at `attend`)
@@ -245,14 +247,87 @@ class QuantizedKVLayer(KVLayer):
     def _vres(self) -> torch.Tensor:
         return self._vring[:, :, :-1]
 
+    # -- the device counts -------------------------------------------------------------------
+    # `_n`, `_nk`, `_nv` ([b, h] int64 on the device) are what kernels and the index paths read.
+    # A prefill chunk stored by slices (`_append_uniform`) and the flush that follows it advance
+    # only the host's `_uni` and leave the device counts behind (`_counts_behind`): they are
+    # written from `_uni` (three fills) when next read, once after the prefill rather than three
+    # ops per chunk and layer. A flush of counts that are not behind advances them in place, as a
+    # captured decode step reads them by address (and every static step reads them first).
+    @property
+    def _n(self) -> torch.Tensor:
+        if self._counts_behind:
+            self._catch_up_counts()
+        return self._dn
+
+    @_n.setter
+    def _n(self, value: torch.Tensor) -> None:
+        if self._counts_behind:
+            self._catch_up_counts()
+        self._dn = value
+
+    @property
+    def _nk(self) -> torch.Tensor:
+        if self._counts_behind:
+            self._catch_up_counts()
+        return self._dnk
+
+    @_nk.setter
+    def _nk(self, value: torch.Tensor) -> None:
+        if self._counts_behind:
+            self._catch_up_counts()
+        self._dnk = value
+
+    @property
+    def _nv(self) -> torch.Tensor:
+        if self._counts_behind:
+            self._catch_up_counts()
+        return self._dnv
+
+    @_nv.setter
+    def _nv(self, value: torch.Tensor) -> None:
+        if self._counts_behind:
+            self._catch_up_counts()
+        self._dnv = value
+
+    def _catch_up_counts(self) -> None:
+        """Write the uniform host counts into the device counts (in place: their addresses stay),
+        in the inference mode they were made in (a read may come after the prefill's mode ended)."""
+        self._counts_behind = False
+        with torch.inference_mode(self._dn.is_inference()):
+            for t, x in zip((self._dn, self._dnk, self._dnv), self._uni):
+                t.fill_(x)
+
     # -- host mirror of the counts -----------------------------------------------------------
+    # `_hc`: (n, nk, nv) as [b, h] CPU tensors, or None while the counts are uniform (`_uni`, three
+    # host ints, is all the uniform paths need): the tensors are then built from `_uni` when a ragged
+    # path or a caller asks for them (`_hn`, `_hnk`, `_hnv`), not advanced on every forward.
+    @property
+    def _hn(self) -> torch.Tensor:
+        return self._host_counts()[0]
+
+    @property
+    def _hnk(self) -> torch.Tensor:
+        return self._host_counts()[1]
+
+    @property
+    def _hnv(self) -> torch.Tensor:
+        return self._host_counts()[2]
+
+    def _host_counts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The host counts as they stand (no device read; see `_host` for exact ones)."""
+        if self._hc is None:  # held as `_uni` only
+            b, h = self._dn.shape
+            self._hc = tuple(torch.full((b, h), x, dtype=torch.int64) for x in self._uni)
+        return self._hc
+
     def _host(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(n, nk, nv) on the host, exact; reads them back (one sync) only when they are unknown."""
-        if self._hn is None or self._pending is not None:
-            self._hn, self._hnk, self._hnv = torch.stack([self._n, self._nk, self._nv]).cpu().unbind(0)
+        if self._pending is not None or (self._hc is None and not isinstance(self._uni, tuple)):
+            self._hc = tuple(torch.stack([self._n, self._nk, self._nv]).cpu().unbind(0))
             self._pending = None
             self._uni = _UNKNOWN
-        return self._hn, self._hnk, self._hnv
+        return self._host_counts()
 
     def _uniform(self) -> tuple[int, int, int] | None:
         """(n, nk, nv) as ints when every (row, head) holds the same counts (host-known), else None.
@@ -268,9 +343,12 @@ class QuantizedKVLayer(KVLayer):
 
     def note_padding(self, padded: bool, valid: list[int] | None = None) -> None:
         super().note_padding(padded, valid)
-        if self._ready and self._pending is not None and self._hn is not None and not padded:
-            self._hn = self._hn + self._pending  # every row and head stored all the new tokens
-            if self._uni is not None and self._uni is not _UNKNOWN:
+        if self._ready and self._pending is not None and not padded:
+            # every row and head stored all the new tokens
+            if self._hc is not None:
+                hn, hnk, hnv = self._hc
+                self._hc = (hn + self._pending, hnk, hnv)
+            if isinstance(self._uni, tuple):
                 n, nk, nv = self._uni
                 self._uni = (n + self._pending, nk, nv)
             self._pending = None
@@ -284,14 +362,19 @@ class QuantizedKVLayer(KVLayer):
         return u[0] if u is not None else self._max(self._host()[0])
 
     def _key_groups(self) -> int:
-        return self._max(self._host()[1]) // self.group_size
+        u = self._uniform()
+        return (u[1] if u is not None else self._max(self._host()[1])) // self.group_size
 
     def _value_tokens(self) -> int:
-        return self._max(self._host()[2])
+        u = self._uniform()
+        return u[2] if u is not None else self._max(self._host()[2])
 
     # -- storage ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
+        """Empty storage for rows and heads like `key_states`': counts, positions (room for this
+        forward's tokens and the spare when the engine gives one), decoding's rings, and packed
+        buffers of no item (their dump slot, never read: they are sized when first needed)."""
+        b, h, q, d = key_states.shape
         g = self.group_size
         self.gv = min(g, d)
         if d % self.gv or (g * self.bits) % 8 or (d * self.bits) % 8:
@@ -302,24 +385,31 @@ class QuantizedKVLayer(KVLayer):
         self.dtype = key_states.dtype
         self.head_dim = d
         dev, dt = key_states.device, key_states.dtype
-        zeros = torch.zeros((b, h), dtype=torch.int64, device=dev)
-        self._n, self._nk, self._nv = zeros.clone(), zeros.clone(), zeros.clone()
-        self._hn = self._hnk = self._hnv = torch.zeros((b, h), dtype=torch.int64)
+        self._counts_behind = False
+        self._n, self._nk, self._nv = torch.zeros((3, b, h), dtype=torch.int64, device=dev).unbind(0)
+        self._hc = None  # (the host counts are `_uni`)
         self._pending: int | None = None
         self._uni = (0, 0, 0)
-        self._pos_buf = torch.full((b, h, 1), EMPTY, dtype=torch.int32, device=dev)
+        room = q + self.spare if self.spare > 0 else 0  # (as `_grow` would size it for this forward)
+        self._pos_buf = torch.full((b, h, room + 1), EMPTY, dtype=torch.int32, device=dev)
         # keys: groups of g tokens, per channel -> packed [b, h, groups, d, g*bits/8]
-        self._kq_buf = torch.zeros((b, h, 1, d, g * self.bits // 8), dtype=torch.uint8, device=dev)
-        self._ks_buf = torch.zeros((b, h, 1, d), dtype=dt, device=dev)
-        self._kz_buf = torch.zeros((b, h, 1, d), dtype=dt, device=dev)
+        self._kq_buf = torch.empty((b, h, 1, d, g * self.bits // 8), dtype=torch.uint8, device=dev)
+        self._ks_buf = torch.empty((b, h, 1, d), dtype=dt, device=dev)
+        self._kz_buf = torch.empty((b, h, 1, d), dtype=dt, device=dev)
         # values: per token, groups of gv channels -> packed [b, h, tokens, d*bits/8]
-        self._vq_buf = torch.zeros((b, h, 1, d * self.bits // 8), dtype=torch.uint8, device=dev)
-        self._vs_buf = torch.zeros((b, h, 1, d // self.gv), dtype=dt, device=dev)
-        self._vz_buf = torch.zeros((b, h, 1, d // self.gv), dtype=dt, device=dev)
+        self._vq_buf = torch.empty((b, h, 1, d * self.bits // 8), dtype=torch.uint8, device=dev)
+        self._vs_buf = torch.empty((b, h, 1, d // self.gv), dtype=dt, device=dev)
+        self._vz_buf = torch.empty((b, h, 1, d // self.gv), dtype=dt, device=dev)
         self._kring = torch.zeros((b, h, self._ring_min("k") + 1, d), dtype=dt, device=dev)
         self._vring = torch.zeros((b, h, self._ring_min("v") + 1, d), dtype=dt, device=dev)
         self._ready = True
         self.is_initialized = True
+        self._decode_rings: dict[str, torch.Tensor] = {}  # (see `_append_uniform`)
+
+    def __copy__(self):
+        new = super().__copy__()
+        new._decode_rings = {}  # never shared: a layer writes its residual into it
+        return new
 
     def get_seq_length(self) -> int:
         return self._slots() if self._ready else 0
@@ -331,15 +421,25 @@ class QuantizedKVLayer(KVLayer):
         """Ring slots a decode step needs: the most residual tokens after a flush, plus one."""
         return self._unit() if which == "k" else self.residual + self.group_size
 
-    def _grow(self, name: str, need: int, fill=0) -> None:
-        """Make buffer `name` hold at least `need` items (+ its dump slot), keeping the stored ones."""
+    def _grow(self, name: str, need: int, top: int, fill=0) -> None:
+        """Make buffer `name` hold at least `need` items (+ its dump slot), keeping the stored ones.
+
+        `top`: the tokens of the longest (row, head) once this store is done. With a spare (the
+        tokens the engine says will follow: the rest of a prompt for a storage form that keeps every
+        token, the decode tokens) the buffer is sized at once for top + spare tokens, exactly as
+        `reserve` sizes it, so that it is not grown again; without one, geometrically."""
         buf = getattr(self, name)
         cap = buf.shape[2] - 1
         if need <= cap:
             return
-        new_cap = need + max(self.spare, need // 8, 16)
+        if self.spare > 0:
+            per = self.group_size if name in _KEY_BUFFERS else 1  # key buffers hold groups
+            new_cap = max(need, -(-(top + self.spare) // per))
+        else:
+            new_cap = need + max(need // 8, 16)
         new = buf.new_full((*buf.shape[:2], new_cap + 1, *buf.shape[3:]), fill)
-        new[:, :, :cap] = buf[:, :, :cap]
+        if cap:
+            new[:, :, :cap] = buf[:, :, :cap]
         setattr(self, name, new)
 
     def _resize_ring(self, which: str, size: int) -> None:
@@ -361,6 +461,20 @@ class QuantizedKVLayer(KVLayer):
             self._kring = new
         else:
             self._vring = new
+
+    def _place_ring(
+        self, which: str, size: int, count: int, n: int, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`_resize_ring` when every (row, head) holds tokens [count, n) in ring `which`: copied by
+        host-int slices (one per run that no ring wraps), no index tensors, into a new zeroed ring
+        of `size` slots or into `into` (of that shape; its other slots keep what they hold, which
+        is never read: only live tokens are)."""
+        ring = self._kring if which == "k" else self._vring
+        b, h, _, d = ring.shape
+        new = ring.new_zeros((b, h, size + 1, d)) if into is None else into
+        _copy_ring(ring, count, n, new)
+        setattr(self, "_kring" if which == "k" else "_vring", new)
+        return new
 
     def _store(self) -> KiviStore:
         return KiviStore(
@@ -396,16 +510,17 @@ class QuantizedKVLayer(KVLayer):
             block = block.reshape(b, h, m // g, g, d).transpose(-1, -2)
             packed, scale, zero = quantize_groups(block, bits, self.dtype)
             grp = torch.arange(m // g, device=self._n.device)
-            self._grow("_kq_buf", self._max(hnk + mk_host) // g)
-            self._grow("_ks_buf", self._max(hnk + mk_host) // g)
-            self._grow("_kz_buf", self._max(hnk + mk_host) // g)
+            groups, top = self._max(hnk + mk_host) // g, self._max(hn)
+            for name in _KEY_BUFFERS:
+                self._grow(name, groups, top)
             dump = self._kq_buf.shape[2] - 1
             idx = torch.where(grp < (mk // g)[..., None], (self._nk // g)[..., None] + grp, dump)
             self._kq_buf.scatter_(2, _expand_index(idx, packed), packed)
             self._ks_buf.scatter_(2, _expand_index(idx, scale), scale)
             self._kz_buf.scatter_(2, _expand_index(idx, zero), zero)
             self._nk.add_(mk)  # in place: a captured decode step reads the counts by address
-            self._hnk = hnk = hnk + mk_host
+            hnk = hnk + mk_host
+            self._hc = (hn, hnk, hnv)
             self._uni = _UNKNOWN
         # values: whole groups of G older than the newest `residual` tokens, per token
         mv_host = torch.div((hn - hnv - self.residual).clamp(min=0), g, rounding_mode="floor") * g
@@ -420,16 +535,17 @@ class QuantizedKVLayer(KVLayer):
                 tokens.reshape(b, h, m, d // self.gv, self.gv), bits, self.dtype
             )
             packed = packed.reshape(b, h, m, -1)
-            need = self._max(hnv + mv_host)
+            need, top = self._max(hnv + mv_host), self._max(hn)
             for name in ("_vq_buf", "_vs_buf", "_vz_buf"):
-                self._grow(name, need)
+                self._grow(name, need, top)
             dump = self._vq_buf.shape[2] - 1
             idx = torch.where(j < mv[..., None], tok, dump)
             self._vq_buf.scatter_(2, _expand_index(idx, packed), packed)
             self._vs_buf.scatter_(2, _expand_index(idx, scale), scale)
             self._vz_buf.scatter_(2, _expand_index(idx, zero), zero)
             self._nv.add_(mv)
-            self._hnv = hnv = hnv + mv_host
+            hnv = hnv + mv_host
+            self._hc = (hn, hnk, hnv)
             self._uni = _UNKNOWN
         # rings larger than a decode step needs (after a prefill) go back to that size
         for which, count in (("k", hnk), ("v", hnv)):
@@ -445,35 +561,38 @@ class QuantizedKVLayer(KVLayer):
         mk = (n - nk) // self._unit() * self._unit()
         mv = max(0, n - nv - self.residual) // g * g
         if mk > 0 or mv > 0:
-            for name in ("_kq_buf", "_ks_buf", "_kz_buf"):
-                self._grow(name, (nk + mk) // g)
+            for name in _KEY_BUFFERS:
+                self._grow(name, (nk + mk) // g, n)
             for name in ("_vq_buf", "_vs_buf", "_vz_buf"):
-                self._grow(name, nv + mv)
+                self._grow(name, nv + mv, n)
             if kernels_run(self._kring):
-                # one kernel each from the ring to the packed store (no float32 temporaries)
-                kivi_kernels.quantize_keys_from_ring(
-                    self._kring, self._kq_buf, self._ks_buf, self._kz_buf, nk, mk, bits
-                )
-                kivi_kernels.quantize_values_from_ring(
-                    self._vring, self._vq_buf, self._vs_buf, self._vz_buf, nv, mv, bits
-                )
+                # one kernel from the rings to the packed stores (no float32 temporaries)
+                kivi_kernels.quantize_from_rings(
+                    self._kring, self._kq_buf, self._ks_buf, self._kz_buf, nk, mk,
+                    self._vring, self._vq_buf, self._vs_buf, self._vz_buf, nv, mv, bits,
+                )  # fmt: skip
             else:
                 self._quantize_uniform(nk, mk, nv, mv)
-            self._nk.add_(mk)  # in place: a captured decode step reads the counts by address
-            self._nv.add_(mv)
-            self._hnk, self._hnv, nk, nv = self._hnk + mk, self._hnv + mv, nk + mk, nv + mv
+            if not self._counts_behind:  # (else they catch up with `_uni` when next read)
+                self._nk.add_(mk)  # in place: a captured decode step reads the counts by address
+                self._nv.add_(mv)
+            nk, nv = nk + mk, nv + mv
         self._uni = (n, nk, nv)
+        self._hc = None  # (the host counts are `_uni`)
         for which, count in (("k", nk), ("v", nv)):  # rings larger than decoding needs shrink
             ring = self._kring if which == "k" else self._vring
             size = max(self._ring_min(which), n - count)
-            if ring.shape[2] - 1 > size:
-                self._resize_ring(which, size)
+            if ring.shape[2] - 1 > size:  # (the ring decoding had before a wide forward, if it fits)
+                into = self._decode_rings.pop(which, None)
+                if into is not None and into.shape != (*ring.shape[:2], size + 1, ring.shape[3]):
+                    into = None
+                self._place_ring(which, size, count, n, into)
 
     def _quantize_uniform(self, nk: int, mk: int, nv: int, mv: int) -> None:
         """The torch form of `_flush_uniform`'s kernels: key tokens [nk, nk + mk) and value tokens
         [nv, nv + mv) from the rings into the packed store (grown already)."""
         g, bits, d = self.group_size, self.bits, self.head_dim
-        b, h = self._n.shape
+        b, h = self._dn.shape
         if mk > 0:  # complete key blocks: per channel within groups of g tokens
             block = _ring_range(self._kring, nk, nk + mk).reshape(b, h, mk // g, g, d).transpose(-1, -2)
             packed, scale, zero = quantize_groups(block, bits, self.dtype)
@@ -513,7 +632,7 @@ class QuantizedKVLayer(KVLayer):
             w = ring.shape[2] - 1
             idx = torch.where(valid, tok % w, w)
             ring.scatter_(2, _expand_index(idx, new), new.to(ring.dtype))
-        self._grow("_pos_buf", self._max(hn) + q, fill=EMPTY)
+        self._grow("_pos_buf", self._max(hn) + q, self._max(hn) + q, fill=EMPTY)
         dump = self._pos_buf.shape[2] - 1
         new_pos = positions.to(torch.int32)[:, None, :].expand(b, h, q)
         self._pos_buf.scatter_(2, torch.where(valid, tok, dump), new_pos)
@@ -525,6 +644,54 @@ class QuantizedKVLayer(KVLayer):
             s = self._slots()
             self.slot_stats = {x: t[:, :, :s] for x, t in self.slot_stats.items()}
         return None, None
+
+    def append_step(self, keys: torch.Tensor, values: torch.Tensor, step) -> None:
+        """A forward's tokens (`KVLayer.append_step`). A chunk (several tokens) without padding or
+        per-slot statistics over uniform counts goes to the same host-known slots of every (row,
+        head), written by slices (`_append_uniform`): no index tensors, and no `note_padding` to
+        wait for (the step says that nothing is padded). Everything else: `append`, `note_padding`."""
+        if not self._ready:
+            self.lazy_initialization(keys, values)
+        if keys.shape[2] > 1 and not step.padded and not self.slot_stats:
+            self._flush()  # (what `append` does first)
+            if self._uniform() is not None:
+                self._append_uniform(keys, values, step.slot_positions, wide=step.compress)
+                return
+        super().append_step(keys, values, step)
+
+    def _append_uniform(
+        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, wide: bool
+    ) -> None:
+        """Tokens [n, n + q) of every (row, head) (no padding, uniform counts, flushed): ring slots
+        j % W and positions [n, n + q) by slices; the counts advance by q, on the host too.
+
+        `wide` (the forward compresses: `compress_layer` flushes this layer right after its
+        attention): each ring holds every token at its own index (W >= n + q), so that attention
+        de-quantises the earlier tokens into the ring's dead slots [0, count) and attends over
+        the ring itself (`_dense`: no dense copy, no residual copy), and the flush quantises from it
+        and puts the residual back into a ring of decoding's size. The wide ring is what attention
+        would allocate anyway (the dense keys or values of the layer), taken a little earlier and
+        given back by the flush, which puts the residual back into the ring decoding had (kept in
+        `_decode_rings` meanwhile: no new ring, no zero fill); without the flush to follow, rings
+        grow only to the residual plus the chunk."""
+        n, nk, nv = self._uni
+        b, h, q, d = keys.shape
+        for which, new, count in (("k", keys, nk), ("v", values, nv)):
+            ring = self._kring if which == "k" else self._vring
+            need = n + q if wide else n - count + q
+            if ring.shape[2] - 1 < need:
+                size = max(need, self._ring_min(which))
+                into = None
+                if wide:  # every slot is written before it is read: no zero fill
+                    self._decode_rings[which] = ring
+                    into = ring.new_empty((b, h, size + 1, d))
+                ring = self._place_ring(which, size, count, n, into)
+            _write_ring(ring, n, new)
+        self._grow("_pos_buf", n + q, n + q, fill=EMPTY)
+        self._pos_buf[:, :, n : n + q] = positions[:, None, :]
+        self._uni = (n + q, nk, nv)
+        self._hc = None
+        self._counts_behind = True  # (`_n` catches up with `_uni` when next read)
 
     def _append_one(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """A decode token when every (row, head) holds the same counts: written at host-known slots.
@@ -538,7 +705,7 @@ class QuantizedKVLayer(KVLayer):
                 self._resize_ring(which, max(n - count + 1, self._ring_min(which)))
                 ring = self._kring if which == "k" else self._vring
             ring[:, :, n % (ring.shape[2] - 1)] = new[:, :, 0]
-        self._grow("_pos_buf", n + 1, fill=EMPTY)
+        self._grow("_pos_buf", n + 1, n + 1, fill=EMPTY)
         self._pos_buf[:, :, n] = positions.to(torch.int32)  # [b, 1] over every head
         self._n = self._n + (positions != EMPTY)
         self._pending = 1  # `note_padding(False)` confirms that every row stored its token
@@ -547,8 +714,7 @@ class QuantizedKVLayer(KVLayer):
         """Capacity for `extra` more tokens per (row, head) (decoding appends in place, copies nothing)."""
         if not self._ready:
             return
-        hn, hnk, hnv = self._host()
-        top = self._max(hn) + extra
+        top = self._lags()[0] + extra
         g = self.group_size
         for name, need, fill in (
             ("_pos_buf", top, EMPTY),
@@ -580,39 +746,53 @@ class QuantizedKVLayer(KVLayer):
             return self.attend_static(query, scaling)
         q = query.shape[2]
         if self._fits is None:  # the shapes the kernel tiles do not change while the layer lives
-            self._fits = kivi_kernels.kernel_supports(self._store_for_kernel(), query[:, :, -1:])
+            shapes = self._store_for_kernel(counts=False)
+            self._fits = kivi_kernels.kernel_supports(shapes, query[:, :, -1:])
         if q == 1 and not step.padded and kernels_run(query) and self._fits:
             store = self._store_for_kernel()
             return kivi_kernels.decode_attention(query, store, scaling, max_tokens=self._slots())
         if not step.padded and self._uniform() is not None:
             n, nk, nv = self._uni
-            keys, values = self._dense("k", n, nk), self._dense("v", n, nv)
+            keys, values = self._dense(n, nk, nv)
             return grouped_attention(query, keys, values, dense_bias(q, n), scaling)
         return super().attend(query, step, scaling)
 
-    def _dense(self, which: str, n: int, count: int) -> torch.Tensor:
-        """Keys or values [b, h, n, d] (model dtype) when every (row, head) holds n tokens, the first
-        `count` quantised: a view of the residual ring when nothing is quantised (and it does not wrap)."""
-        ring = self._kring if which == "k" else self._vring
-        res = _ring_range(ring, count, n)
-        if count == 0:
-            return res
-        b, h, _, d = ring.shape
-        out = ring.new_empty((b, h, n, d))
-        g, bits = self.group_size, self.bits
-        if kernels_run(ring):
-            # one pass from the packed bytes to the model dtype (no float32 temporaries)
-            if which == "k":
-                kivi_kernels.dequantize_keys_into(
-                    self._kq_buf, self._ks_buf, self._kz_buf, out, count // g, bits
-                )
+    def _dense(self, n: int, nk: int, nv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [b, h, n, d] (model dtype) when every (row, head) holds n tokens, the first
+        nk keys and nv values quantised: the de-quantised tokens, then the residual ring's.
+
+        A ring of n slots or more holds token j in slot j, so the quantised tokens' slots [0, count)
+        are dead: the earlier tokens are de-quantised into them and the ring is the dense view (no
+        copy); nothing quantised: a view of the ring (when it does not wrap). On CUDA one kernel
+        de-quantises the keys and the values (straight to the model dtype)."""
+        outs, rests = [], []
+        for ring, count in ((self._kring, nk), (self._vring, nv)):
+            b, h, _, d = ring.shape
+            if count == 0 or ring.shape[2] - 1 >= n:
+                outs.append(ring if count else _ring_range(ring, 0, n))
+                rests.append(None)
             else:
-                kivi_kernels.dequantize_values_into(
-                    self._vq_buf, self._vs_buf, self._vz_buf, out, count, bits
-                )
-            out[:, :, count:] = res
-            return out
-        table = _unpack_table(bits, ring.device)
+                outs.append(ring.new_empty((b, h, n, d)))
+                rests.append(_ring_range(ring, count, n))
+        if (nk or nv) and kernels_run(self._kring):
+            kivi_kernels.dequantize_into(
+                self._kq_buf, self._ks_buf, self._kz_buf, outs[0], nk // self.group_size,
+                self._vq_buf, self._vs_buf, self._vz_buf, outs[1], nv, self.bits,
+            )  # fmt: skip
+        elif nk or nv:
+            self._dequantize_torch("k", outs[0], nk)
+            self._dequantize_torch("v", outs[1], nv)
+        for out, rest, count in zip(outs, rests, (nk, nv)):
+            if rest is not None:
+                out[:, :, count:] = rest
+        return outs[0][:, :, :n], outs[1][:, :, :n]
+
+    def _dequantize_torch(self, which: str, out: torch.Tensor, count: int) -> None:
+        """The torch form of the de-quantisation kernel: tokens [0, count) of keys or values into
+        `out` [b, h, >= count, d] (float32 products rounded once to the model dtype)."""
+        b, h, _, d = out.shape
+        g, bits = self.group_size, self.bits
+        table = _unpack_table(bits, out.device)
         step = max(g, (1 << 24) // max(1, b * h * d) // g * g)  # bounded float32 temporaries
         for lo in range(0, count, step):
             hi = min(count, lo + step)
@@ -628,13 +808,13 @@ class QuantizedKVLayer(KVLayer):
                 out[:, :, lo:hi].view(b, h, (hi - lo) // g, g, d).copy_(x.transpose(-1, -2))
             else:
                 out[:, :, lo:hi] = x.reshape(b, h, hi - lo, d)
-        out[:, :, count:] = res
-        return out
 
-    def _store_for_kernel(self) -> KiviStore:
-        """The store over whole buffers (no host counts needed: the kernel reads the lengths)."""
+    def _store_for_kernel(self, counts: bool = True) -> KiviStore:
+        """The store over whole buffers (no host counts needed: the kernel reads the lengths);
+        `counts` False: for its shapes only (device counts as they are, maybe behind)."""
+        n, nk, nv = (self._n, self._nk, self._nv) if counts else (self._dn, self._dnk, self._dnv)
         return KiviStore(
-            self._n, self._nk, self._nv, self._kq_buf, self._ks_buf, self._kz_buf, self._kres,
+            n, nk, nv, self._kq_buf, self._ks_buf, self._kz_buf, self._kres,
             self._vq_buf, self._vs_buf, self._vz_buf, self._vres, self.bits, self.group_size,
         )  # fmt: skip
 
@@ -721,13 +901,15 @@ class QuantizedKVLayer(KVLayer):
     def commit_static(self, steps: int = 1) -> None:
         """Host bookkeeping of `steps` static steps: every (row, head) stored one token per step
         (decode positions are never EMPTY)."""
-        old = (self._hn, self._hnk, self._hnv)
-        self._hn = self._hn + steps
-        if self._uni is not None and self._uni is not _UNKNOWN:
+        old = self._hc
+        if old is not None:
+            hn, hnk, hnv = old
+            self._hc = (hn + steps, hnk, hnv)
+        if isinstance(self._uni, tuple):
             n, nk, nv = self._uni
             self._uni = (n + steps, nk, nv)
-        if self._lag_of is not None and all(a is b for a, b in zip(self._lag_of, old)):
-            self._lag_of = (self._hn, self._hnk, self._hnv)
+        if old is not None and self._lag_of is not None and all(a is b for a, b in zip(self._lag_of, old)):
+            self._lag_of = self._hc
             self._lag_val = tuple(x + steps for x in self._lag_val)
 
     def _load_dense(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, stats) -> None:
@@ -740,8 +922,8 @@ class QuantizedKVLayer(KVLayer):
         self._n = n
         self._nk = torch.zeros_like(n)
         self._nv = torch.zeros_like(n)
-        self._hn = n.to("cpu", copy=True)  # never the device tensor itself (on CPU), which advances in place
-        self._hnk = self._hnv = torch.zeros_like(self._hn)
+        hn = n.to("cpu", copy=True)  # never the device tensor itself (on CPU), which advances in place
+        self._hc = (hn, torch.zeros_like(hn), torch.zeros_like(hn))
         self._pending = None
         self._uni = _UNKNOWN
         pos = torch.where(front_mask(n, s), pos, torch.full_like(pos, EMPTY))
@@ -752,6 +934,7 @@ class QuantizedKVLayer(KVLayer):
             ring[:, :, :s] = x
             setattr(self, "_kring" if which == "k" else "_vring", ring)
         self.slot_stats = {x: t.masked_fill(~front_mask(n, t.shape[-1]), 0) for x, t in zip(names, st)}
+        self._decode_rings = {}
 
     def keep(self, index: torch.Tensor, filled: torch.Tensor, **_host) -> None:
         """Eviction on quantised storage: gather the (de-quantised) kept slots into the residual
@@ -770,8 +953,9 @@ class QuantizedKVLayer(KVLayer):
             return
         self._host()
         host_rows = rows.cpu()
-        self._hn, self._hnk, self._hnv = self._hn[host_rows], self._hnk[host_rows], self._hnv[host_rows]
+        self._hc = tuple(x[host_rows] for x in self._host_counts())
         self._uni = _UNKNOWN
+        self._decode_rings = {}
         for name in (
             "_n", "_nk", "_nv", "_pos_buf", "_kq_buf", "_ks_buf", "_kz_buf",
             "_kring", "_vq_buf", "_vs_buf", "_vz_buf", "_vring",
@@ -819,6 +1003,7 @@ class QuantizedKVLayer(KVLayer):
 
 
 _UNKNOWN = object()  # `QuantizedKVLayer._uni` not yet derived from the host counts
+_KEY_BUFFERS = ("_kq_buf", "_ks_buf", "_kz_buf")  # items: key groups
 
 
 def _ring_range(ring: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -828,6 +1013,29 @@ def _ring_range(ring: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     if start + (hi - lo) <= w:
         return ring[:, :, start : start + hi - lo]
     return torch.cat([ring[:, :, start:w], ring[:, :, : hi - lo - (w - start)]], dim=2)
+
+
+def _ring_runs(lo: int, hi: int, *widths: int):
+    """(first token, length) of the runs of tokens [lo, hi) within which no ring of `widths` wraps."""
+    j = lo
+    while j < hi:
+        run = min(hi - j, *(w - j % w for w in widths))
+        yield j, run
+        j += run
+
+
+def _copy_ring(src: torch.Tensor, lo: int, hi: int, dst: torch.Tensor) -> None:
+    """Tokens [lo, hi) of ring `src` into ring `dst` (each [b, h, W + 1, d], token j in slot j % W)."""
+    ws, wd = src.shape[2] - 1, dst.shape[2] - 1
+    for j, run in _ring_runs(lo, hi, ws, wd):
+        dst[:, :, j % wd : j % wd + run] = src[:, :, j % ws : j % ws + run]
+
+
+def _write_ring(ring: torch.Tensor, lo: int, new: torch.Tensor) -> None:
+    """Tokens [lo, lo + q) of `new` ([b, h, q, d]) into `ring` (token j in slot j % W)."""
+    w = ring.shape[2] - 1
+    for j, run in _ring_runs(lo, lo + new.shape[2], w):
+        ring[:, :, j % w : j % w + run] = new[:, :, j - lo : j - lo + run]
 
 
 # Tests set this to run the fused kernels on CPU tensors under Triton's interpreter; the
@@ -845,6 +1053,7 @@ class KIVI(Policy):
     name = "kivi"
     paper = "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache (Liu et al. 2024)"
     storage_form = True  # composable after an eviction policy: "snapkv+kivi"
+    keeps_every_token = True  # (alone: composed after an evictor, the composition keeps what that keeps)
 
     @dataclass
     class Params:

@@ -54,11 +54,13 @@ ms at batch 4, 6.06 ms at batch 75, H200).
 
 `decode_attention_reference` computes the same function in float32 with plain torch.
 
-Prefill kernels: `dequantize_keys_into` / `dequantize_values_into` write the de-quantised
-earlier tokens straight in the model dtype (a chunk of a chunked prefill attends over them),
-`quantize_keys_from_ring` / `quantize_values_from_ring` quantise complete groups from the
-residual rings into the packed store (what `policies.kivi.quantize_groups` computes, byte for
-byte: torch.round's half-to-even rounding, IEEE division).
+Prefill kernels: `dequantize_into` writes the de-quantised earlier keys and values straight in
+the model dtype (a chunk of a chunked prefill attends over them), `quantize_from_rings` quantises
+complete key groups and value groups from the residual rings into the packed store (what
+`policies.kivi.quantize_groups` computes, byte for byte: torch.round's half-to-even rounding,
+IEEE division). Each is one launch for keys and values (a program does a key group and a tile
+of value tokens, each where it has one): a launch costs the host more than either's work costs
+the GPU at prefill shapes.
 """
 
 from __future__ import annotations
@@ -876,16 +878,14 @@ def _deq_for(dtype: torch.dtype, device: torch.device, bits: int, deq: int) -> i
 if triton is not None:
 
     @triton.jit
-    def _dequant_keys(
-        KQ, KS, KZ, OUT, skb, skh, skg, ssb, ssh, ssg, sob, soh, sot,
+    def _dequant_key_group(
+        KQ, KS, KZ, OUT, bh, gi, skb, skh, skg, ssb, ssh, ssg, sob, soh, sot,
         H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
     ):  # fmt: skip
-        """One key group of one (row, head): G tokens x D channels, written token-major."""
+        """Key group `gi` of (row, head) `bh`: G tokens x D channels, written token-major."""
         PER: tl.constexpr = 8 // BITS
         GB: tl.constexpr = G // PER
         MASK: tl.constexpr = (1 << BITS) - 1
-        bh = tl.program_id(0)
-        gi = tl.program_id(1).to(tl.int64)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         j = tl.arange(0, GB)
@@ -900,20 +900,19 @@ if triton is not None:
             tl.store(base + tok[:, None] * sot + c[None, :], x.to(OUT.dtype.element_ty))
 
     @triton.jit
-    def _dequant_values(
-        VQ, VS, VZ, OUT, count, svb, svh, svt, sub, suh, sut, sob, soh, sot,
+    def _dequant_value_tile(
+        VQ, VS, VZ, OUT, count, bh, ti, svb, svh, svt, sub, suh, sut, sob, soh, sot,
         H: tl.constexpr, D: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, TB: tl.constexpr,
     ):  # fmt: skip
-        """TB value tokens of one (row, head), written token-major in channel order: each channel
-        loads its byte (a byte serves PER neighbouring channels, from cache), so every store is a
-        contiguous row. (Storing the PER bit offsets apart wrote every PER-th channel: strided
-        2-byte stores, ~115 GB/s on an H100.)"""
+        """Value tokens [TB * ti, TB * (ti + 1)) (below `count`) of (row, head) `bh`, written
+        token-major in channel order: each channel loads its byte (a byte serves PER neighbouring
+        channels, from cache), so every store is a contiguous row. (Storing the PER bit offsets
+        apart wrote every PER-th channel: strided 2-byte stores, ~115 GB/s on an H100.)"""
         PER: tl.constexpr = 8 // BITS
         MASK: tl.constexpr = (1 << BITS) - 1
-        bh = tl.program_id(0)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        tok = tl.program_id(1).to(tl.int64) * TB + tl.arange(0, TB)
+        tok = ti * TB + tl.arange(0, TB)
         ok = (tok < count)[:, None]
         c = tl.arange(0, D)
         vb = tl.load(VQ + b * svb + h * svh + tok[:, None] * svt + (c // PER)[None, :], mask=ok, other=0)
@@ -924,43 +923,62 @@ if triton is not None:
         x = (q.to(tl.float32) * s + z).to(OUT.dtype.element_ty)
         tl.store(OUT + b * sob + h * soh + tok[:, None] * sot + c[None, :], x, mask=ok)
 
+    @triton.jit
+    def _dequant_kv(
+        KQ, KS, KZ, KOUT, groups, skb, skh, skg, ssb, ssh, ssg, kob, koh, kot,
+        VQ, VS, VZ, VOUT, count, svb, svh, svt, sub, suh, sut, vob, voh, vot,
+        H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
+        TB: tl.constexpr,
+    ):  # fmt: skip
+        """Program (bh, i) of one launch for both: key group i (if below `groups`) and value
+        tokens [TB * i, TB * (i + 1)) (if below `count`) of (row, head) bh."""
+        bh = tl.program_id(0)
+        i = tl.program_id(1).to(tl.int64)
+        if i < groups:
+            _dequant_key_group(
+                KQ, KS, KZ, KOUT, bh, i, skb, skh, skg, ssb, ssh, ssg, kob, koh, kot, H, D, G, BITS
+            )  # fmt: skip
+        if i * TB < count:
+            _dequant_value_tile(
+                VQ, VS, VZ, VOUT, count, bh, i, svb, svh, svt, sub, suh, sut, vob, voh, vot,
+                H, D, GV, BITS, TB,
+            )  # fmt: skip
 
-def dequantize_keys_into(
-    kq: torch.Tensor, kscale: torch.Tensor, kzero: torch.Tensor, out: torch.Tensor, groups: int, bits: int
+
+def dequantize_into(
+    kq: torch.Tensor,
+    kscale: torch.Tensor,
+    kzero: torch.Tensor,
+    kout: torch.Tensor,
+    groups: int,
+    vq: torch.Tensor,
+    vscale: torch.Tensor,
+    vzero: torch.Tensor,
+    vout: torch.Tensor,
+    count: int,
+    bits: int,
 ) -> None:
-    """out[:, :, : groups * G] = the de-quantised keys of key groups [0, groups) (token-major).
+    """kout[:, :, : groups * G] = the de-quantised keys of key groups [0, groups) and
+    vout[:, :, :count] = the de-quantised values of tokens [0, count) (token-major), one launch.
 
-    kq [b, h, >= groups, d, G*bits/8] uint8, kscale/kzero [b, h, >= groups, d], out [b, h, >= groups * G, d]
-    with unit stride on its last dim."""
+    kq [b, h, >= groups, d, G*bits/8] uint8, kscale/kzero [b, h, >= groups, d],
+    vq [b, h, >= count, d*bits/8] uint8, vscale/vzero [b, h, >= count, d / gv], kout/vout
+    [b, h, >= the tokens, d] with unit stride on their last dim."""
     b, h, _, d, gbytes = kq.shape
-    if groups <= 0 or b * h == 0:
+    tb = 32  # a key group of G = 32 tokens and 32 value tokens per program (80 registers on sm_90)
+    programs = max(groups, triton.cdiv(max(count, 0), tb))
+    if programs <= 0 or b * h == 0:
         return
     assert kq.stride(-1) == 1 and kq.stride(3) == gbytes and kscale.stride() == kzero.stride()
-    assert kscale.stride(-1) == 1 and out.stride(-1) == 1
-    _dequant_keys[(b * h, groups)](
-        kq, kscale, kzero, out, kq.stride(0), kq.stride(1), kq.stride(2),
-        kscale.stride(0), kscale.stride(1), kscale.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        H=h, D=d, G=gbytes * 8 // bits, BITS=bits, num_warps=4,
-    )  # fmt: skip
-
-
-def dequantize_values_into(
-    vq: torch.Tensor, vscale: torch.Tensor, vzero: torch.Tensor, out: torch.Tensor, count: int, bits: int
-) -> None:
-    """out[:, :, :count] = the de-quantised values of tokens [0, count) (token-major).
-
-    vq [b, h, >= count, d*bits/8] uint8, vscale/vzero [b, h, >= count, d / gv], out [b, h, >= count, d]."""
-    b, h = vq.shape[:2]
-    d = out.shape[-1]
-    if count <= 0 or b * h == 0:
-        return
+    assert kscale.stride(-1) == 1 and kout.stride(-1) == 1
     assert vq.stride(-1) == 1 and vscale.stride() == vzero.stride() and vscale.stride(-1) == 1
-    assert out.stride(-1) == 1
-    tb = 64
-    _dequant_values[(b * h, triton.cdiv(count, tb))](
-        vq, vscale, vzero, out, count, vq.stride(0), vq.stride(1), vq.stride(2),
-        vscale.stride(0), vscale.stride(1), vscale.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        H=h, D=d, GV=d // vscale.shape[-1], BITS=bits, TB=tb, num_warps=4,
+    assert vout.stride(-1) == 1
+    _dequant_kv[(b * h, programs)](
+        kq, kscale, kzero, kout, groups, kq.stride(0), kq.stride(1), kq.stride(2),
+        kscale.stride(0), kscale.stride(1), kscale.stride(2), kout.stride(0), kout.stride(1), kout.stride(2),
+        vq, vscale, vzero, vout, count, vq.stride(0), vq.stride(1), vq.stride(2),
+        vscale.stride(0), vscale.stride(1), vscale.stride(2), vout.stride(0), vout.stride(1), vout.stride(2),
+        H=h, D=d, G=gbytes * 8 // bits, GV=d // vscale.shape[-1], BITS=bits, TB=tb, num_warps=4,
     )  # fmt: skip
 
 
@@ -986,18 +1004,16 @@ if triton is not None:
         return zero, scale, s
 
     @triton.jit
-    def _quant_keys(
-        RING, KQ, KS, KZ, first, W, srb, srh, srt, skb, skh, skg, ssb, ssh, ssg,
+    def _quant_key_group(
+        RING, KQ, KS, KZ, first, W, bh, gi, srb, srh, srt, skb, skh, skg, ssb, ssh, ssg,
         H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
     ):  # fmt: skip
-        """Key group `first // G + program_id(1)` of one (row, head) from the ring (token t in slot
-        t % W): per channel over G tokens; packed token t of the group in byte t // PER, bit
+        """Key group `first // G + gi` of (row, head) `bh` from the ring (token t in slot t % W):
+        per channel over G tokens; packed token t of the group in byte t // PER, bit
         (t % PER) * BITS."""
         PER: tl.constexpr = 8 // BITS
         GB: tl.constexpr = G // PER
         levels: tl.constexpr = (1 << BITS) - 1
-        bh = tl.program_id(0)
-        gi = tl.program_id(1).to(tl.int64)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         j = tl.arange(0, GB)
@@ -1017,20 +1033,19 @@ if triton is not None:
         tl.store(KZ + b * ssb + h * ssh + grp * ssg + c, zero)
 
     @triton.jit
-    def _quant_values(
-        RING, VQ, VS, VZ, first, count, W, srb, srh, srt, svb, svh, svt, sub, suh, sut,
+    def _quant_value_tile(
+        RING, VQ, VS, VZ, first, count, W, bh, ti, srb, srh, srt, svb, svh, svt, sub, suh, sut,
         H: tl.constexpr, D: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, TB: tl.constexpr,
     ):  # fmt: skip
-        """TB value tokens [first + TB * program_id(1), ...) (< first + count) of one (row, head):
-        per token over groups of GV channels; channel c in byte c // PER, bit (c % PER) * BITS."""
+        """TB value tokens [first + TB * ti, ...) (< first + count) of (row, head) `bh`: per token
+        over groups of GV channels; channel c in byte c // PER, bit (c % PER) * BITS."""
         PER: tl.constexpr = 8 // BITS
         NGV: tl.constexpr = D // GV
         GVB: tl.constexpr = GV // PER
         levels: tl.constexpr = (1 << BITS) - 1
-        bh = tl.program_id(0)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        k = tl.program_id(1).to(tl.int64) * TB + tl.arange(0, TB)  # [TB] token index in the batch
+        k = ti * TB + tl.arange(0, TB)  # [TB] token index in the batch
         ok = k < count
         tok = first + k
         gi = tl.arange(0, NGV)
@@ -1054,52 +1069,67 @@ if triton is not None:
         tl.store(VS + sptr, scale, mask=ok[:, None])
         tl.store(VZ + sptr, zero, mask=ok[:, None])
 
+    @triton.jit
+    def _quant_kv(
+        KR, KQ, KS, KZ, kfirst, groups, KW, skrb, skrh, skrt, skb, skh, skg, ssb, ssh, ssg,
+        VR, VQ, VS, VZ, vfirst, count, VW, svrb, svrh, svrt, svb, svh, svt, sub, suh, sut,
+        H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
+        TB: tl.constexpr,
+    ):  # fmt: skip
+        """Program (bh, i) of one launch for both: key group `kfirst // G + i` (if i is below
+        `groups`) and value tokens [vfirst + TB * i, ...) (if TB * i is below `count`) of (row,
+        head) bh."""
+        bh = tl.program_id(0)
+        i = tl.program_id(1).to(tl.int64)
+        if i < groups:
+            _quant_key_group(
+                KR, KQ, KS, KZ, kfirst, KW, bh, i, skrb, skrh, skrt, skb, skh, skg, ssb, ssh, ssg,
+                H, D, G, BITS,
+            )  # fmt: skip
+        if i * TB < count:
+            _quant_value_tile(
+                VR, VQ, VS, VZ, vfirst, count, VW, bh, i, svrb, svrh, svrt, svb, svh, svt, sub, suh, sut,
+                H, D, GV, BITS, TB,
+            )  # fmt: skip
 
-def quantize_keys_from_ring(
-    ring: torch.Tensor,
+
+def quantize_from_rings(
+    kring: torch.Tensor,
     kq: torch.Tensor,
     kscale: torch.Tensor,
     kzero: torch.Tensor,
-    first: int,
-    count: int,
-    bits: int,
-) -> None:
-    """Quantise key tokens [first, first + count) of every (row, head) (`first` and `count`
-    multiples of G) from `ring` ([b, h, >= W, d], token t in slot t % W, W = ring.shape[2] - 1:
-    the layer's ring with its dump slot) into key groups first // G ... of kq/kscale/kzero."""
-    b, h, slots, d = ring.shape
-    gbytes = kq.shape[-1]
-    g = gbytes * 8 // bits
-    if count <= 0 or b * h == 0:
-        return
-    assert first % g == 0 and count % g == 0 and ring.stride(-1) == 1 and kq.stride(-1) == 1
-    assert kq.stride(3) == gbytes and kscale.stride() == kzero.stride() and kscale.stride(-1) == 1
-    _quant_keys[(b * h, count // g)](
-        ring, kq, kscale, kzero, first, slots - 1, ring.stride(0), ring.stride(1), ring.stride(2),
-        kq.stride(0), kq.stride(1), kq.stride(2), kscale.stride(0), kscale.stride(1), kscale.stride(2),
-        H=h, D=d, G=g, BITS=bits, num_warps=4,
-    )  # fmt: skip
-
-
-def quantize_values_from_ring(
-    ring: torch.Tensor,
+    kfirst: int,
+    kcount: int,
+    vring: torch.Tensor,
     vq: torch.Tensor,
     vscale: torch.Tensor,
     vzero: torch.Tensor,
-    first: int,
-    count: int,
+    vfirst: int,
+    vcount: int,
     bits: int,
 ) -> None:
-    """Quantise value tokens [first, first + count) of every (row, head) from `ring` (as in
-    `quantize_keys_from_ring`) into vq/vscale/vzero at the same token indices."""
-    b, h, slots, d = ring.shape
-    if count <= 0 or b * h == 0:
-        return
-    assert ring.stride(-1) == 1 and vq.stride(-1) == 1 and vscale.stride() == vzero.stride()
-    assert vscale.stride(-1) == 1
+    """In one launch: quantise key tokens [kfirst, kfirst + kcount) of every (row, head)
+    (multiples of G) from `kring` ([b, h, W + 1, d], token t in slot t % W: the layer's ring with
+    its dump slot) into key groups kfirst // G ... of kq/kscale/kzero, and value tokens
+    [vfirst, vfirst + vcount) from `vring` into vq/vscale/vzero at the same token indices."""
+    b, h, kslots, d = kring.shape
+    gbytes = kq.shape[-1]
+    g = gbytes * 8 // bits
     tb = 32
-    _quant_values[(b * h, triton.cdiv(count, tb))](
-        ring, vq, vscale, vzero, first, count, slots - 1, ring.stride(0), ring.stride(1), ring.stride(2),
-        vq.stride(0), vq.stride(1), vq.stride(2), vscale.stride(0), vscale.stride(1), vscale.stride(2),
-        H=h, D=d, GV=d // vscale.shape[-1], BITS=bits, TB=tb, num_warps=4,
+    groups = max(kcount, 0) // g
+    programs = max(groups, triton.cdiv(max(vcount, 0), tb))
+    if programs <= 0 or b * h == 0:
+        return
+    assert kfirst % g == 0 and kcount % g == 0 and kring.stride(-1) == 1 and kq.stride(-1) == 1
+    assert kq.stride(3) == gbytes and kscale.stride() == kzero.stride() and kscale.stride(-1) == 1
+    assert vring.stride(-1) == 1 and vq.stride(-1) == 1 and vscale.stride() == vzero.stride()
+    assert vscale.stride(-1) == 1
+    _quant_kv[(b * h, programs)](
+        kring, kq, kscale, kzero, kfirst, groups, kslots - 1,
+        kring.stride(0), kring.stride(1), kring.stride(2), kq.stride(0), kq.stride(1), kq.stride(2),
+        kscale.stride(0), kscale.stride(1), kscale.stride(2),
+        vring, vq, vscale, vzero, vfirst, vcount, vring.shape[2] - 1,
+        vring.stride(0), vring.stride(1), vring.stride(2), vq.stride(0), vq.stride(1), vq.stride(2),
+        vscale.stride(0), vscale.stride(1), vscale.stride(2),
+        H=h, D=d, G=g, GV=d // vscale.shape[-1], BITS=bits, TB=tb, num_warps=4,
     )  # fmt: skip

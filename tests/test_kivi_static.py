@@ -106,9 +106,11 @@ def _host_exact(layer: QuantizedKVLayer) -> bool:
 # -- the layer alone: the static writes and flushes against `append` ---------------------------
 
 
-def _layer_pair(bits, g, residual, lengths, room, d=64, h=2, seed=0, evict=False):
+def _layer_pair(bits, g, residual, lengths, room, d=64, h=2, seed=0, evict=False, step=False):
     """Two layers holding the same prefill (left-padded rows of `lengths`), flushed, `room` reserved;
-    `evict`: each (row, head) then keeps every other slot (`keep`, as `snapkv+kivi` does)."""
+    `evict`: each (row, head) then keeps every other slot (`keep`, as `snapkv+kivi` does); `step`:
+    stored as the cache stores a compressing forward (`append_step`: equal lengths take the slices
+    and the wide rings, and leave the device counts to catch up when next read)."""
     gen = torch.Generator().manual_seed(seed)
     b, width = len(lengths), max(lengths)
     k, v = torch.randn(2, b, h, width, d, generator=gen)
@@ -117,8 +119,12 @@ def _layer_pair(bits, g, residual, lengths, room, d=64, h=2, seed=0, evict=False
     layers = []
     for _ in range(2):
         layer = QuantizedKVLayer(bits, g, residual)
-        layer.append(k, v, pos)
-        layer.note_padding(len(set(lengths)) > 1)
+        if step:
+            padded = len(set(lengths)) > 1
+            layer.append_step(k, v, StepContext(cache=None, positions=pos, padded=padded, compress=True))
+        else:
+            layer.append(k, v, pos)
+            layer.note_padding(len(set(lengths)) > 1)
         if evict:  # the kept tokens go back to the rings (`_load_dense`)
             layer.keep(index, torch.gather(layer.positions, 2, index) != EMPTY)
         layer.flush()
@@ -130,27 +136,32 @@ def _layer_pair(bits, g, residual, lengths, room, d=64, h=2, seed=0, evict=False
 
 @interpreted
 @pytest.mark.parametrize(
-    "bits,g,residual,lengths,evict",
+    "bits,g,residual,lengths,evict,step",
     [
-        (2, 8, 16, (40, 40), False),
-        (4, 4, 8, (40, 13, 29), False),
-        (2, 4, 0, (21, 7), False),
-        (2, 32, 128, (150, 150), False),
-        (2, 4, 8, (40, 40), True),
-        (4, 8, 8, (40, 13, 29), True),
+        (2, 8, 16, (40, 40), False, False),
+        (2, 8, 16, (40, 40), False, True),
+        (4, 4, 8, (40, 13, 29), False, False),
+        (2, 4, 0, (21, 7), False, False),
+        (2, 32, 128, (150, 150), False, False),
+        (2, 32, 128, (150, 150), False, True),
+        (2, 4, 8, (40, 40), True, False),
+        (4, 8, 8, (40, 13, 29), True, False),
     ],
 )
-def test_static_writes_and_flushes_store_what_append_stores(bits, g, residual, lengths, evict):
+def test_static_writes_and_flushes_store_what_append_stores(bits, g, residual, lengths, evict, step):
     """Every step: `prepare_static` + `append_static` + `commit_static` store what `append` stores,
     byte for byte, across many key-block and value-group flushes; the host counts stay exact with no
     read-back; the step itself changes no host state and replaces no tensor (flushes included)."""
     steps = min(2 * (residual + g) + 5, 120)  # 120: a key block (128) and value groups at R 128
-    (sta, dyn), next_pos = _layer_pair(bits, g, residual, lengths, steps, evict=evict)
-    first = (sta._nk.clone(), sta._nv.clone())
+    (sta, dyn), next_pos = _layer_pair(bits, g, residual, lengths, steps, evict=evict, step=step)
+    # (step: the device counts are behind until read, the first `prepare_static` included; its
+    # flush then advances the host counts only, and `static_buffers` catches the device ones up)
+    assert sta._counts_behind == step
+    first = (sta._hnk.clone(), sta._hnv.clone())
     top = sta.slots_used
-    b, h = sta._n.shape
+    b, h = sta._kring.shape[:2]
     gen = torch.Generator().manual_seed(1)
-    held = [id(x) for x in sta.static_buffers()]
+    held = None
     for _ in range(steps):
         k, v = torch.randn(2, b, h, 1, 64, generator=gen)
         pos = next_pos[:, None]
@@ -158,6 +169,7 @@ def test_static_writes_and_flushes_store_what_append_stores(bits, g, residual, l
         dyn.note_padding(False)
         sta.prepare_static()
         assert sta.static_decode_ready()
+        held = held or [id(x) for x in sta.static_buffers()]
         host = (sta._hn, sta._hnk, sta._hnv, sta._uni, sta._lags())
         n = sta._n
         before = n.clone()

@@ -234,7 +234,7 @@ def test_prefill_attends_without_a_mask_and_matches_the_masked_path(bits, residu
         assert len(seen) == 1  # only the reference path built a mask
         seen.clear()
         if lo == 0:  # a first forward attends over its own tokens: a view of the residual ring
-            assert layer._dense("k", 100, 0).data_ptr() == layer._kring.data_ptr()
+            assert layer._dense(100, 0, 0)[0].data_ptr() == layer._kring.data_ptr()
     assert layer._nk.min() > 0 and layer._nv.min() > 0
 
 
@@ -283,3 +283,127 @@ def test_uniform_decode_steps_store_what_the_general_path_stores(bits, residual)
     assert torch.equal(fast.keys, slow.keys) and torch.equal(fast.values, slow.values)
     assert torch.equal(fast.positions, slow.positions)
     assert torch.equal(fast.kept_bytes_per_row(), slow.kept_bytes_per_row())
+
+
+def _live(layer: QuantizedKVLayer) -> dict:
+    """What a uniform layer stores, live parts only: counts, positions, the packed store, scales and
+    zero points, and every token's key and value (de-quantised or residual, the reference view)."""
+    out = {name: getattr(layer, name) for name in ("_n", "_nk", "_nv", "_kq", "_kscale", "_kzero")}
+    out.update({name: getattr(layer, name) for name in ("_vq", "_vscale", "_vzero", "_pos")})
+    out.update(keys=layer.keys, values=layer.values)
+    return out
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    for name, x in a.items():
+        assert x.shape == b[name].shape and torch.equal(x, b[name]), name
+
+
+@pytest.mark.parametrize(
+    "bits,residual,chunks,compress",
+    [
+        (2, 128, [100, 64, 37, 160, 300], [True] * 5),
+        (4, 32, [100, 64, 37, 160, 70], [True, False, True, False, True]),  # rings that wrap
+        (2, 0, [33, 64, 100, 5], [False, True, True, True]),
+    ],
+)
+def test_chunks_stored_by_slices_equal_the_index_path(bits, residual, chunks, compress):
+    """A chunked prefill through `append_step` (host-known slices; the wide ring of a compressing
+    forward, attended in place) stores exactly what `append` + `note_padding` store (the index-tensor
+    path, also with the uniform paths switched off) and attends exactly as the dense path did before
+    (SDPA over the reference de-quantised view), chunk after chunk."""
+    from pipeline.attention_math import dense_bias, grouped_attention
+    from pipeline.kv_cache import StepContext
+
+    torch.manual_seed(0)
+    b, h, d, group = 2, 2, 64, 3
+    fast, slow, index = (QuantizedKVLayer(bits, 32, residual) for _ in range(3))
+    index._uniform = lambda: None
+    lo = 0
+    for q, comp in zip(chunks, compress):
+        k, v = torch.randn(b, h, q, d), torch.randn(b, h, q, d) * 2
+        pos = torch.arange(lo, lo + q)[None].expand(b, q)
+        step = StepContext(cache=None, positions=pos, padded=False, compress=comp)
+        query = torch.randn(b, h * group, q, d)
+        fast.append_step(k, v, step)
+        for layer in (slow, index):
+            layer.append(k, v, pos)
+            layer.note_padding(False)
+        assert fast._uni == slow._uniform() and fast._pending is None
+        out = fast.attend(query, step, d**-0.5)
+        if comp:  # the compressing forward's rings hold every token at its own index
+            assert fast._kring.shape[2] - 1 >= lo + q and fast._vring.shape[2] - 1 >= lo + q
+        assert torch.equal(out, slow.attend(query, step, d**-0.5))
+        expected = grouped_attention(query, slow.keys, slow.values, dense_bias(q, lo + q), d**-0.5)
+        assert torch.equal(out, expected)
+        if comp:
+            for layer in (fast, slow, index):
+                layer.flush()
+            for which in ("k", "v"):  # back to what decoding needs
+                ring = getattr(fast, f"_{which}ring")
+                assert ring.shape == getattr(slow, f"_{which}ring").shape
+        _assert_same(_live(fast), _live(slow))
+        _assert_same(_live(fast), _live(index))
+        lo += q
+    assert fast._nk.min() > 0 and fast._nv.min() > 0
+    assert torch.equal(fast._hn, fast._n) and torch.equal(fast._hnk, fast._nk)
+
+
+@pytest.mark.parametrize("chunk", [48, 100])
+@pytest.mark.parametrize("lengths", [(240, 240), (240, 130, 190)])
+def test_chunked_prefill_equals_the_append_route(tiny_llama, chunk, lengths, monkeypatch):
+    """The engine's chunked prefill stores and computes exactly what it did through `append` +
+    `note_padding` for every forward (same logits, same stored tensors, same tokens generated),
+    padded batches included."""
+    from pipeline.kv_cache import EMPTY, CompressedCache, KVLayer
+    from policies.base import row_budgets
+
+    model, tok = tiny_llama
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in lengths]
+    cfg = GenerationConfig(max_new_tokens=3, prefill_chunk_tokens=chunk)
+    runs = []
+    for route in ("step", "append"):
+        if route == "append":
+            monkeypatch.setattr(QuantizedKVLayer, "append_step", KVLayer.append_step)
+        gen = Generator(model, tok, make_policy("kivi", residual=32), Budget(ratio=0.25), decode_mode="eager")
+        cache = CompressedCache(gen.num_layers, gen.policy)
+        ids, filled = gen._left_pad(prompts)
+        positions = torch.where(filled, filled.long().cumsum(-1) - 1, torch.full_like(ids, EMPTY))
+        budgets = row_budgets(gen.budget, list(lengths), gen.device)
+        with torch.inference_mode():
+            logits = gen.prefill(
+                cache, ids, positions, budgets, chunk, 2, ids.shape[1] - min(lengths), list(lengths)
+            )
+        rows, _ = gen.generate(prompts, cfg)
+        runs.append((cache, logits, [r.output_ids for r in rows]))
+    (fast, fast_logits, fast_ids), (slow, slow_logits, slow_ids) = runs
+    assert torch.equal(fast_logits, slow_logits) and fast_ids == slow_ids
+    for a, b in zip(fast.layers, slow.layers):
+        _assert_same(_live(a), _live(b))
+        assert a.stored_bytes() == b.stored_bytes()
+
+
+def test_chunked_prefill_sizes_the_store_once(tiny_llama, monkeypatch):
+    """kivi keeps every token: the engine sizes its store once for the prompt and the decode tokens
+    (as for a full cache), so no chunk reallocates it and `reserve` after the prefill keeps it;
+    composed after an evictor it grows chunk by chunk (the evictor keeps less than the prompt)."""
+    model, tok = tiny_llama
+    prompt = torch.randint(3, 1000, (300,), generator=torch.Generator().manual_seed(2)).tolist()
+    grown = []
+    real = QuantizedKVLayer._grow
+
+    def grow(layer, name, need, top, fill=0):
+        before = getattr(layer, name)
+        real(layer, name, need, top, fill)
+        if getattr(layer, name) is not before:
+            grown.append((id(layer), name))
+
+    monkeypatch.setattr(QuantizedKVLayer, "_grow", grow)
+    cfg = GenerationConfig(max_new_tokens=4, prefill_chunk_tokens=64)
+    for name, once in (("kivi", True), ("snapkv+kivi", False)):
+        grown.clear()
+        gen = Generator(model, tok, make_policy(name, residual=32), Budget(ratio=0.5))
+        gen.generate([prompt], cfg)
+        per_buffer = max(grown.count(x) for x in set(grown))
+        assert (per_buffer == 1) == once, (name, per_buffer)

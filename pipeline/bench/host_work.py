@@ -1,6 +1,7 @@
 """`python -m pipeline.bench.host_work`: device syncs and torch ops of a prefill's compressions, on the CPU.
 
     python -m pipeline.bench.host_work [--shapes smollm2] [--context 8192] [--chunk 4096] [--layers 30]
+        [--policies kivi] [--modes chunked] [--small] [--interpret] [--ops]
 
 A random-weight model of the named shapes (float32) prefills one row of random ids exactly as
 `kvpipe bench` does (`measure.kvpipe_prefill`: one shot, or chunks compressed after each), once
@@ -18,8 +19,19 @@ torch op, so a CPU run shows what a GPU run would wait for:
 
 Per policy and mode it prints the syncs per `compress_layer` call, the kernels and CPU time of
 each call that compressed, the syncs of the whole prefill outside the compressions and the
-deferred reads. The CPU time is this thread's (steady on a shared machine), CPU kernels included:
-compare two code versions on one machine, not with a GPU's host time. `--small` (SmolLM2 heads at
+deferred reads. It also counts each layer's whole path in a forward, for storage forms whose
+cost is not only the compression (kivi: de-quantising the earlier chunks for attention, the
+residual rings): the layer path is the cache's `update` (the layer's append and `note_padding`)
+plus the attention hook (`attend`, then `compress_layer` in a compressing forward), reported per
+layer-forward for the first forward and for the later ones (chunks after the first attend over
+stored tokens), with a digest of what the prefill stored (`stored`: each layer's positions,
+keys and values, kivi's packed store, scales and zero points, and the last logits), so that two
+code versions can be shown to store and compute the same. `--interpret` runs kivi's Triton
+kernels on CPU under Triton's interpreter and counts each launch as one kernel, its time left
+out: kivi's counts as on a GPU (the CPU's torch forms of those kernels are several ops each).
+
+The CPU time is this thread's (steady on a shared machine), CPU kernels included: compare two
+code versions on one machine, not with a GPU's host time. `--small` (SmolLM2 heads at
 1024 tokens, chunk 256) makes the CPU kernels small, so that more of it is host time. With
 `--device cuda` the counts are the GPU's (kernels launched by torch ops; bfloat16 adds the float32
 up-casts a CPU float32 run does not need) and the time is the host's, a sync's wait included
@@ -133,12 +145,54 @@ class HostWork(TorchDispatchMode):
 
     def __enter__(self):
         self._patches = _patch_host_reads(self)
+        _ACTIVE.append(self)
         return super().__enter__()
 
     def __exit__(self, *exc):
+        _ACTIVE.remove(self)
         for owner, name, original in self._patches:
             setattr(owner, name, original)
         return super().__exit__(*exc)
+
+
+_ACTIVE: list[HostWork] = []  # the counters now active (nested: each counts)
+# CPU seconds spent in kernels run under Triton's interpreter (`interpreted_kernels`), which the
+# timings leave out: a GPU runs them, the host only launches them
+_KERNEL_SECONDS = [0.0]
+
+
+@contextmanager
+def interpreted_kernels(module, names: tuple[str, ...]):
+    """Run `module`'s Triton launch functions `names` (Triton's interpreter on CPU tensors, the
+    module's CPU_INTERPRET opt-in set) as one kernel each in every active counter, their own
+    torch ops and their time not counted: the counts and CPU times a GPU run would show."""
+    originals = {name: getattr(module, name) for name in names}
+
+    def wrap(name, fn):
+        def launch(*args, **kwargs):
+            for work in _ACTIVE:
+                work.kernels += 1
+                work.ops[f"triton:{name}"] += 1
+            t0 = time.thread_time()
+            with _disable_current_modes():
+                out = fn(*args, **kwargs)
+            _KERNEL_SECONDS[0] += time.thread_time() - t0
+            return out
+
+        return launch
+
+    for name, fn in originals.items():
+        setattr(module, name, wrap(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(module, name, fn)
+
+
+def _thread_time() -> float:
+    """This thread's CPU time less the time spent in interpreted kernels."""
+    return time.thread_time() - _KERNEL_SECONDS[0]
 
 
 def _patch_host_reads(mode: HostWork) -> list:
@@ -177,6 +231,84 @@ def _patch_host_reads(mode: HostWork) -> list:
     return patches
 
 
+class LayerPath:
+    """One layer's work in one forward: its `CompressedCache.update` (the storage form's append and
+    `note_padding`) and the attention hook (`attend`, plus `compress_layer` when the forward
+    compresses), counted (`kernels`, `syncs`, `ops`) and timed (CPU seconds of this thread)."""
+
+    def __init__(self) -> None:
+        self.kernels = 0
+        self.sync_count = 0
+        self.ops: Counter = Counter()
+        self.syncs: Counter = Counter()
+        self.seconds = 0.0
+
+    def add(self, work: HostWork | None, seconds: float) -> None:
+        self.seconds += seconds
+        if work is not None:
+            self.kernels += work.kernels
+            self.sync_count += work.sync_count
+            self.ops += work.ops
+            self.syncs += work.syncs
+
+
+@contextmanager
+def wrapped_layer_paths(count: bool):
+    """Count (with `count`) and time each layer's whole path in each forward: `CompressedCache.update`
+    and the registered attention function (attention, then the compression of a compressing
+    forward). Yields a list of forwards, each a list of `LayerPath` by layer index."""
+    from transformers import AttentionInterface
+
+    from pipeline import attention
+    from pipeline.kv_cache import CompressedCache
+
+    forwards: list[list[LayerPath]] = []
+    update, attend = CompressedCache.update, attention.kvpipe_attention
+
+    def timed(layer_idx: int, fn, *args, **kwargs):
+        if layer_idx == 0 and fn is update:  # a forward's first layer stores first
+            forwards.append([])
+        paths = forwards[-1]
+        while len(paths) <= layer_idx:
+            paths.append(LayerPath())
+        work = HostWork() if count else None
+        t0 = _thread_time()
+        with work or nullcontext():
+            out = fn(*args, **kwargs)
+        paths[layer_idx].add(work, _thread_time() - t0)
+        return out
+
+    def wrapped_update(cache, key_states, value_states, layer_idx, *args, **kwargs):
+        return timed(layer_idx, update, cache, key_states, value_states, layer_idx, *args, **kwargs)
+
+    def wrapped_attention(module, *args, **kwargs):
+        return timed(module.layer_idx, attend, module, *args, **kwargs)
+
+    CompressedCache.update = wrapped_update
+    AttentionInterface.register(attention.ATTN_NAME, wrapped_attention)
+    try:
+        yield forwards
+    finally:
+        CompressedCache.update = update
+        AttentionInterface.register(attention.ATTN_NAME, attend)
+
+
+def path_summary(forwards: list[list[LayerPath]], first: bool) -> dict:
+    """Per layer-forward means over the first forward (`first`) or the later ones (None if none)."""
+    paths = [p for f in (forwards[:1] if first else forwards[1:]) for p in f]
+    if not paths:
+        return None
+    n = len(paths)
+    return {
+        "n": n,
+        "kernels": sum(p.kernels for p in paths) / n,
+        "syncs": sum(p.sync_count for p in paths) / n,
+        "ms": 1e3 * sum(p.seconds for p in paths) / n,
+        "ops": sum((p.ops for p in paths), Counter()),
+        "sync_where": sum((p.syncs for p in paths), Counter()),
+    }
+
+
 @contextmanager
 def wrapped_compressions(policy, count: bool):
     """Wrap `policy.compress_layer` to time each call (CPU time of this thread: steady on a shared
@@ -187,10 +319,10 @@ def wrapped_compressions(policy, count: bool):
 
     def wrapped(*args):
         work = HostWork() if count else None
-        t0 = time.thread_time()
+        t0 = _thread_time()
         with work or nullcontext():
             original(*args)
-        calls.append((work, time.thread_time() - t0))
+        calls.append((work, _thread_time() - t0))
 
     policy.compress_layer = wrapped
     try:
@@ -200,7 +332,8 @@ def wrapped_compressions(policy, count: bool):
 
 
 def _prefill(bm, policy, ratio, ids, chunk, count: bool):
-    """(compression calls, prefill HostWork or None, prefill seconds, kept digest) of one prefill.
+    """(compression calls, prefill HostWork or None, prefill seconds, kept digest, layer paths,
+    stored digest) of one prefill.
 
     Counting runs under `no_grad`, where composite ops reach the dispatcher decomposed (closer to
     the kernels a GPU launches); timing runs as the benchmark does, under `inference_mode`."""
@@ -210,11 +343,16 @@ def _prefill(bm, policy, ratio, ids, chunk, count: bool):
     gen = measure.make_generator(bm, policy, Budget(ratio=ratio))
     whole = HostWork() if count else None
     grad = torch.no_grad() if count else torch.inference_mode()
-    with grad, wrapped_compressions(policy, count) as calls, whole or nullcontext():
+    with (
+        grad,
+        wrapped_layer_paths(count) as paths,
+        wrapped_compressions(policy, count) as calls,
+        whole or nullcontext(),
+    ):
         t0 = time.perf_counter()
         pre = measure.kvpipe_prefill(gen, ids, chunk)
         seconds = time.perf_counter() - t0
-    return calls, whole, seconds, _kept_digest(pre.cache)
+    return calls, whole, seconds, _kept_digest(pre.cache), paths, stored_digest(pre.cache, pre.logits)
 
 
 def run_policy(bm, name: str, context: int, chunk: int | None, ratio: float, seed: int = 0) -> dict:
@@ -224,10 +362,17 @@ def run_policy(bm, name: str, context: int, chunk: int | None, ratio: float, see
 
     policy = make_policy(name)
     ids = measure.random_ids(bm, 1, context, seed)
-    calls, whole, _, counted_digest = _prefill(bm, policy, ratio, ids, chunk, count=True)
-    timed, _, seconds, digest = _prefill(bm, policy, ratio, ids, chunk, count=False)
-    if digest != counted_digest:
+    calls, whole, _, counted_digest, counted_paths, counted_store = _prefill(
+        bm, policy, ratio, ids, chunk, count=True
+    )
+    timed, _, seconds, digest, timed_paths, store = _prefill(bm, policy, ratio, ids, chunk, count=False)
+    if digest != counted_digest or store != counted_store:
         raise RuntimeError(f"{name}: the counting and the timed prefill kept different tokens")
+    paths = {}
+    for key, first in (("first", True), ("later", False)):
+        counted, timed_ = path_summary(counted_paths, first), path_summary(timed_paths, first)
+        if counted is not None:
+            paths[key] = dict(counted, ms=timed_["ms"])
     compress_syncs = sum((w.syncs for w, _ in calls), Counter())
     # calls that compressed (a layer within its budget returns before any kernel)
     working = [i for i, (w, _) in enumerate(calls) if w.kernels]
@@ -244,7 +389,9 @@ def run_policy(bm, name: str, context: int, chunk: int | None, ratio: float, see
         "deferred_reads": whole.deferred,
         "prefill_s": seconds,
         "kept": digest,
+        "stored": store,
         "ops": sum((calls[i][0].ops for i in working), Counter()),
+        "paths": paths,
     }
 
 
@@ -252,6 +399,36 @@ def _kept_digest(cache) -> str:
     from pipeline.bench.profile_compress import kept_digest
 
     return kept_digest(cache.layers)
+
+
+def stored_digest(cache, logits: torch.Tensor) -> str:
+    """md5 of everything a prefill leaves: each layer's positions, keys and values (a storage
+    form's view), its stored tensors where it has them (kivi: counts and the used parts of the
+    packed store, scales and zero points), and the last logits (every layer's attention)."""
+    import hashlib
+
+    h = hashlib.md5()
+
+    def put(x: torch.Tensor) -> None:
+        x = x.detach().contiguous().cpu()
+        h.update(str((x.dtype, tuple(x.shape))).encode())
+        h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+
+    for layer in cache.layers:
+        for name in ("positions", "keys", "values"):
+            x = getattr(layer, name, None)
+            if isinstance(x, torch.Tensor):
+                put(x)
+        for name in ("_n", "_nk", "_nv", "_kq", "_kscale", "_kzero", "_vq", "_vscale", "_vzero"):
+            x = getattr(layer, name, None) if getattr(layer, "_ready", False) else None
+            if isinstance(x, torch.Tensor):
+                put(x)
+    put(logits)
+    return h.hexdigest()[:12]
+
+
+# kivi's Triton launches (`--interpret`)
+_KIVI_KERNELS = ("dequantize_into", "quantize_from_rings", "decode_attention")
 
 
 def main(argv=None) -> None:
@@ -267,9 +444,18 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bfloat16)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time = host thread)")
     ap.add_argument("--ops", action="store_true", help="list the kernels of the compressions by op")
+    ap.add_argument(
+        "--interpret",
+        action="store_true",
+        help="kivi's Triton kernels on CPU under Triton's interpreter, one kernel each, their time left out",
+    )
     args = ap.parse_args(argv)
     if args.small:
         args.context, args.chunk = 1024, 256
+    if args.interpret:
+        import os
+
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
 
     from pipeline.bench import measure
     from pipeline.bench.settings import BenchSettings
@@ -283,6 +469,19 @@ def main(argv=None) -> None:
         f"# {args.shapes} shapes, {bm.config.num_hidden_layers} layers, {args.context} tokens, "
         f"chunk {args.chunk}, ratio {args.ratio}, {device} {dtype}"
     )
+    kernels = nullcontext()
+    if args.interpret:
+        from policies import kivi, kivi_kernels
+
+        if kivi_kernels.triton is None:
+            raise SystemExit("--interpret: triton is not installed")
+        kivi.CPU_INTERPRET = True
+        kernels = interpreted_kernels(kivi_kernels, _KIVI_KERNELS)
+    with kernels:
+        _report(bm, args)
+
+
+def _report(bm, args) -> None:
     for name in args.policies.split(","):
         for mode in args.modes.split(","):
             chunk = args.chunk if mode == "chunked" else None
@@ -294,6 +493,18 @@ def main(argv=None) -> None:
                 f"{r['ms_per_compression']:7.3f} ms CPU per compression; {sum(outside.values())} syncs "
                 f"outside; prefill {r['prefill_s']:.2f} s; kept {r['kept']}"
             )
+            for key, p in r["paths"].items():
+                print(
+                    f"    layer path ({key} forward{'s' if key == 'later' else ''}: update + attention"
+                    f" + compression, {p['n']} layer-forwards): {p['syncs']:5.2f} syncs, "
+                    f"{p['kernels']:6.1f} kernels, {p['ms']:7.3f} ms CPU per layer-forward; "
+                    f"stored {r['stored']}"
+                )
+                for where, c in sorted(p["sync_where"].items()):
+                    print(f"        sync {c:4d}x {where}")
+                if args.ops:
+                    per = p["n"]
+                    print("        " + ", ".join(f"{op} {c / per:g}" for op, c in p["ops"].most_common()))
             for where, count in sorted(r["compress_syncs"].items()):
                 print(f"    compress {count:4d}x {where}")
             for where, count in sorted(outside.items()):

@@ -2,12 +2,18 @@
 
 Layers of a model's shapes (random bf16 keys and queries) go through the prefill sequence a
 policy sees: one-shot (the whole prompt, then one compression) or chunked (each chunk appended
-to every layer, then each layer compressed, as one forward does). Only `compress_layer` is
-timed: synchronised wall clock around the loop over layers (so host work that the GPU cannot
-hide counts), median of `--reps`; the peak is the allocator's peak above what was allocated
-before the loop. `--profile` adds the top CUDA kernels of one layer's compression and the
-number of kernels it launches. Every case prints a digest of the kept positions, so two code
-versions can be compared on the same machine (same seeds, same kernels: same tokens).
+to every layer, then each layer compressed, as one forward does). Layers store a chunk as the
+cache does (`append_step`, with the engine's spare): kivi's compressing forwards then hold every
+layer's wide rings until its compression (in the model, one layer at a time), so the peak here is
+not the engine's; the attention between append and compression is not run (kivi's de-quantisation
+is not in these times: `host_work`'s layer path and `profile_decode`'s prefill have it).
+
+Only `compress_layer` is timed: synchronised wall clock around the loop over layers (so host
+work that the GPU cannot hide counts), median of `--reps`; the peak is the allocator's peak
+above what was allocated before the loop. `--profile` adds the top CUDA kernels of one layer's
+compression and the number of kernels it launches. Every case prints a digest of the kept
+positions, so two code versions can be compared on the same machine (same seeds, same kernels:
+same tokens).
 
 `--micro` times the selection primitives (sort, top-k) on the shapes the policies use.
 
@@ -36,6 +42,7 @@ import time
 import torch
 
 from pipeline.bench.settings import MODEL_SHAPES
+from pipeline.generate import Generator
 from pipeline.kv_cache import StepContext
 from policies import make_policy
 
@@ -69,6 +76,7 @@ def run_case(policy_name, shapes, context, chunk, ratio, layers, dev, seed=0, pr
     budget = max(1, round(ratio * context))
     budgets = torch.tensor([budget], device=dev)
     cache_layers = [policy.make_layer() for _ in range(layers)]
+    keeps_all = policy.keeps_every_token
     chunk = chunk or context
     total, peak, prof_text = 0.0, 0, ""
     for lo in range(0, context, chunk):
@@ -87,9 +95,10 @@ def run_case(policy_name, shapes, context, chunk, ratio, layers, dev, seed=0, pr
         )
         queries = []
         for layer in cache_layers:
+            # the engine's spare (storage kept whole is sized once for the prompt) and its append
+            layer.spare = Generator._spare_slots(not keeps_all, context, hi, 0)
             k = torch.randn(1, kv_heads, q, d, generator=g, device=dev, dtype=dtype)
-            layer.append(k, k, positions)
-            layer.note_padding(False)
+            layer.append_step(k, k, step)
             queries.append(torch.randn(1, num_heads, q, d, generator=g, device=dev, dtype=dtype))
         _sync(dev)
         if dev.type == "cuda":

@@ -145,6 +145,27 @@ def kivi_bytes(
     return key, value
 
 
+class _DeviceCount:
+    """A device count of `QuantizedKVLayer` (`_n`, `_nk`, `_nv`), stored under `attr`: reading or
+    replacing it first brings the counts up to date if they are behind the host's (see "the device
+    counts" in the class)."""
+
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self
+        if layer._counts_behind:
+            layer._catch_up_counts()
+        return layer.__dict__[self.attr]
+
+    def __set__(self, layer, value: torch.Tensor) -> None:
+        if layer._counts_behind:
+            layer._catch_up_counts()
+        layer.__dict__[self.attr] = value
+
+
 class QuantizedKVLayer(KVLayer):
     """KIVI storage: packed per-channel keys, packed per-token values, full-precision residuals.
 
@@ -254,41 +275,9 @@ class QuantizedKVLayer(KVLayer):
     # written from `_uni` (three fills) when next read, once after the prefill rather than three
     # ops per chunk and layer. A flush of counts that are not behind advances them in place, as a
     # captured decode step reads them by address (and every static step reads them first).
-    @property
-    def _n(self) -> torch.Tensor:
-        if self._counts_behind:
-            self._catch_up_counts()
-        return self._dn
-
-    @_n.setter
-    def _n(self, value: torch.Tensor) -> None:
-        if self._counts_behind:
-            self._catch_up_counts()
-        self._dn = value
-
-    @property
-    def _nk(self) -> torch.Tensor:
-        if self._counts_behind:
-            self._catch_up_counts()
-        return self._dnk
-
-    @_nk.setter
-    def _nk(self, value: torch.Tensor) -> None:
-        if self._counts_behind:
-            self._catch_up_counts()
-        self._dnk = value
-
-    @property
-    def _nv(self) -> torch.Tensor:
-        if self._counts_behind:
-            self._catch_up_counts()
-        return self._dnv
-
-    @_nv.setter
-    def _nv(self, value: torch.Tensor) -> None:
-        if self._counts_behind:
-            self._catch_up_counts()
-        self._dnv = value
+    _n = _DeviceCount("_dn")
+    _nk = _DeviceCount("_dnk")
+    _nv = _DeviceCount("_dnv")
 
     def _catch_up_counts(self) -> None:
         """Write the uniform host counts into the device counts (in place: their addresses stay),

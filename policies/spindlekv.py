@@ -65,7 +65,9 @@ _SPENT = "spindlekv_spent"  # StepContext.extras: (next layer, kept bytes per ro
 # the FMA units, was measured no faster on an H100 (`python -m pipeline.bench.check_spindle_decode`,
 # Llama-8B shapes, 8 layers, 32K, graph steps: batch 4 4.21 ms fused vs 3.65 ms apart, batch 48
 # 13.55 vs 13.78 ms; one layer's kernel at batch 48, 32K: 5.81 ms fused vs 5.12 ms for attention
-# (3.35) + `best_match` on both books). On an H200 (code 4c16208, batch 109, 32K, tensor-core path): fused 4.86 ms vs attention 3.49 + best_match 3.00 (`spindle_kernels` MMA_* note); model, 8 layers, graph steps: 13.54 vs 17.73 ms (default launch then: 64-token blocks, 3 stages).
+# (3.35) + `best_match` on both books). On an H200 (code 4c16208, batch 109, 32K, tensor-core
+# path): fused 4.86 ms vs attention 3.49 + best_match 3.00 (`spindle_kernels`' MMA_* note); model,
+# 8 layers, graph steps: 13.54 vs 17.73 ms (default launch then: 64-token blocks, 3 stages).
 FUSED_MATCH = True
 
 

@@ -82,8 +82,10 @@ def main(argv=None) -> None:
                 gpu.sync(device)
             peak = gpu.peak_bytes(device)
             # kernel time well under the wall time: the host (launches, Python) sets the pace
-            print(f"\n== {name} chunked prefill: {wall_s * 1e3:.1f} ms wall (unprofiled), "
-                  f"{_kernel_ms(prof):.1f} ms of kernels")
+            print(
+                f"\n== {name} chunked prefill: {wall_s * 1e3:.1f} ms wall (unprofiled), "
+                f"{_kernel_ms(prof):.1f} ms of kernels"
+            )
             _, stored = measure.kv_bytes(pre.cache)
             if peak is not None:
                 gib = [round(x / 2**30, 2) for x in (peak - base, stored, peak - base - stored)]

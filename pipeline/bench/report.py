@@ -403,7 +403,8 @@ def markdown(result: dict) -> str:
         f"- copy bandwidth (same run): {_f(bw.get('tb_per_s'), '{:.2f}')} TB/s ({bw.get('method')})",
         f"- prompts: random token ids of exactly the context length; prefill batch {s.get('prefill_batch')}, "
         f"chunk {s.get('prefill_chunk')} tokens, timed after one untimed prefill of the same shapes "
-        "(a job's steady state: kernels built, allocator warm; `cold_seconds` in the JSON); decode: median of {s.get('decode_steps')} steps after "
+        "(a job's steady state: kernels built, allocator warm; `cold_seconds` in the JSON); "
+        f"decode: median of {s.get('decode_steps')} steps after "
         f"{s.get('decode_warmup')} warm-up steps, CUDA events; tok/s from wall time over the steps",
         "- decode at batch B tiles the prefilled rows' compressed caches to B rows (`select_rows`): "
         "speed and memory depend on kept shapes, not on which tokens were kept",

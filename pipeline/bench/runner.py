@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from pipeline.bench import gpu, measure, report
-from policies import kivi_kernels
 from pipeline.bench.settings import BenchSettings
+from policies import kivi_kernels
 
 
 class OutOfTime(Exception):

@@ -672,7 +672,8 @@ class QuantizedKVLayer(KVLayer):
         self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, wide: bool
     ) -> None:
         """Tokens [n, n + q) of every (row, head) (no padding, uniform counts, flushed): ring slots
-        j % W and positions [n, n + q) by slices; the counts advance by q, on the host too.
+        j % W and positions [n, n + q) by slices; the counts advance by q on the host (the device's
+        catch up when read: "the device counts").
 
         `wide` (the forward compresses: `compress_layer` flushes this layer right after its
         attention): each ring holds every token at its own index (W >= n + q), so that attention

@@ -29,6 +29,13 @@ with flash over the de-quantised earlier tokens (a Triton kernel writes them in 
 plus the residual; flushes of layers whose (row, head)s hold equal counts quantise with Triton
 kernels on CUDA; everything has a torch path (CPU, ragged counts) that the kernels equal.
 
+Prefill chunks (the cache's `append_step`: no padding, equal counts) cost the host little beyond
+a full cache's append: the tokens go to host-known slots by slices, the counts advance on the
+host only (the device's catch up when read), a compressing forward's rings hold every token at
+its own index so that attention de-quantises the earlier tokens into them and reads them in place
+(one kernel for keys and values) and the flush quantises from them (one kernel) and puts the
+residual back into decoding's rings; the store is sized once for the prompt (`keeps_every_token`).
+
 Decode steps take the static step of `pipeline.decode_graph` (a CUDA graph on one GPU) where the
 fused kernel serves: the token is written at each (row, head)'s count read on the device (equal
 counts or not), the kernel reads the counts on the device over a grid sized by capacity, and the
@@ -177,7 +184,9 @@ class QuantizedKVLayer(KVLayer):
 
     The packed stores and the positions live in buffers with spare capacity (the last slot of
     each is a dump for the writes of (row, head)s that have nothing to write), grown
-    geometrically or to what `reserve` asks, so a decode step copies nothing already stored.
+    geometrically, to the engine's spare (the rest of the prompt and the decode tokens: once for
+    a prefill) or to what `reserve` asks, so a decode step copies nothing already stored. Ring
+    slots that hold no live token hold whatever they held: only live tokens are ever read.
     The host mirrors the counts (`_hn`, `_hnk`, `_hnv`, CPU): a forward without padding
     (`note_padding(False)`) advances them without a device sync; after one with padding they
     are read back once, when next needed. While every (row, head) holds the same counts the host
@@ -652,7 +661,8 @@ class QuantizedKVLayer(KVLayer):
         self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, wide: bool
     ) -> None:
         """Tokens [n, n + q) of every (row, head) (no padding, uniform counts, flushed): ring slots
-        j % W and positions [n, n + q) by slices; the counts advance by q, on the host too.
+        j % W and positions [n, n + q) by slices; the counts advance by q on the host (the device's
+        catch up when read: "the device counts").
 
         `wide` (the forward compresses: `compress_layer` flushes this layer right after its
         attention): each ring holds every token at its own index (W >= n + q), so that attention

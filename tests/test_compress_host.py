@@ -400,6 +400,19 @@ def test_host_work_tool_runs(capsys):
     assert all("0.00 syncs per call" in line for line in lines), out
 
 
+def test_host_work_counts_kivi_layer_path(capsys):
+    """The tool counts kivi's whole per-layer path (append, attention, compression) per forward: no
+    sync in it (not even a read of the host's count mirror), and the same store when run twice."""
+    from pipeline.bench import host_work
+
+    args = ["--shapes", "tiny", "--context", "320", "--chunk", "64", "--layers", "2"]
+    host_work.main([*args, "--policies", "kivi", "--modes", "chunked"])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "layer path" in line]
+    assert len(lines) == 2 and all(" 0.00 syncs, " in line for line in lines), out
+    assert "1 syncs outside" in out  # (row_budgets, before the first forward)
+
+
 def test_ranking_key_has_the_bits_of_shift_and_or():
     """`ranking_key`'s one add equals (monotone << 32) | (position + 1), the former formula."""
     from policies.base import ranking_key

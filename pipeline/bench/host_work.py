@@ -28,7 +28,8 @@ stored tokens), with a digest of what the prefill stored (`stored`: each layer's
 keys and values, kivi's packed store, scales and zero points, and the last logits), so that two
 code versions can be shown to store and compute the same. `--interpret` runs kivi's Triton
 kernels on CPU under Triton's interpreter and counts each launch as one kernel, its time left
-out: kivi's counts as on a GPU (the CPU's torch forms of those kernels are several ops each).
+out: kivi's counts as on a GPU (the CPU's torch forms of those kernels are several ops each);
+with `--device cuda` each launch is counted too (host time included).
 
 The CPU time is this thread's (steady on a shared machine), CPU kernels included: compare two
 code versions on one machine, not with a GPU's host time. `--small` (SmolLM2 heads at
@@ -57,6 +58,17 @@ prefill's only one is `row_budgets` building its tensor before the first forward
 lengths are one deferred read per layer compression, taken a forward later. The kernel counts are
 a floor for a bfloat16 GPU run (float32 up-casts are no-ops here). At 8192 tokens the CPU time is
 mostly CPU kernels (snapkv chunked 8.0 -> 6.8 ms), not the GPU's host time.
+
+kivi's layer path, measured 2026-12-05 (same machine and settings), 8061607 (before) -> this code,
+same stored digests (`--interpret`: 81e3cba31656 chunked, aef20658be28 one-shot; plain CPU at
+8192/4096: ebb5606bdd5c), `--policies kivi --context 1024 --chunk 128 --interpret` (8 forwards,
+as 32K in chunks of 4K): per later layer-forward 69.0 -> 14.7 kernels (full: 9.0), 3 -> 0 syncs
+(reads of the CPU count mirror), 4.6 -> 3.8 ms CPU (full 3.0; CPU attention is most of it); first
+forward 53 -> 12 kernels; per compression 21.5 -> 3.2 kernels, 0.51 -> 0.21 ms; syncs outside
+the compressions 751 -> 1. One-shot: 99 -> 18 kernels per layer-forward. At 512 tokens, chunk 64:
+64.9 -> 15.3 kernels (full 9.0), 2.0-2.1 -> 1.3-1.5 ms CPU (full 0.8-1.0). What is left beyond a
+full cache's append: one de-quantisation and one quantisation launch, the value residual copied
+into the wide ring and back (1-2 copies each way).
 """
 
 from __future__ import annotations
@@ -156,16 +168,18 @@ class HostWork(TorchDispatchMode):
 
 
 _ACTIVE: list[HostWork] = []  # the counters now active (nested: each counts)
-# CPU seconds spent in kernels run under Triton's interpreter (`interpreted_kernels`), which the
+# CPU seconds spent in kernels run under Triton's interpreter (`triton_launches`), which the
 # timings leave out: a GPU runs them, the host only launches them
 _KERNEL_SECONDS = [0.0]
 
 
 @contextmanager
-def interpreted_kernels(module, names: tuple[str, ...]):
-    """Run `module`'s Triton launch functions `names` (Triton's interpreter on CPU tensors, the
-    module's CPU_INTERPRET opt-in set) as one kernel each in every active counter, their own
-    torch ops and their time not counted: the counts and CPU times a GPU run would show."""
+def triton_launches(module, names: tuple[str, ...], interpreted: bool):
+    """Count `module`'s Triton launch functions `names` as one kernel each in every active counter
+    (a Triton launch bypasses torch's dispatcher: a dispatch mode does not see it). `interpreted`
+    (Triton's interpreter on CPU tensors, the module's CPU_INTERPRET opt-in set): their own torch
+    ops and their time are not counted either, so that the counts and CPU times are a GPU run's;
+    on a GPU the launch is host time and stays in."""
     originals = {name: getattr(module, name) for name in names}
 
     def wrap(name, fn):
@@ -173,6 +187,8 @@ def interpreted_kernels(module, names: tuple[str, ...]):
             for work in _ACTIVE:
                 work.kernels += 1
                 work.ops[f"triton:{name}"] += 1
+            if not interpreted:
+                return fn(*args, **kwargs)
             t0 = time.thread_time()
             with _disable_current_modes():
                 out = fn(*args, **kwargs)
@@ -470,13 +486,13 @@ def main(argv=None) -> None:
         f"chunk {args.chunk}, ratio {args.ratio}, {device} {dtype}"
     )
     kernels = nullcontext()
-    if args.interpret:
+    if args.interpret or device.type == "cuda":
         from policies import kivi, kivi_kernels
 
-        if kivi_kernels.triton is None:
+        if kivi_kernels.triton is None and args.interpret:
             raise SystemExit("--interpret: triton is not installed")
-        kivi.CPU_INTERPRET = True
-        kernels = interpreted_kernels(kivi_kernels, _KIVI_KERNELS)
+        kivi.CPU_INTERPRET = args.interpret
+        kernels = triton_launches(kivi_kernels, _KIVI_KERNELS, interpreted=args.interpret)
     with kernels:
         _report(bm, args)
 

@@ -59,7 +59,7 @@ lengths are one deferred read per layer compression, taken a forward later. The 
 a floor for a bfloat16 GPU run (float32 up-casts are no-ops here). At 8192 tokens the CPU time is
 mostly CPU kernels (snapkv chunked 8.0 -> 6.8 ms), not the GPU's host time.
 
-kivi's layer path, measured 2026-12-05 (same machine and settings), 8061607 (before) -> this code,
+kivi's layer path, measured 2026-12-03 (same machine and settings), 8061607 (before) -> this code,
 same stored digests (`--interpret`: 81e3cba31656 chunked, aef20658be28 one-shot; plain CPU at
 8192/4096: ebb5606bdd5c), `--policies kivi --context 1024 --chunk 128 --interpret` (8 forwards,
 as 32K in chunks of 4K): per later layer-forward 69.0 -> 14.7 kernels (full: 9.0), 3 -> 0 syncs

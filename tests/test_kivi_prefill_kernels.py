@@ -112,6 +112,8 @@ def test_wide_ring_chunks_with_kernels_equal_the_torch_path(bits, residual, d, d
 
     def run(kernels: bool):
         monkeypatch.setattr(kivi, "CPU_INTERPRET", kernels)
+        if not kernels:  # the torch path on CUDA too
+            monkeypatch.setattr(kivi.kivi_kernels, "triton", None)
         for name in ("dequantize_into", "quantize_from_rings"):
             real = getattr(kivi.kivi_kernels, name)
             counted = lambda *a, real=real, n=name: calls.append(n) or real(*a)  # noqa: E731

@@ -223,9 +223,13 @@ if HAVE_TRITON:
         E, SPLITS, PSTRIDE, chunk, qscale, HROWS,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_MAG: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_IEEE: tl.constexpr, FAST_TRIG: tl.constexpr,
-        TABLE: tl.constexpr, MATCH: tl.constexpr, MMA: tl.constexpr,
+        TABLE: tl.constexpr, MATCH: tl.constexpr, MMA: tl.constexpr, UNION: tl.constexpr,
     ):  # fmt: skip
         """One (row, kv head, token range): the G query heads of the kv head against its tokens.
+
+        UNION (evicted layers): the tokens are the book rows themselves, in order, and RK holds each
+        row's member bits (bit g: query head G * kv + g keeps it), so a row kept by several query
+        heads is read once for all of them; a head skips the rows without its bit.
 
         MATCH: also the best book entry for a new key XK / value XV ([b, E, D], 1/norm RX [b, E, 2])
         among the entries these tokens read (every live entry is read by some token), as (cosine,
@@ -282,7 +286,12 @@ if HAVE_TRITON:
         for t0 in range(start, end, BLOCK_N):
             offs = t0 + tl.arange(0, BLOCK_N)
             valid = offs < end
-            ik = tl.load(rk_row + offs, mask=valid, other=0).to(tl.int64)
+            if UNION:
+                ik = offs.to(tl.int64)
+                bits = tl.load(rk_row + offs, mask=valid, other=0).to(tl.int32)
+                seen = valid[None, :] & (((bits[None, :] >> g[:, None]) & 1) != 0)
+            else:
+                ik = tl.load(rk_row + offs, mask=valid, other=0).to(tl.int64)
             krow = kb_head + ik * skb_c
             if MMA:
                 sc, ck = _mma_scores(qt, krow, dd, valid, g, G, qscale, MATCH)
@@ -311,12 +320,22 @@ if HAVE_TRITON:
             if HAS_MAG:
                 mkt = tl.load(MK + bi * smk_b + ei * smk_h + offs, mask=valid, other=0.0).to(tl.float32)
                 sc = sc * mkt[None, :]
-            sc = tl.where(valid[None, :], sc, float("-inf"))
+            if UNION:
+                sc = tl.where(seen, sc, float("-inf"))
+            else:
+                sc = tl.where(valid[None, :], sc, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, 1))
-            alpha = tl.exp2(m - m_new)
-            pr = tl.exp2(sc - m_new[:, None])
+            if UNION:  # a head may see no row of a block yet: -inf - -inf would be NaN
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_ref = m_new
+            alpha = tl.exp2(m - m_ref)
+            pr = tl.exp2(sc - m_ref[:, None])
             l_sum = l_sum * alpha + tl.sum(pr, 1)
-            iv = tl.load(rv_row + offs, mask=valid, other=0).to(tl.int64)
+            if UNION:
+                iv = ik
+            else:
+                iv = tl.load(rv_row + offs, mask=valid, other=0).to(tl.int64)
             v = tl.load(vb_head + iv[:, None] * svb_c + dd[None, :], mask=valid[:, None], other=0.0)
             if not MMA:
                 v = v.to(tl.float32)
@@ -498,6 +517,54 @@ def spindle_decode(
     return reduce_partials(part, query.dtype, out)
 
 
+def union_decode(
+    query: torch.Tensor,
+    kbook: torch.Tensor,
+    vbook: torch.Tensor,
+    member: torch.Tensor,
+    n: torch.Tensor,
+    scaling: float,
+    out: torch.Tensor | None = None,
+    **launch,
+) -> torch.Tensor:
+    """An evicted layer's decode attention read once per kv head (GQA): query [b, H, d] -> [b, H, d].
+
+    The layer keeps per kv head the union of its query heads' tokens as book rows (kbook, vbook
+    [b, hk, C, d], the first n [b, hk] live) and per query head indices into them. Reading each query
+    head's rows through its indices reads a row kept by several heads several times; here each book
+    row is read once for the group and member [b, hk, C] (an integer type wide enough for G bits;
+    see `member_bits`) says which heads keep it: query head G * kv + g attends over the live rows
+    with bit g set, which are exactly the rows its indices name (no head names a row twice).
+    `launch`: splits, block_n, num_warps, num_stages, mma as for `spindle_decode`."""
+    part = _partials(
+        query, kbook, vbook, member, None, None, None, None, n, scaling, None, union=True, **launch
+    )  # fmt: skip
+    return reduce_partials(part, query.dtype, out)
+
+
+def member_dtype(group: int) -> torch.dtype | None:
+    """The narrowest integer type holding `group` member bits (None past 31: no union kernel)."""
+    for dtype, bits in ((torch.uint8, 8), (torch.int16, 15), (torch.int32, 31)):
+        if group <= bits:
+            return dtype
+    return None
+
+
+def member_bits(index: torch.Tensor, n: torch.Tensor, rows: int, group: int) -> torch.Tensor:
+    """Member bits [b, hk, rows] (`member_dtype(group)`) from per-query-head indices index [b, H, s]
+    into the kv heads' book rows (the first n [b, H] live; query head h belongs to kv head h // G):
+    bit g of row c is set when query head G * kv + g indexes c. Each head names a row at most once."""
+    b, num_heads, s = index.shape
+    hk = num_heads // group
+    live = torch.arange(s, device=index.device) < n[..., None]
+    at = torch.where(live, index.long(), rows).reshape(b, hk, group * s)  # dead slots: a spare column
+    bit = (1 << torch.arange(group, device=index.device)).repeat(hk)  # query head h: 1 << (h % G)
+    add = bit[None, :, None].expand(b, num_heads, s).reshape(b, hk, group * s)
+    bits = torch.zeros((b, hk, rows + 1), dtype=torch.int64, device=index.device)
+    bits.scatter_add_(2, at, add)  # distinct bits per row: the sum is their OR
+    return bits[..., :rows].to(member_dtype(group))
+
+
 def spindle_decode_match(
     query, kbook, vbook, rk, rv, mk, mv, pos, n, scaling, rope_theta, xk, xv, rx, **launch
 ) -> tuple[Partials, torch.Tensor, torch.Tensor]:
@@ -561,14 +628,18 @@ MMA_BLOCK_N, MMA_WARPS, MMA_STAGES, MMA_WAVES, MMA_MIN_BLOCKS = 128, 4, 2, 32, 8
 def _partials(
     query, kbook, vbook, rk, rv, mk, mv, pos, n, scaling, rope_theta,
     splits=None, block_n=None, num_warps=None, rope_mode="table", match=None, num_stages=None, mma=None,
+    union=False,
 ) -> Partials:  # fmt: skip
-    """Launch the split kernel (see `spindle_decode`); with `match`, the fused match and a free slot."""
+    """Launch the split kernel (see `spindle_decode`); with `match`, the fused match and a free slot;
+    with `union`, rk holds member bits over the book rows (see `union_decode`)."""
     if not HAVE_TRITON:
         raise RuntimeError("spindle_decode needs triton")
     b, num_heads, d = query.shape
     hk, e, s = kbook.shape[1], rk.shape[1], rk.shape[2]
     if d % 2 or d & (d - 1) or num_heads % hk or e not in (hk, num_heads):
         raise ValueError(f"unsupported shapes: d={d}, heads={num_heads}, kv heads={hk}, exposed={e}")
+    if union and not (e == hk < num_heads and rv is None and mk is None and rope_theta is None):
+        raise ValueError("the union kernel reads one member row per kv head (GQA), plain book rows")
     for t in (query, kbook, vbook):
         if t.stride(-1) != 1:
             raise ValueError("the last dim of query and books must be contiguous")
@@ -648,7 +719,7 @@ def _partials(
                 *args[:13], xk, xv, rx, best_, arg_, *args[13:], e, splits, slots, chunk, qscale, hrows,
                 G=group, GP=gp, D=d, BLOCK_N=block_n, HAS_MAG=has_mag, HAS_ROPE=has_rope,
                 DOT_IEEE=query.dtype == torch.float32 and dev.type == "cuda", FAST_TRIG=fast, TABLE=table,
-                MATCH=match is not None, MMA=use_mma, **stages,
+                MATCH=match is not None, MMA=use_mma, UNION=union, **stages,
                 num_warps=num_warps or (MMA_WARPS if use_mma else 4),
             )  # fmt: skip
         else:

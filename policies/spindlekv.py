@@ -504,6 +504,24 @@ def _filled(like: torch.Tensor, slots: int, fill) -> torch.Tensor:
     return torch.full((*like.shape[:2], slots, *like.shape[3:]), fill, dtype=like.dtype, device=like.device)
 
 
+def _members(index: torch.Tensor, n: torch.Tensor, rows: int, group: int) -> torch.Tensor | None:
+    """An evicted layer's member bits per book row (`spindle_kernels.member_bits`), which let decode
+    read each kept row once for all its query heads; None without GQA or past 31 heads a group."""
+    from policies import spindle_kernels as sk
+
+    if not _member_bytes(group):
+        return None
+    return sk.member_bits(index, n, rows, group)
+
+
+def _member_bytes(group: int) -> int:
+    """Bytes of one book row's member bits (`_members`; 0 where the layer keeps none)."""
+    from policies import spindle_kernels as sk
+
+    dtype = sk.member_dtype(group) if group > 1 else None
+    return 0 if dtype is None else dtype.itemsize
+
+
 def index_dtype(entries: int) -> torch.dtype:
     return torch.int16 if entries < 2**15 else torch.int32
 
@@ -518,6 +536,7 @@ class SpindleLayer(KVLayer):
     def __init__(self) -> None:
         super().__init__()
         self.mode = "dense"
+        self.mb = None  # member bits of a GQA evicted layer's book rows (`_members`)
         self._pending = None  # a decode token held from `append` to `attend` (codebook layers)
 
     # -- views ------------------------------------------------------------------------------
@@ -639,6 +658,7 @@ class SpindleLayer(KVLayer):
         self.kbook, self.vbook, self.kbook_n = kbook.contiguous(), vbook.contiguous(), u_n
         self.vbook_n = u_n
         self.rk = rk.to(index_dtype(kbook.shape[2]))
+        self.mb = _members(rk, n, kbook.shape[2], group)
         self.rv = None
         self.mk = self.mv = None
         self._pos = torch.where(front_mask(n, pos.shape[-1]), pos, torch.full_like(pos, EMPTY)).to(
@@ -677,18 +697,29 @@ class SpindleLayer(KVLayer):
 
     def _attend_stored(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """The kernel over the stored tokens (views; lengths `_n`): [b, H, 1, d]."""
+        return self._kernel_decode(query, scaling, {name: getattr(self, name) for name in self._GROWN})
+
+    def _kernel_decode(self, query: torch.Tensor, scaling: float, st: dict) -> torch.Tensor:
+        """`spindle_kernels`' decode over storage `st` (views, or the whole buffers: the lengths bound
+        what is read): GQA evicted layers read each kept row once for its query heads (`union_decode`,
+        lengths `kbook_n`), the rest through each exposed head's indices (lengths `_n`)."""
         from policies import spindle_kernels as sk
 
-        storage = [getattr(self, name) for name in self._GROWN]
+        q = query[:, :, 0]
+        if self.mode == "evicted" and self.mb is not None:
+            return sk.union_decode(q, st["kbook"], st["vbook"], st["mb"], self.kbook_n, scaling)[:, :, None]
+        storage = [st[name] for name in self._KERNEL_ARGS]
         rope_theta = self.rope_theta if self.mode == "codebook" else None
-        return sk.spindle_decode(query[:, :, 0], *storage, self._n, scaling, rope_theta)[:, :, None]
+        return sk.spindle_decode(q, *storage, self._n, scaling, rope_theta)[:, :, None]
 
     # Compressed storage grows in place: each per-token tensor and book is the used part of a
     # zero-filled buffer with spare slots (plus one trash slot for padding tokens), so a decode
     # step writes its token instead of copying the layer. What is stored is what `ragged_append`
     # would build (same shapes, same values in every live slot); the one host sync per append
     # reads the new lengths' maxima, which the exposed shapes (and the index dtype) depend on.
-    _GROWN = ("kbook", "vbook", "rk", "rv", "mk", "mv", "_pos")
+    # `mb`: a GQA evicted layer's member bits per book row (`_members`; None otherwise).
+    _GROWN = ("kbook", "vbook", "rk", "rv", "mk", "mv", "_pos", "mb")
+    _KERNEL_ARGS = ("kbook", "vbook", "rk", "rv", "mk", "mv", "_pos")  # `spindle_decode`'s storage
 
     def __copy__(self):
         """`KVLayer.__copy__` plus a buffer table of its own: a copy (the benchmark's tiles) that
@@ -779,6 +810,8 @@ class SpindleLayer(KVLayer):
                 self.has_empty = n_min < n2
             self._slot_append("kbook", self.kbook_n, keys, valid, c2)
             self._slot_append("vbook", self.kbook_n, values, valid, c2)
+            if self.mb is not None:  # every query head keeps a new token
+                self._slot_append("mb", self.kbook_n, self._all_members(keys.shape[:3]), valid, c2)
             self.kbook_n = self.vbook_n = count
             ids_e = ids.repeat_interleave(group, dim=1)
             self._slot_append("rk", self._n, ids_e, valid_e, n2, dtype=index_dtype(c2))
@@ -811,6 +844,11 @@ class SpindleLayer(KVLayer):
         self._slot_append("_pos", self._n, pos_new, valid_e, n2, fill=EMPTY)
         self._n = n_new
         return None
+
+    def _all_members(self, shape) -> torch.Tensor:
+        """Member bits of tokens every query head keeps (new tokens): [b, hk, q] of `mb`'s type."""
+        group = self._n.shape[1] // self.kbook.shape[1]
+        return torch.full(shape, (1 << group) - 1, dtype=self.mb.dtype, device=self.mb.device)
 
     @staticmethod
     def _assign(x: torch.Tensor, valid: torch.Tensor, book: torch.Tensor, count: torch.Tensor, theta: float):
@@ -905,6 +943,8 @@ class SpindleLayer(KVLayer):
             ids = self.kbook_n[..., None].expand(b, hk, e // hk).reshape(b, e, 1)
             self._write("kbook", self.kbook_n, keys, valid)
             self._write("vbook", self.kbook_n, values, valid)
+            if self.mb is not None:
+                self._write("mb", self.kbook_n, self._all_members(keys.shape[:3]), valid)
             self._write("rk", self._n, ids, valid_e)
             self.kbook_n.add_(added)
             if self.vbook_n is not self.kbook_n:
@@ -1005,7 +1045,7 @@ class SpindleLayer(KVLayer):
             x = {"k": kx[:, :, 0], "v": values[:, :, 0]}
             mag = {which: _norms(t) for which, t in x.items()}
             rx = torch.stack([1.0 / mag["k"].clamp(min=1e-12), 1.0 / mag["v"].clamp(min=1e-12)], dim=-1)
-            storage = [self._bufs[name] for name in self._GROWN]
+            storage = [self._bufs[name] for name in self._KERNEL_ARGS]
             try:
                 fused = sk.spindle_decode_match(
                     query[:, :, 0], *storage, self._n, scaling, self.rope_theta, x["k"], x["v"], rx, mma=True
@@ -1074,13 +1114,13 @@ class SpindleLayer(KVLayer):
             return super().attend_static(query, scaling)
         from policies import spindle_kernels as sk
 
-        bufs = self._bufs
-        args = [bufs[name] if getattr(self, name) is not None else None for name in self._GROWN]
-        rope_theta = self.rope_theta if self.mode == "codebook" else None
+        st = {name: self._bufs[name] if getattr(self, name) is not None else None for name in self._GROWN}
         if sk.kernel_available(query.device):
-            out = sk.spindle_decode(query[:, :, 0], *args, self._n, scaling, rope_theta)
-        else:  # the float32 reference over the buffers (no host read either)
-            out = sk.reference_decode(query[:, :, 0], *args, self._n, scaling, rope_theta).to(query.dtype)
+            return self._kernel_decode(query, scaling, st)
+        # the float32 reference over the buffers (no host read either)
+        rope_theta = self.rope_theta if self.mode == "codebook" else None
+        args = [st[name] for name in self._KERNEL_ARGS]
+        out = sk.reference_decode(query[:, :, 0], *args, self._n, scaling, rope_theta).to(query.dtype)
         return out[:, :, None]
 
     def commit_static(self, steps: int = 1) -> None:
@@ -1101,7 +1141,7 @@ class SpindleLayer(KVLayer):
         if self.mode == "dense":
             return super().select_rows(rows)
         bufs = self.__dict__.get("_bufs", {})
-        for name in ("kbook", "vbook", "kbook_n", "vbook_n", "rk", "rv", "mk", "mv", "_pos", "_n"):
+        for name in ("kbook", "vbook", "kbook_n", "vbook_n", "rk", "rv", "mk", "mv", "_pos", "_n", "mb"):
             t = getattr(self, name)
             if t is None:
                 continue
@@ -1128,7 +1168,8 @@ class SpindleLayer(KVLayer):
         per_token = self.rk.element_size()
         if self.mode == "codebook":
             per_token += self.rv.element_size() + self.mk.element_size() + self.mv.element_size()
-        return books + self._n.sum(-1) * per_token
+        members = 0 if self.mb is None else self.kbook_n.sum(-1) * self.mb.element_size()
+        return books + self._n.sum(-1) * per_token + members
 
     def stored_bytes(self) -> int:
         if self.mode == "dense":
@@ -1273,7 +1314,7 @@ class SpindleKV(Policy):
             torch.arange(1, s + 1, device=dev)[None, None, :], filled.sum(-1)[..., None]
         ).sum(1)
         idx_bytes = 2 if n_entries + s < 2**15 else 4
-        cost = union * 2 * d * s_bytes + heads_kept * idx_bytes  # [b, s]
+        cost = union * (2 * d * s_bytes + _member_bytes(group)) + heads_kept * idx_bytes  # [b, s]
         fits = cost <= allowance[:, None]
         k = (
             (fits.long().cumsum(-1) == torch.arange(1, s + 1, device=dev)).sum(-1).clamp(min=1)

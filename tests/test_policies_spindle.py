@@ -80,12 +80,15 @@ def test_unfolded_eviction_stores_each_kept_vector_once():
     assert torch.equal(layer.keys[0, 0], keys[0, 0, [0, 1, 5]])
     assert torch.equal(layer.values[0, 1], values[0, 0, [1, 3, 5]])
     assert layer.positions[0].tolist() == [[0, 1, 5], [1, 3, 5]]
-    # 4 distinct tokens x (key + value) x 8 fp32 + 6 int16 indices
-    assert layer.kept_bytes_per_row().tolist() == [4 * 2 * d * 4 + 6 * 2]
+    # which query heads keep each union row (bit g: query head g): 0 -> head 0, 1 and 5 -> both, 3 -> head 1
+    assert layer.mb.dtype == torch.uint8 and layer.mb[0, 0].tolist() == [1, 3, 2, 3]
+    # 4 distinct tokens x (key + value) x 8 fp32 + their 4 member bytes + 6 int16 indices
+    assert layer.kept_bytes_per_row().tolist() == [4 * 2 * d * 4 + 4 + 6 * 2]
     assert layer.filled_slots_per_row().tolist() == [4]
     # a decoded token is one new entry shared by both query heads
     layer.append(torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d), torch.tensor([[6]]))
     assert layer.kbook_n.item() == 5 and layer.positions[0, :, -1].tolist() == [6, 6]
+    assert layer.mb[0, 0].tolist() == [1, 3, 2, 3, 3]
     mask = layer.attention_mask(torch.tensor([[6]]))
     assert mask.shape == (1, 2, 1, 4) and mask.all()
 

@@ -161,6 +161,98 @@ def test_layer_attend_uses_kernel_on_decode(mode, monkeypatch):
     assert _rel(out, exact.float()) < 1e-5
 
 
+# -- evicted layers' union kernel: each kept row read once for its query heads -----------------
+def union_storage(b, kv_heads, group, d, rows, dtype=torch.float32, seed=0):
+    """A GQA evicted layer's storage both ways: the union book with member bits (`union_decode`) and
+    each query head's indices into it (`spindle_decode`'s evicted form), ragged lengths. Row 0's first
+    query head keeps nothing; its second keeps only late rows (blocks where it sees none come first)."""
+    g = torch.Generator().manual_seed(seed)
+    heads = kv_heads * group
+    kbook = torch.randn(b, kv_heads, rows, d, generator=g).to(dtype)
+    vbook = torch.randn(b, kv_heads, rows, d, generator=g).to(dtype)
+    n = torch.randint(rows // 2, rows + 1, (b, kv_heads), generator=g)
+    n[0, 0] = rows
+    bits = torch.randint(1, 1 << group, (b, kv_heads, rows), generator=g)  # every row: >= 1 head
+    bits[0, 0] &= ~1  # query head 0 keeps nothing
+    late = torch.arange(rows) >= rows - 5
+    bits[0, 0] = torch.where(late, bits[0, 0] | 2, bits[0, 0] & ~2)  # query head 1: the last 5 rows
+    bits[0, 0] |= (bits[0, 0] == 0) * 4
+    live = torch.arange(rows) < n[..., None]
+    index = torch.zeros(b, heads, rows, dtype=torch.int64)
+    count = torch.zeros(b, heads, dtype=torch.int64)
+    for bi in range(b):
+        for h in range(heads):
+            kept = torch.nonzero(live[bi, h // group] & (bits[bi, h // group] >> (h % group) & 1).bool())[
+                :, 0
+            ]
+            index[bi, h, : kept.numel()] = kept
+            count[bi, h] = kept.numel()
+    member = sk.member_bits(index, count, rows, group)
+    query = torch.randn(b, heads, d, generator=g).to(dtype)
+    per_head = dict(query=query, kbook=kbook, vbook=vbook, rk=index.to(torch.int16), rv=None, mk=None,
+                    mv=None, pos=None, n=count, scaling=d**-0.5, rope_theta=None)  # fmt: skip
+    union = dict(query=query, kbook=kbook, vbook=vbook, member=member, n=n, scaling=d**-0.5)
+    return per_head, union, torch.where(live, bits, 0)
+
+
+def test_member_bits_name_the_heads_that_index_each_row():
+    _, union, bits = union_storage(2, 2, 3, 16, 40)
+    assert union["member"].dtype == torch.uint8 and torch.equal(union["member"].long(), bits)
+    assert sk.member_dtype(8) == torch.uint8 and sk.member_dtype(9) == torch.int16
+    assert sk.member_dtype(32) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("group,d,block_n,splits", [(4, 64, 32, None), (3, 128, 16, 1), (8, 64, 16, 3)])
+def test_union_kernel_equals_per_head_attention(group, d, block_n, splits):
+    """Reading each union row once with member bits gives each query head the attention over its own
+    indexed rows (the float32 reference); a head that keeps nothing gets zeros, a head whose rows
+    start late is not poisoned by the blocks before (no NaN)."""
+    per_head, union, _ = union_storage(2, 2, group, d, 150, seed=group)
+    ref = sk.reference_decode(**per_head)
+    out = sk.union_decode(**union, block_n=block_n, splits=splits)
+    assert torch.isfinite(out).all() and torch.equal(out[0, 0], torch.zeros(d))
+    assert _rel(out, ref) < 1e-5
+
+
+@needs_kernel
+def test_union_kernel_tensor_core_path(half):
+    per_head, union, _ = union_storage(2, 2, 4, 64, 150, dtype=half, seed=5)
+    ref = sk.reference_decode(**per_head)
+    out = sk.union_decode(**union, block_n=32)
+    assert out.dtype == half and torch.isfinite(out).all()
+    assert _rel(out, ref) < HALF_TOL[half]
+    assert torch.equal(out, sk.union_decode(**union, block_n=32, mma=True))  # the default took it
+    with pytest.raises(ValueError, match="union"):
+        sk.union_decode(union["query"], union["kbook"], union["vbook"], per_head["rk"], per_head["n"], 0.1)
+
+
+@needs_kernel
+def test_evicted_layer_decodes_through_the_union_kernel(monkeypatch):
+    """A GQA layer evicted by `evict_unfolded` decodes with `union_decode`, eager and static, as the
+    exact path over its views does; its member bits follow decode appends."""
+    from pipeline.kv_cache import KVLayer, StepContext
+
+    torch.manual_seed(0)
+    b, hk, group, s, d = 2, 2, 4, 60, 32
+    layer = SpindleLayer()
+    layer.append(torch.randn(b, hk, s, d), torch.randn(b, hk, s, d), torch.arange(s).expand(b, s))
+    layer.evict_unfolded(torch.rand(b, hk * group, s) < 0.3, hk * group)
+    layer.reserve(4)
+    calls = []
+    real = sk.union_decode
+    monkeypatch.setattr(sk, "union_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for t in range(2):
+        layer.append(torch.randn(b, hk, 1, d), torch.randn(b, hk, 1, d), torch.full((b, 1), s + t))
+        q = torch.randn(b, hk * group, 1, d)
+        step = StepContext(cache=None, positions=torch.full((b, 1), s + t), padded=False)
+        exact = KVLayer.attend(layer, q, step, d**-0.5)
+        assert _rel(layer.attend(q, step, d**-0.5), exact) < 1e-5
+        assert _rel(layer.attend_static(q, d**-0.5), exact) < 1e-5
+    last_two = layer.kbook_n[..., None] - torch.tensor([2, 1])  # the decoded tokens' rows
+    assert len(calls) == 4 and layer.mb.gather(2, last_two).eq((1 << group) - 1).all()
+
+
 # -- prefill / append kernels: similarity counts and best matches ------------------------------
 def _clustered(P, n, d, dirs=5, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)

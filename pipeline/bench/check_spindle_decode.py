@@ -52,6 +52,7 @@ import torch
 from pipeline.bench.check_spindle import time_ms
 from policies import spindle_kernels as sk
 from policies import spindlekv
+from policies.seqstore import compact
 
 HK, GROUP, D = 8, 4, 128  # Llama-8B: 8 kv heads of 4 query heads, head_dim 128
 REFERENCE_ELEMENTS = 1 << 29  # the float32 reference's dense [b, H, s, d] keys fit (2 GiB each)
@@ -302,6 +303,57 @@ def check_model(args) -> list[dict]:
     return rows
 
 
+def _union_storage(b, rows, share, gen, dev):
+    """A deep (evicted) layer both ways: per kv head `rows` union rows, each kept by each of its query
+    heads with probability `share` (by at least one): member bits for `union_decode`, and each query
+    head's indices into the rows for the per-head kernel."""
+    heads = HK * GROUP
+    keep = torch.rand(b, HK, rows, GROUP, generator=gen, device=dev) < share
+    first = torch.randint(0, GROUP, (b, HK, rows, 1), generator=gen, device=dev)
+    keep |= torch.arange(GROUP, device=dev) == first  # at least one head a row
+    selected = keep.permute(0, 1, 3, 2).reshape(b, heads, rows)
+    count, (index,) = compact(selected, torch.arange(rows, device=dev).expand(b, heads, rows))
+    books = [torch.randn(b, HK, rows, D, generator=gen, device=dev).to(torch.bfloat16) for _ in range(2)]
+    query = torch.randn(b, heads, D, generator=gen, device=dev).to(torch.bfloat16)
+    per_head = dict(query=query, kbook=books[0], vbook=books[1], rk=index.to(torch.int16), rv=None, mk=None,
+                    mv=None, pos=None, n=count, scaling=D**-0.5, rope_theta=None)  # fmt: skip
+    member = sk.member_bits(index, count, rows, GROUP)
+    union = dict(query=query, kbook=books[0], vbook=books[1], member=member,
+                 n=torch.full((b, HK), rows, device=dev), scaling=D**-0.5)  # fmt: skip
+    return per_head, union
+
+
+def check_union(batch: int, rows: int, share: float, copy_bps: float, dev=None) -> dict:
+    """An evicted layer's decode: the union kernel (each kept row once per kv head) against the
+    per-head kernel (each query head's rows through its indices): agreement, times, bandwidth shares
+    (bytes each reads: book rows, member bits or indices, queries and output)."""
+    dev = dev or torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(batch + rows)
+    per_head, union = _union_storage(batch, rows, share, gen, dev)
+    io = 2 * per_head["query"].numel() * 2
+    row_bytes = 2 * D * 2
+    head_rows = int(per_head["n"].sum())
+    nbytes = {"per_head": head_rows * (row_bytes + 2) + io, "union": batch * HK * rows * (row_bytes + 1) + io}
+    out = {
+        "batch": batch,
+        "union_rows": rows,
+        "share": share,
+        "head_rows_per_union_row": head_rows / (batch * HK * rows),
+    }
+    ref = sk.spindle_decode(**per_head)
+    got = sk.union_decode(**union)
+    out["rel_union_vs_per_head"] = _rel(got, ref)
+    out["ok"] = bool(torch.isfinite(got).all()) and out["rel_union_vs_per_head"] < 1e-2
+    for name, fn in (
+        ("per_head", partial(sk.spindle_decode, **per_head)),
+        ("union", partial(sk.union_decode, **union)),
+    ):
+        ms = time_ms(fn)["median_ms"]
+        out[f"{name}_ms"] = round(ms, 4)
+        out[f"{name}_bw_pct"] = round(100 * nbytes[name] / (ms * 1e-3) / copy_bps, 1)
+    return out
+
+
 def _summary(row: dict) -> str:
     """One line per kernel case: ms (bandwidth %) of each timed run."""
     names = ("attn_f32", "attn_mma", "fused_f32", "fused_mma", "best_match_both", "separate")
@@ -322,6 +374,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-model", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="the tensor-core path's launch alternatives")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--union", default=None, help="ROWS:SHARE,...: only the evicted layers' union kernel check"
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check here (the kernel tests run under TRITON_INTERPRET=1)")
@@ -332,6 +387,18 @@ def main(argv=None) -> int:
     print(f"device copy bandwidth: {copy['tb_per_s']:.3f} TB/s ({copy['method']})", flush=True)
     result = {"device": torch.cuda.get_device_name(), "copy": copy, "kernel": [], "sweep": [], "model": []}
     batches = [int(x) for x in args.batches.split(",")]
+    if args.union:
+        for case in args.union.split(","):
+            rows, share = case.split(":")
+            for batch in batches:
+                row = check_union(batch, int(rows), float(share), copy["bytes_per_s"])
+                result["union"] = [*result.get("union", []), row]
+                print(json.dumps(row), flush=True)
+                gpu.cleanup(device)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0 if all(r["ok"] for r in result["union"]) else 1
     cases = [(b, args.context, None) for b in batches] + [(4, 8192, 500000.0)]
     for batch, tokens, rope in cases:
         row = check_kernel(batch, tokens, rope, copy["bytes_per_s"])

@@ -187,6 +187,21 @@ if HAVE_TRITON:
         return tl.where(upd, bm, best), tl.where(upd, am, arg)
 
     @triton.jit
+    def _fold_entry(cos, entry, valid, best, arg):
+        """`_best_entry` per lane: best / arg [BLOCK_N] keep each lane's running (largest cosine, lowest
+        entry reaching it), so a block costs no reduction across the program's threads; `_lanes_best`
+        reduces them once at the end (the same pair: max of maxima, lowest entry among the lanes that
+        reach it)."""
+        cos = tl.where(valid, cos, -2.0)
+        upd = (cos > best) | ((cos == best) & (entry < arg) & valid)
+        return tl.where(upd, cos, best), tl.where(upd, entry, arg)
+
+    @triton.jit
+    def _lanes_best(best, arg):
+        bm = tl.max(best, 0)
+        return bm, tl.min(tl.where(best == bm, arg, 2147483647), 0)
+
+    @triton.jit
     def _row(x, g, r: tl.constexpr):
         """Row r of a [GP, N] tile as [N]: a sum over rows where every other row adds 0 (exact)."""
         return tl.sum(tl.where(g[:, None] == r, x, 0.0), 0)
@@ -224,6 +239,7 @@ if HAVE_TRITON:
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_MAG: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_IEEE: tl.constexpr, FAST_TRIG: tl.constexpr,
         TABLE: tl.constexpr, MATCH: tl.constexpr, MMA: tl.constexpr, UNION: tl.constexpr,
+        LANES: tl.constexpr,
     ):  # fmt: skip
         """One (row, kv head, token range): the G query heads of the kv head against its tokens.
 
@@ -272,9 +288,13 @@ if HAVE_TRITON:
                 xv = tl.load(XV + xrow + dd).to(tl.float32)
             rxk = tl.load(RX + (bi * E + ei) * 2)
             rxv = tl.load(RX + (bi * E + ei) * 2 + 1)
-            best_k = tl.max(tl.full([BLOCK_N], -2.0, tl.float32), 0)
+            if LANES:
+                best_k = tl.full([BLOCK_N], -2.0, tl.float32)
+                arg_k = tl.full([BLOCK_N], 2147483647, tl.int32)
+            else:
+                best_k = tl.max(tl.full([BLOCK_N], -2.0, tl.float32), 0)
+                arg_k = tl.min(tl.full([BLOCK_N], 2147483647, tl.int32), 0)
             best_v = best_k
-            arg_k = tl.min(tl.full([BLOCK_N], 2147483647, tl.int32), 0)
             arg_v = arg_k
         m = tl.full([GP], float("-inf"), tl.float32)
         l_sum = tl.zeros([GP], tl.float32)
@@ -296,14 +316,20 @@ if HAVE_TRITON:
             if MMA:
                 sc, ck = _mma_scores(qt, krow, dd, valid, g, G, qscale, MATCH)
                 if MATCH:
-                    best_k, arg_k = _best_entry(ck * rxk, ik.to(tl.int32), valid, best_k, arg_k)
+                    if LANES:
+                        best_k, arg_k = _fold_entry(ck * rxk, ik.to(tl.int32), valid, best_k, arg_k)
+                    else:
+                        best_k, arg_k = _best_entry(ck * rxk, ik.to(tl.int32), valid, best_k, arg_k)
             else:
                 k1 = tl.load(krow[:, None] + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
                 k2 = tl.load(krow[:, None] + HALF + dh[None, :], mask=valid[:, None], other=0.0)
                 k2 = k2.to(tl.float32)
                 if MATCH:  # against the stored (un-rotated) rows
                     ck = (tl.sum(k1 * xk1[None, :], 1) + tl.sum(k2 * xk2[None, :], 1)) * rxk
-                    best_k, arg_k = _best_entry(ck, ik.to(tl.int32), valid, best_k, arg_k)
+                    if LANES:
+                        best_k, arg_k = _fold_entry(ck, ik.to(tl.int32), valid, best_k, arg_k)
+                    else:
+                        best_k, arg_k = _best_entry(ck, ik.to(tl.int32), valid, best_k, arg_k)
                 if HAS_ROPE:
                     p = tl.load(POS + bi * sp_b + ei * sp_h + offs, mask=valid, other=0)
                     if TABLE:
@@ -344,7 +370,10 @@ if HAVE_TRITON:
                     cv = _row(tl.dot(xvt, tl.trans(v)), g, 0) * rxv
                 else:
                     cv = tl.sum(v * xv[None, :], 1) * rxv
-                best_v, arg_v = _best_entry(cv, iv.to(tl.int32), valid, best_v, arg_v)
+                if LANES:
+                    best_v, arg_v = _fold_entry(cv, iv.to(tl.int32), valid, best_v, arg_v)
+                else:
+                    best_v, arg_v = _best_entry(cv, iv.to(tl.int32), valid, best_v, arg_v)
             if HAS_MAG:
                 mvt = tl.load(MV + bi * smv_b + ei * smv_h + offs, mask=valid, other=0.0).to(tl.float32)
                 pr = pr * mvt[None, :]
@@ -361,6 +390,9 @@ if HAVE_TRITON:
         tl.store(PL + part, l_sum, mask=gmask)
         tl.store(PACC + part[:, None] * D + dd[None, :], acc, mask=gmask[:, None])
         if MATCH:
+            if LANES:
+                best_k, arg_k = _lanes_best(best_k, arg_k)
+                best_v, arg_v = _lanes_best(best_v, arg_v)
             at = (bi * E + ei) * 2 * SPLITS + split
             tl.store(BEST + at, best_k)
             tl.store(ARG + at, arg_k)
@@ -623,6 +655,9 @@ def mma_path(dtype: torch.dtype, rope_theta: float | None) -> bool:
 # the float32 path: 5.88 / 16.83; the separate match (best_match on both books) 3.00 more.
 # Splits keep 8 blocks or more (their partials stay < 1% of what they read).
 MMA_BLOCK_N, MMA_WARPS, MMA_STAGES, MMA_WAVES, MMA_MIN_BLOCKS = 128, 4, 2, 32, 8
+# The fused match keeps a running best per lane (`_fold_entry`) and reduces across the program's
+# threads once, after its last block; False: a reduction every block (`_best_entry`).
+MATCH_LANES = True
 
 
 def _partials(
@@ -719,7 +754,7 @@ def _partials(
                 *args[:13], xk, xv, rx, best_, arg_, *args[13:], e, splits, slots, chunk, qscale, hrows,
                 G=group, GP=gp, D=d, BLOCK_N=block_n, HAS_MAG=has_mag, HAS_ROPE=has_rope,
                 DOT_IEEE=query.dtype == torch.float32 and dev.type == "cuda", FAST_TRIG=fast, TABLE=table,
-                MATCH=match is not None, MMA=use_mma, UNION=union, **stages,
+                MATCH=match is not None, MMA=use_mma, UNION=union, LANES=MATCH_LANES, **stages,
                 num_warps=num_warps or (MMA_WARPS if use_mma else 4),
             )  # fmt: skip
         else:

@@ -27,7 +27,10 @@ unfolded to one per query head, and each query head keeps its own top tokens. Th
 copies are exact duplicates, which the paper's codebook absorbs; here the kv head's kept
 vectors are stored once (the union over its query heads) and each query head holds int16
 indices into them, so duplicates cost an index, not a vector. Attention sees the unfolded
-[b, query heads, slots, d] keys/values (plain MHA); `positions` is per query head.
+[b, query heads, slots, d] keys/values (plain MHA); `positions` is per query head. Decode on the
+GPU reads each kept vector once for all its query heads (`spindle_kernels.union_decode`), from
+member bits per kept vector (which of its query heads keep it; one byte for up to 8 heads a
+group, counted in the layer's bytes and its budget).
 
 Budget: the stated target is the budget ratio in bytes: a row with budget B tokens per head
 may keep B * kv_heads * 2 * head_dim * dtype bytes per layer, in total over the layers. The

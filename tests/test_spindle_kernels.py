@@ -529,3 +529,14 @@ def test_check_spindle_decode_agreement_on_cpu(bf16_interpreter_dot):
     assert row["mma_path"] and row["ok"], row
     assert row["mma_vs_reference_rel"] < 1e-2 and row["fused_mma_arg_equal_k"]
     assert row["fused_mma_best_maxdiff_v"] < 1e-5 and row["fused_f32_arg_equal_v"]
+
+
+@needs_kernel
+def test_check_spindle_decode_union_agreement_on_cpu(bf16_interpreter_dot):
+    """The GPU check's union part (`check_spindle_decode.check_union`, timing off) on a small case:
+    both kernels over the same deep-layer storage agree, and the rows' sharing is what was asked."""
+    from pipeline.bench import check_spindle_decode as check
+
+    row = check.check_union(1, 48, 0.5, copy_bps=1.0, dev=torch.device("cpu"), timing=False)
+    assert row["ok"] and row["rel_union_vs_per_head"] < 1e-2, row
+    assert 1.5 < row["head_rows_per_union_row"] < 3.5  # each of 4 heads keeps about half (at least one)

@@ -2,7 +2,7 @@
 fused match against the separate one, and the decode step as a CUDA graph with and without it.
 
     python -m pipeline.bench.check_spindle_decode [--layers 8] [--context 32768] [--batches 4,48,109]
-        [--steps 8] [--no-model] [--sweep] [--json PATH]
+        [--steps 8] [--no-model] [--sweep] [--union ROWS:SHARE,...] [--json PATH]
 
 Kernel (one codebook layer at Llama-8B decode shapes: 32 query heads, 8 kv heads, head_dim 128,
 bf16; fresh random storage whose every book entry is read by some token; per batch of `--batches`
@@ -22,6 +22,12 @@ at `--context` tokens without RoPE, and batch 4 at 8K with RoPE, where only the 
   queries and the output; `best_match` reads both books once.
   --sweep: the tensor-core path's launch alternatives (block_n, warps, stages, splits) at the
   largest batch, attention and fused.
+
+--union ROWS:SHARE,...: only the deep (evicted) layers' decode, per batch: the union kernel
+(`union_decode`: each kv head's kept rows read once, member bits) against the per-head kernel (each
+query head's rows through its indices) on random storage of ROWS union rows per kv head, each kept
+by each query head with probability SHARE (at least one): agreement (< 1e-2, bf16) and times with
+bandwidth shares (bytes each must read: rows, member bytes or int16 indices, queries, output).
 
 Model (random weights of Llama-3.1-8B's shapes, `--layers` of them, one row prefilled in 4096-token
 chunks and tiled to each batch): decode steps in the graphs mode with `FUSED_MATCH` on and off:
@@ -323,7 +329,7 @@ def _union_storage(b, rows, share, gen, dev):
     return per_head, union
 
 
-def check_union(batch: int, rows: int, share: float, copy_bps: float, dev=None) -> dict:
+def check_union(batch: int, rows: int, share: float, copy_bps: float, dev=None, timing: bool = True) -> dict:
     """An evicted layer's decode: the union kernel (each kept row once per kv head) against the
     per-head kernel (each query head's rows through its indices): agreement, times, bandwidth shares
     (bytes each reads: book rows, member bits or indices, queries and output)."""
@@ -344,6 +350,8 @@ def check_union(batch: int, rows: int, share: float, copy_bps: float, dev=None) 
     got = sk.union_decode(**union)
     out["rel_union_vs_per_head"] = _rel(got, ref)
     out["ok"] = bool(torch.isfinite(got).all()) and out["rel_union_vs_per_head"] < 1e-2
+    if not timing:
+        return out
     for name, fn in (
         ("per_head", partial(sk.spindle_decode, **per_head)),
         ("union", partial(sk.union_decode, **union)),

@@ -43,7 +43,12 @@ path; the float32 path's fused match):
   0.577 vs 0.963 ms.
   model, 8 layers, 32K, graph steps: batch 4 4.21 ms fused vs 3.65 ms apart, batch 48 13.55 vs
   13.78 ms; logits within 1.8% relative (bf16), greedy tokens equal.
-The tensor-core path on an H200: pending.
+The tensor-core path on an H200: `benchmarks/results/check_spindle_decode-h200-20261203.json`.
+--union on an H200 (code 2519fd7, 2400 or 1200 union rows per kv head, `check_spindle_decode
+--union 2400:0.5,2400:0.25,1200:0.75 --batches 48,100`): every case agrees (2.3e-3); batch 100:
+union 0.241 / 0.241 / 0.130 ms (~93-100% of the copy bandwidth) against per-head 0.788 / 0.583 /
+0.512 ms (72-77%), 1.75-3.25 query heads reading each union row; batch 48: 0.21 / 0.12 / 0.13 ms
+against 0.45 / 0.33 / 0.29 ms.
 """
 
 from __future__ import annotations

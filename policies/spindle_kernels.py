@@ -239,7 +239,7 @@ if HAVE_TRITON:
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_MAG: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_IEEE: tl.constexpr, FAST_TRIG: tl.constexpr,
         TABLE: tl.constexpr, MATCH: tl.constexpr, MMA: tl.constexpr, UNION: tl.constexpr,
-        LANES: tl.constexpr, VFMA: tl.constexpr,
+        LANES: tl.constexpr,
     ):  # fmt: skip
         """One (row, kv head, token range): the G query heads of the kv head against its tokens.
 
@@ -272,9 +272,7 @@ if HAVE_TRITON:
         xrow = (bi * E + ei) * D
         if MMA:  # [GP, D] in the storage dtype; with MATCH the new key is row G (a free padding row)
             qt = _mma_query(qrow, XK + xrow, g, dd, G, MATCH)
-            if MATCH and VFMA:  # the value match as float32 sums over the value rows already loaded
-                xvf = tl.load(XV + xrow + dd).to(tl.float32)
-            elif MATCH:  # the new value as row 0 of a tile of its own: one more small MMA per block
+            if MATCH:  # the new value as row 0 of a tile of its own: one more small MMA per block
                 xvt = tl.load(XV + xrow + g[:, None] * 0 + dd[None, :], mask=(g == 0)[:, None], other=0.0)
         else:
             q1 = tl.load(qrow[:, None] + dh[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
@@ -368,9 +366,7 @@ if HAVE_TRITON:
             if not MMA:
                 v = v.to(tl.float32)
             if MATCH:
-                if MMA and VFMA:
-                    cv = tl.sum(v.to(tl.float32) * xvf[None, :], 1) * rxv
-                elif MMA:
+                if MMA:
                     cv = _row(tl.dot(xvt, tl.trans(v)), g, 0) * rxv
                 else:
                     cv = tl.sum(v * xv[None, :], 1) * rxv
@@ -662,9 +658,6 @@ MMA_BLOCK_N, MMA_WARPS, MMA_STAGES, MMA_WAVES, MMA_MIN_BLOCKS = 128, 4, 2, 32, 8
 # The fused match keeps a running best per lane (`_fold_entry`) and reduces across the program's
 # threads once, after its last block; False: a reduction every block (`_best_entry`).
 MATCH_LANES = True
-# The tensor-core path's value match: float32 sums over the value rows as loaded (True), or one more
-# small tensor-core product per block, the new value as row 0 of a tile (False).
-MATCH_VALUE_FMA = True
 
 
 def _partials(
@@ -761,8 +754,7 @@ def _partials(
                 *args[:13], xk, xv, rx, best_, arg_, *args[13:], e, splits, slots, chunk, qscale, hrows,
                 G=group, GP=gp, D=d, BLOCK_N=block_n, HAS_MAG=has_mag, HAS_ROPE=has_rope,
                 DOT_IEEE=query.dtype == torch.float32 and dev.type == "cuda", FAST_TRIG=fast, TABLE=table,
-                MATCH=match is not None, MMA=use_mma, UNION=union, LANES=MATCH_LANES, VFMA=MATCH_VALUE_FMA,
-                **stages,
+                MATCH=match is not None, MMA=use_mma, UNION=union, LANES=MATCH_LANES, **stages,
                 num_warps=num_warps or (MMA_WARPS if use_mma else 4),
             )  # fmt: skip
         else:

@@ -177,21 +177,12 @@ if HAVE_TRITON:
         return ch * cl - sh * sl, sh * cl + ch * sl
 
     @triton.jit
-    def _best_entry(cos, entry, valid, best, arg):
-        """Fold a block's cosines into the running (largest cosine, lowest entry reaching it); entries
-        come in token order, so equal cosines keep the lower entry (as `best_match`'s first index)."""
-        cos = tl.where(valid, cos, -2.0)
-        bm = tl.max(cos, 0)
-        am = tl.min(tl.where((cos == bm) & valid, entry, 2147483647), 0)
-        upd = (bm > best) | ((bm == best) & (am < arg))
-        return tl.where(upd, bm, best), tl.where(upd, am, arg)
-
-    @triton.jit
     def _fold_entry(cos, entry, valid, best, arg):
-        """`_best_entry` per lane: best / arg [BLOCK_N] keep each lane's running (largest cosine, lowest
-        entry reaching it), so a block costs no reduction across the program's threads; `_lanes_best`
-        reduces them once at the end (the same pair: max of maxima, lowest entry among the lanes that
-        reach it)."""
+        """Fold a block's cosines into each lane's running (largest cosine, lowest entry reaching it):
+        best / arg [BLOCK_N], so a block costs no reduction across the program's threads (measured
+        2.5% faster than reducing every block: fused 4.80 -> 4.67 ms, batch 109, 32K, H200);
+        `_lanes_best` reduces them once after the last block to the pair `best_match` gives (the
+        largest cosine, the lowest entry among the lanes reaching it)."""
         cos = tl.where(valid, cos, -2.0)
         upd = (cos > best) | ((cos == best) & (entry < arg) & valid)
         return tl.where(upd, cos, best), tl.where(upd, entry, arg)
@@ -239,7 +230,6 @@ if HAVE_TRITON:
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_MAG: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_IEEE: tl.constexpr, FAST_TRIG: tl.constexpr,
         TABLE: tl.constexpr, MATCH: tl.constexpr, MMA: tl.constexpr, UNION: tl.constexpr,
-        LANES: tl.constexpr,
     ):  # fmt: skip
         """One (row, kv head, token range): the G query heads of the kv head against its tokens.
 
@@ -288,12 +278,8 @@ if HAVE_TRITON:
                 xv = tl.load(XV + xrow + dd).to(tl.float32)
             rxk = tl.load(RX + (bi * E + ei) * 2)
             rxv = tl.load(RX + (bi * E + ei) * 2 + 1)
-            if LANES:
-                best_k = tl.full([BLOCK_N], -2.0, tl.float32)
-                arg_k = tl.full([BLOCK_N], 2147483647, tl.int32)
-            else:
-                best_k = tl.max(tl.full([BLOCK_N], -2.0, tl.float32), 0)
-                arg_k = tl.min(tl.full([BLOCK_N], 2147483647, tl.int32), 0)
+            best_k = tl.full([BLOCK_N], -2.0, tl.float32)
+            arg_k = tl.full([BLOCK_N], 2147483647, tl.int32)
             best_v = best_k
             arg_v = arg_k
         m = tl.full([GP], float("-inf"), tl.float32)
@@ -316,20 +302,14 @@ if HAVE_TRITON:
             if MMA:
                 sc, ck = _mma_scores(qt, krow, dd, valid, g, G, qscale, MATCH)
                 if MATCH:
-                    if LANES:
-                        best_k, arg_k = _fold_entry(ck * rxk, ik.to(tl.int32), valid, best_k, arg_k)
-                    else:
-                        best_k, arg_k = _best_entry(ck * rxk, ik.to(tl.int32), valid, best_k, arg_k)
+                    best_k, arg_k = _fold_entry(ck * rxk, ik.to(tl.int32), valid, best_k, arg_k)
             else:
                 k1 = tl.load(krow[:, None] + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
                 k2 = tl.load(krow[:, None] + HALF + dh[None, :], mask=valid[:, None], other=0.0)
                 k2 = k2.to(tl.float32)
                 if MATCH:  # against the stored (un-rotated) rows
                     ck = (tl.sum(k1 * xk1[None, :], 1) + tl.sum(k2 * xk2[None, :], 1)) * rxk
-                    if LANES:
-                        best_k, arg_k = _fold_entry(ck, ik.to(tl.int32), valid, best_k, arg_k)
-                    else:
-                        best_k, arg_k = _best_entry(ck, ik.to(tl.int32), valid, best_k, arg_k)
+                    best_k, arg_k = _fold_entry(ck, ik.to(tl.int32), valid, best_k, arg_k)
                 if HAS_ROPE:
                     p = tl.load(POS + bi * sp_b + ei * sp_h + offs, mask=valid, other=0)
                     if TABLE:
@@ -370,10 +350,7 @@ if HAVE_TRITON:
                     cv = _row(tl.dot(xvt, tl.trans(v)), g, 0) * rxv
                 else:
                     cv = tl.sum(v * xv[None, :], 1) * rxv
-                if LANES:
-                    best_v, arg_v = _fold_entry(cv, iv.to(tl.int32), valid, best_v, arg_v)
-                else:
-                    best_v, arg_v = _best_entry(cv, iv.to(tl.int32), valid, best_v, arg_v)
+                best_v, arg_v = _fold_entry(cv, iv.to(tl.int32), valid, best_v, arg_v)
             if HAS_MAG:
                 mvt = tl.load(MV + bi * smv_b + ei * smv_h + offs, mask=valid, other=0.0).to(tl.float32)
                 pr = pr * mvt[None, :]
@@ -390,9 +367,8 @@ if HAVE_TRITON:
         tl.store(PL + part, l_sum, mask=gmask)
         tl.store(PACC + part[:, None] * D + dd[None, :], acc, mask=gmask[:, None])
         if MATCH:
-            if LANES:
-                best_k, arg_k = _lanes_best(best_k, arg_k)
-                best_v, arg_v = _lanes_best(best_v, arg_v)
+            best_k, arg_k = _lanes_best(best_k, arg_k)
+            best_v, arg_v = _lanes_best(best_v, arg_v)
             at = (bi * E + ei) * 2 * SPLITS + split
             tl.store(BEST + at, best_k)
             tl.store(ARG + at, arg_k)
@@ -655,9 +631,6 @@ def mma_path(dtype: torch.dtype, rope_theta: float | None) -> bool:
 # the float32 path: 5.88 / 16.83; the separate match (best_match on both books) 3.00 more.
 # Splits keep 8 blocks or more (their partials stay < 1% of what they read).
 MMA_BLOCK_N, MMA_WARPS, MMA_STAGES, MMA_WAVES, MMA_MIN_BLOCKS = 128, 4, 2, 32, 8
-# The fused match keeps a running best per lane (`_fold_entry`) and reduces across the program's
-# threads once, after its last block; False: a reduction every block (`_best_entry`).
-MATCH_LANES = True
 
 
 def _partials(
@@ -754,7 +727,7 @@ def _partials(
                 *args[:13], xk, xv, rx, best_, arg_, *args[13:], e, splits, slots, chunk, qscale, hrows,
                 G=group, GP=gp, D=d, BLOCK_N=block_n, HAS_MAG=has_mag, HAS_ROPE=has_rope,
                 DOT_IEEE=query.dtype == torch.float32 and dev.type == "cuda", FAST_TRIG=fast, TABLE=table,
-                MATCH=match is not None, MMA=use_mma, UNION=union, LANES=MATCH_LANES, **stages,
+                MATCH=match is not None, MMA=use_mma, UNION=union, **stages,
                 num_warps=num_warps or (MMA_WARPS if use_mma else 4),
             )  # fmt: skip
         else:

@@ -532,6 +532,21 @@ def test_check_spindle_decode_agreement_on_cpu(bf16_interpreter_dot):
 
 
 @needs_kernel
+def test_check_spindle_decode_at_smollm2_shapes_on_cpu(bf16_interpreter_dot, monkeypatch):
+    """`--shapes smollm2` (3 kv heads of 3 query heads, head_dim 64): the same checks pass there."""
+    from pipeline.bench import check_spindle_decode as check
+
+    monkeypatch.setattr(check, "HK", 3)
+    monkeypatch.setattr(check, "GROUP", 3)
+    monkeypatch.setattr(check, "D", 64)
+    assert (check.HK, check.GROUP, check.D) == check.SHAPES["smollm2"]
+    row = check.check_kernel(1, 160, None, copy_bps=1.0, dev=torch.device("cpu"), timing=False)
+    assert row["mma_path"] and row["ok"], row
+    union = check.check_union(1, 48, 0.5, copy_bps=1.0, dev=torch.device("cpu"), timing=False)
+    assert union["ok"], union
+
+
+@needs_kernel
 def test_check_spindle_decode_union_agreement_on_cpu(bf16_interpreter_dot):
     """The GPU check's union part (`check_spindle_decode.check_union`, timing off) on a small case:
     both kernels over the same deep-layer storage agree, and the rows' sharing is what was asked."""

@@ -2,11 +2,13 @@
 fused match against the separate one, and the decode step as a CUDA graph with and without it.
 
     python -m pipeline.bench.check_spindle_decode [--layers 8] [--context 32768] [--batches 4,48,109]
-        [--steps 8] [--no-model] [--sweep] [--union ROWS:SHARE,...] [--json PATH]
+        [--steps 8] [--no-model] [--sweep] [--union ROWS:SHARE,...] [--shapes llama8b|smollm2] [--json PATH]
 
 Kernel (one codebook layer at Llama-8B decode shapes: 32 query heads, 8 kv heads, head_dim 128,
-bf16; fresh random storage whose every book entry is read by some token; per batch of `--batches`
-at `--context` tokens without RoPE, and batch 4 at 8K with RoPE, where only the float32 path runs):
+or with `--shapes smollm2` SmolLM2's: 9 query heads, 3 kv heads, head_dim 64; the model part
+builds that model too; bf16; fresh random storage whose every book entry is read by some token;
+per batch of `--batches` at `--context` tokens without RoPE, and batch 4 at 8K with RoPE, where
+only the float32 path runs):
   agreement: the tensor-core attention (`spindle_decode`, the default there) against the float32
   path (`mma=False`) and, where it fits, the float32 reference (relative error < 1e-2: bf16 output
   and probabilities); for each path, `spindle_decode_match` against `best_match` over each book
@@ -65,7 +67,9 @@ from policies import spindle_kernels as sk
 from policies import spindlekv
 from policies.seqstore import compact
 
-HK, GROUP, D = 8, 4, 128  # Llama-8B: 8 kv heads of 4 query heads, head_dim 128
+# kv heads, query heads a kv head, head_dim of each model's layers (`--shapes`; Llama-8B's by default)
+SHAPES = {"llama8b": (8, 4, 128), "smollm2": (3, 3, 64)}
+HK, GROUP, D = SHAPES["llama8b"]
 REFERENCE_ELEMENTS = 1 << 29  # the float32 reference's dense [b, H, s, d] keys fit (2 GiB each)
 
 
@@ -266,7 +270,7 @@ def check_model(args) -> list[dict]:
     from policies import Budget, make_policy
 
     device = torch.device("cuda")
-    settings = BenchSettings(model="llama8b", contexts=(args.context,))
+    settings = BenchSettings(model=args.shapes, contexts=(args.context,))
     bm = measure.build_model(settings, device, torch.bfloat16, layers=args.layers)
     ids = measure.random_ids(bm, 1, args.context, 0)
     gen = measure.make_generator(bm, make_policy("spindlekv"), Budget(ratio=args.ratio))
@@ -387,10 +391,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-model", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="the tensor-core path's launch alternatives")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--shapes", default="llama8b", choices=sorted(SHAPES), help="the model whose shapes")
     ap.add_argument(
         "--union", default=None, help="ROWS:SHARE,...: only the evicted layers' union kernel check"
     )
     args = ap.parse_args(argv)
+    global HK, GROUP, D
+    HK, GROUP, D = SHAPES[args.shapes]
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check here (the kernel tests run under TRITON_INTERPRET=1)")
         return 0

@@ -236,7 +236,8 @@ def _greedy(
     together. Data with many small clusters (repeated tokens: pairs) needs a few steps instead of one
     per cluster. Memory: [g, K, T] bools (and their bfloat16 copy), float32 blocks of `_SIMS`.
     Returns (cluster [g, K] int64: the rank of the center whose entry the token joined, -1 for a
-    token left alone; centers [g, c] int64: the center tokens in the order chosen, -1 padded)."""
+    token left alone; centers [g, c] int64: the center tokens in the order chosen, -1 padded to
+    the candidates the steps weighed)."""
     g, K, d = vec.shape
     dev = vec.device
     degree = degree.to(torch.int64).masked_fill(~live, 0)
@@ -268,11 +269,11 @@ def _greedy(
         _drop_members(vec, scale, degree, members, m_n, m_max, theta, max(1, _SIMS // max(1, g * K)))
     if not centers:
         return cluster, torch.zeros((g, 0), dtype=torch.int64, device=dev)
-    # each sequence's centers in the order chosen, then -1s
+    # each sequence's centers in the order chosen, then -1s (as many as the steps weighed: no read)
     cent = torch.cat(centers, dim=1)
     slot = torch.arange(cent.shape[1], device=dev)
     order = torch.where(cent >= 0, slot, slot + cent.shape[1]).argsort(dim=-1)
-    return cluster, cent.gather(1, order)[:, : int(count.max())]
+    return cluster, cent.gather(1, order)
 
 
 def _neighbourhoods(vec, scale, alive, cand, theta) -> torch.Tensor:
@@ -465,15 +466,21 @@ def _candidate_links(x_unit, entries, x_tok, c_tok, c_ok, theta) -> torch.Tensor
 
 def _openers(link_cc: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """[g, C] bool: the candidates that open, in order: one opens iff no earlier opener links to it
-    (`link_cc` [g, k, j]: candidate k links to the earlier candidate j's entry)."""
+    (`link_cc` [g, k, j]: candidate k links to the earlier candidate j's entry).
+
+    A round decides at least each row's first undecided candidate (it opens), so C rounds decide
+    them all; after each earlier one the host reads whether any is left (a device sync). A round
+    with none left changes nothing, so the first runs unasked."""
     op = torch.zeros_like(ok)
     undecided = ok.clone()
-    while bool(undecided.any()):
+    for rounds_left in reversed(range(ok.shape[1])):
         closed = undecided & (link_cc & op[:, None, :]).any(-1)
         undecided &= ~closed
         now = undecided & ~(link_cc & undecided[:, None, :]).any(-1)
         op |= now
         undecided &= ~now
+        if not rounds_left or not bool(undecided.any()):
+            break
     return op
 
 

@@ -834,10 +834,11 @@ class SpindleLayer(KVLayer):
         row's length, which `note_padding` reports), so decoding never waits for the device."""
         if self.mode == "dense":
             return super().append(keys, values, positions)
+        host = self._after_chunk(added)
         if keys.shape[2] == 1 and self._room_for_decode():
             self._decode_write_or_defer(keys, values, positions)
             self._widen(1)
-            self._lengths = None  # (decoding needs none)
+            self._lengths = host
             return None
         b, hk, q, d = keys.shape
         filled = (positions != EMPTY)[:, None, :]
@@ -850,7 +851,6 @@ class SpindleLayer(KVLayer):
             count = self.kbook_n + filled.sum(-1)
             # ids of the new entries
             ids = self.kbook_n[..., None] if q == 1 else self.kbook_n[..., None] + valid.long().cumsum(-1) - 1
-            host = self._after_chunk(added)
             if q == 1:  # decode: the widths grow by one, no host sync (see `append`)
                 c2, n2 = self.kbook.shape[2] + 1, self._pos.shape[2] + 1
             else:
@@ -873,7 +873,6 @@ class SpindleLayer(KVLayer):
                 "k": self._assign(kx, valid, self.kbook, self.kbook_n, self.theta_k),
                 "v": self._assign(values, valid, self.vbook, self.vbook_n, self.theta_v),
             }
-            host = self._after_chunk(added)
             if q == 1:  # decode: the widths grow by one, no host sync (see `append`)
                 got = [self.kbook.shape[2] + 1, self.vbook.shape[2] + 1, self._pos.shape[2] + 1, None]
             else:  # the one host sync: the new entry counts (and the lengths, when the host lacks them)

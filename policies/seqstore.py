@@ -66,14 +66,17 @@ def compact(valid: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, 
 
     Returns (length [b, h], the tensors gathered and trimmed to the longest length).
     """
-    s = valid.shape[-1]
-    slot = torch.arange(s, device=valid.device)
-    key = torch.where(valid, slot, slot + s)
-    order = key.argsort(dim=-1)
     length = valid.sum(-1)
     n = int(length.max()) if length.numel() else 0
-    order = order[..., :n]
-    return length, [torch.gather(t, 2, _expand_index(order, t)) for t in tensors]
+    return length, gather_front(valid, n, *tensors)
+
+
+def gather_front(valid: torch.Tensor, width: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """`compact`'s tensors when the caller knows the longest length (`width`) on the host: no sync."""
+    s = valid.shape[-1]
+    slot = torch.arange(s, device=valid.device)
+    order = torch.where(valid, slot, slot + s).argsort(dim=-1)[..., :width]
+    return [torch.gather(t, 2, _expand_index(order, t)) for t in tensors]
 
 
 def front_mask(length: torch.Tensor, n: int) -> torch.Tensor:

@@ -54,7 +54,7 @@ from pipeline.attention_math import dense_bias, grouped_attention, position_mask
 from pipeline.kv_cache import EMPTY, KVLayer
 from policies.base import Budget, Policy
 from policies.registry import register
-from policies.seqstore import _expand_index, compact, front_mask
+from policies.seqstore import _expand_index, front_mask, gather_front
 from policies.signals import KEEP_BASE, attention_probs, in_window, pool_in_position_order, window_size
 
 BIG = 2**40
@@ -236,7 +236,8 @@ def _greedy(
     together. Data with many small clusters (repeated tokens: pairs) needs a few steps instead of one
     per cluster. Memory: [g, K, T] bools (and their bfloat16 copy), float32 blocks of `_SIMS`.
     Returns (cluster [g, K] int64: the rank of the center whose entry the token joined, -1 for a
-    token left alone; centers [g, c] int64: the center tokens in the order chosen, -1 padded)."""
+    token left alone; centers [g, c] int64: the center tokens in the order chosen, -1 padded to
+    the candidates the steps weighed)."""
     g, K, d = vec.shape
     dev = vec.device
     degree = degree.to(torch.int64).masked_fill(~live, 0)
@@ -268,11 +269,11 @@ def _greedy(
         _drop_members(vec, scale, degree, members, m_n, m_max, theta, max(1, _SIMS // max(1, g * K)))
     if not centers:
         return cluster, torch.zeros((g, 0), dtype=torch.int64, device=dev)
-    # each sequence's centers in the order chosen, then -1s
+    # each sequence's centers in the order chosen, then -1s (as many as the steps weighed: no read)
     cent = torch.cat(centers, dim=1)
     slot = torch.arange(cent.shape[1], device=dev)
     order = torch.where(cent >= 0, slot, slot + cent.shape[1]).argsort(dim=-1)
-    return cluster, cent.gather(1, order)[:, : int(count.max())]
+    return cluster, cent.gather(1, order)
 
 
 def _neighbourhoods(vec, scale, alive, cand, theta) -> torch.Tensor:
@@ -465,15 +466,21 @@ def _candidate_links(x_unit, entries, x_tok, c_tok, c_ok, theta) -> torch.Tensor
 
 def _openers(link_cc: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """[g, C] bool: the candidates that open, in order: one opens iff no earlier opener links to it
-    (`link_cc` [g, k, j]: candidate k links to the earlier candidate j's entry)."""
+    (`link_cc` [g, k, j]: candidate k links to the earlier candidate j's entry).
+
+    A round decides at least each row's first undecided candidate (it opens), so C rounds decide
+    them all; after each earlier one the host reads whether any is left (a device sync). A round
+    with none left changes nothing, so the first runs unasked."""
     op = torch.zeros_like(ok)
     undecided = ok.clone()
-    while bool(undecided.any()):
+    for rounds_left in reversed(range(ok.shape[1])):
         closed = undecided & (link_cc & op[:, None, :]).any(-1)
         undecided &= ~closed
         now = undecided & ~(link_cc & undecided[:, None, :]).any(-1)
         op |= now
         undecided &= ~now
+        if not rounds_left or not bool(undecided.any()):
+            break
     return op
 
 
@@ -541,6 +548,10 @@ class SpindleLayer(KVLayer):
         self.mode = "dense"
         self.mb = None  # member bits of a GQA evicted layer's book rows (`_members`)
         self._pending = None  # a decode token held from `append` to `attend` (codebook layers)
+        # Host facts of a compressed layer, per row: the longest and the shortest `_n` of its heads,
+        # and (evicted) the most book entries of its kv heads; None when unknown. A chunk adds each
+        # row's non-padding tokens to every one of them, so its append sizes its tensors unread.
+        self._lengths = None
 
     # -- views ------------------------------------------------------------------------------
     def _view(self, which: str) -> torch.Tensor:
@@ -593,7 +604,12 @@ class SpindleLayer(KVLayer):
     # -- conversions ------------------------------------------------------------------------
     def to_codebook(self, theta_k: float, theta_v: float, rope_theta: float | None) -> None:
         filled = self.positions != EMPTY
-        n, (keys, values, pos) = compact(filled, self.keys, self.values, self.positions)
+        n = filled.sum(-1)
+        rows = self._appended_rows()  # every head holds its row's count
+        host = [rows, rows] if rows is not None else self._read_lengths(n)
+        keys, values, pos = gather_front(
+            filled, max(host[0], default=0), self.keys, self.values, self.positions
+        )
         self._drop_dense()  # the compacted copies are all that is needed now
         b, h, s, d = keys.shape
         if rope_theta is not None:
@@ -616,13 +632,21 @@ class SpindleLayer(KVLayer):
         self._n = n
         self.theta_k, self.theta_v, self.rope_theta = theta_k, theta_v, rope_theta
         self.mode = "codebook"
-        self._facts(s)
+        self._know(host, s)
 
-    def _facts(self, slots: int) -> None:
-        """Host-side facts for attention's fast paths (one device sync): every stored position is the
-        same across a codebook layer's heads; a row shorter than the slot count leaves empty slots."""
+    def _know(self, host: list[list[int]], slots: int) -> None:
+        """Keep the host facts `host` (`_lengths`) and set those attention's fast paths need: every
+        stored position is the same across a codebook layer's heads; a row shorter than the slot
+        count leaves empty slots."""
+        self._lengths = host
         self.heads_differ = self.mode == "evicted"
-        self.has_empty = bool(self._n.numel()) and int(self._n.min()) < slots
+        self.has_empty = min(host[1], default=slots) < slots
+
+    @staticmethod
+    def _read_lengths(n: torch.Tensor, *books: torch.Tensor) -> list[list[int]]:
+        """The host facts read from the device (one sync): per row the longest and the shortest of
+        `n` ([b, e]), then the most entries of each of `books` ([b, hk])."""
+        return torch.stack([n.amax(-1), n.amin(-1), *(c.amax(-1) for c in books)]).tolist()
 
     def _drop_dense(self) -> None:
         self._bufs = {}  # storage was rebuilt: no buffer of the old form stays alive
@@ -653,11 +677,13 @@ class SpindleLayer(KVLayer):
         ent = torch.where(selected, entry, torch.full_like(entry, n_entries)).reshape(b, hk, -1)
         used.scatter_(2, ent, torch.ones_like(ent, dtype=torch.bool))
         used = used[..., :n_entries]
-        u_n, (kbook, vbook) = compact(used, kvec, vvec)
+        u_n, n = used.sum(-1), selected.sum(-1)
+        host = self._read_lengths(n, u_n)  # the one host sync: the widths below, per row
+        kbook, vbook = gather_front(used, max(host[2], default=0), kvec, vvec)
         new_id = used.long().cumsum(-1) - 1  # [b, hk, entries]
         new_id_e = new_id.repeat_interleave(group, dim=1)
         remapped = torch.gather(new_id_e, 2, entry)
-        n, (rk, pos) = compact(selected, remapped, pos_e)
+        rk, pos = gather_front(selected, max(host[0], default=0), remapped, pos_e)
         self.kbook, self.vbook, self.kbook_n = kbook.contiguous(), vbook.contiguous(), u_n
         self.vbook_n = u_n
         self.rk = rk.to(index_dtype(kbook.shape[2]))
@@ -670,7 +696,7 @@ class SpindleLayer(KVLayer):
         self._n = n
         self._drop_dense()
         self.mode = "evicted"
-        self._facts(pos.shape[-1])
+        self._know(host, pos.shape[-1])
 
     # -- the layer protocol -----------------------------------------------------------------
     def attend(self, query: torch.Tensor, step, scaling: float) -> torch.Tensor:
@@ -718,8 +744,9 @@ class SpindleLayer(KVLayer):
     # Compressed storage grows in place: each per-token tensor and book is the used part of a
     # zero-filled buffer with spare slots (plus one trash slot for padding tokens), so a decode
     # step writes its token instead of copying the layer. What is stored is what `ragged_append`
-    # would build (same shapes, same values in every live slot); the one host sync per append
-    # reads the new lengths' maxima, which the exposed shapes (and the index dtype) depend on.
+    # would build (same shapes, same values in every live slot). The exposed shapes (and the
+    # index dtype) follow the new lengths' maxima: the host facts (`_lengths`) give them, but for
+    # a codebook's new entries, which a chunk's append reads (its one host sync).
     # `mb`: a GQA evicted layer's member bits per book row (`_members`; None otherwise).
     _GROWN = ("kbook", "vbook", "rk", "rv", "mk", "mv", "_pos", "mb")
     _KERNEL_ARGS = ("kbook", "vbook", "rk", "rv", "mk", "mv", "_pos")  # `spindle_decode`'s storage
@@ -781,19 +808,37 @@ class SpindleLayer(KVLayer):
             bufs[name] = buf
             setattr(self, name, buf[:, :, :n])
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
-        """Store new tokens. Compressed layers return nothing: attention reads the storage itself
-        (`attend`), and building the dense views here would copy the layer every step.
+    def append_step(self, keys: torch.Tensor, values: torch.Tensor, step) -> None:
+        """`KVLayer.append_step`; a compressed layer's append takes the step's non-padding counts
+        (`added`), which keep its host facts known."""
+        if not self._compressed():
+            return super().append_step(keys, values, step)
+        self.append(keys, values, step.slot_positions, added=step.valid_counts())
+        self.note_padding(step.padded, step.valid_host)
 
-        A chunk (q > 1) reads the new lengths and entry counts back (one host sync: the shapes follow
-        them). A decode token (q == 1) does not: every width grows by one slot, an upper bound (a
+    def append(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        added: list[int] | None = None,
+    ):
+        """Store new tokens (`added`: each row's non-padding ones, when the host knows them). Compressed
+        layers return nothing: attention reads the storage itself (`attend`), and building the dense
+        views here would copy the layer every step.
+
+        A chunk (q > 1) takes its widths from the host facts (`_after_chunk`); a codebook layer's
+        reads its new entry counts back (one host sync), as does any layer whose facts are unknown.
+        A decode token (q == 1) does not: every width grows by one slot, an upper bound (a
         codebook token that joins an entry leaves a dead book slot; a padding token, a slot past its
         row's length, which `note_padding` reports), so decoding never waits for the device."""
         if self.mode == "dense":
             return super().append(keys, values, positions)
+        host = self._after_chunk(added)
         if keys.shape[2] == 1 and self._room_for_decode():
             self._decode_write_or_defer(keys, values, positions)
             self._widen(1)
+            self._lengths = host
             return None
         b, hk, q, d = keys.shape
         filled = (positions != EMPTY)[:, None, :]
@@ -808,9 +853,11 @@ class SpindleLayer(KVLayer):
             ids = self.kbook_n[..., None] if q == 1 else self.kbook_n[..., None] + valid.long().cumsum(-1) - 1
             if q == 1:  # decode: the widths grow by one, no host sync (see `append`)
                 c2, n2 = self.kbook.shape[2] + 1, self._pos.shape[2] + 1
-            else:  # the one host sync
-                c2, n2, n_min = torch.stack([count.max(), n_new.max(), n_new.min()]).tolist()
-                self.has_empty = n_min < n2
+            else:
+                if host is None:  # (one host sync)
+                    host = self._read_lengths(n_new, count)
+                c2, n2 = max(host[2]), max(host[0])
+                self.has_empty = min(host[1]) < n2
             self._slot_append("kbook", self.kbook_n, keys, valid, c2)
             self._slot_append("vbook", self.kbook_n, values, valid, c2)
             if self.mb is not None:  # every query head keeps a new token
@@ -828,9 +875,13 @@ class SpindleLayer(KVLayer):
             }
             if q == 1:  # decode: the widths grow by one, no host sync (see `append`)
                 got = [self.kbook.shape[2] + 1, self.vbook.shape[2] + 1, self._pos.shape[2] + 1, None]
-            else:  # the one host sync: the new entry counts and lengths
-                got = torch.stack([plans["k"][2].max(), plans["v"][2].max(), n_new.max(), n_new.min()])
-                got = got.tolist()
+            else:  # the one host sync: the new entry counts (and the lengths, when the host lacks them)
+                counts = (plans["k"][2], plans["v"][2])
+                if host is None:
+                    *host, most_k, most_v = self._read_lengths(n_new, *counts)
+                else:
+                    most_k, most_v = torch.stack([c.amax(-1) for c in counts]).tolist()
+                got = [max(most_k), max(most_v), max(host[0]), min(host[1])]
             n2 = got[2]
             for i, which in enumerate(("k", "v")):
                 name, count_name = ("kbook", "kbook_n") if which == "k" else ("vbook", "vbook_n")
@@ -846,7 +897,15 @@ class SpindleLayer(KVLayer):
         pos_new = positions.to(torch.int32)[:, None, :].expand(b, e, q)
         self._slot_append("_pos", self._n, pos_new, valid_e, n2, fill=EMPTY)
         self._n = n_new
+        self._lengths = host
         return None
+
+    def _after_chunk(self, added: list[int] | None) -> list[list[int]] | None:
+        """The host facts (`_lengths`) after a chunk of `added` non-padding tokens per row: every head
+        stores them (an evicted layer's kv heads, as new entries); None when either is unknown."""
+        if self._lengths is None or added is None:
+            return None
+        return [[n + a for n, a in zip(fact, added)] for fact in self._lengths]
 
     def _all_members(self, shape) -> torch.Tensor:
         """Member bits of tokens every query head keeps (new tokens): [b, hk, q] of `mb`'s type."""
@@ -1008,6 +1067,7 @@ class SpindleLayer(KVLayer):
         if not self._compressed():
             return super().append_static(keys, values, positions, slot)
         self._decode_write_or_defer(keys, values, positions)
+        self._lengths = None
 
     # -- codebook layers: the decode append's match folded into attention ----------------------
     # A decode token joins the book entry of highest cosine (> theta) or opens one: matching it reads
@@ -1143,6 +1203,7 @@ class SpindleLayer(KVLayer):
     def select_rows(self, rows: torch.Tensor) -> None:
         if self.mode == "dense":
             return super().select_rows(rows)
+        self._lengths = None  # (which rows stay is on the device)
         bufs = self.__dict__.get("_bufs", {})
         for name in ("kbook", "vbook", "kbook_n", "vbook_n", "rk", "rv", "mk", "mv", "_pos", "_n", "mb"):
             t = getattr(self, name)

@@ -289,6 +289,52 @@ def test_a_bound_below_the_kept_tokens_fails_loudly():
         _ = layer.max_seg
 
 
+# -- spindlekv: one read per eviction, none per evicted chunk append -----------------------------
+def check_spindle_lengths(layer) -> None:
+    """A compressed SpindleLayer's host facts against the device: each row's longest and shortest
+    length and (evicted) most book entries."""
+    if layer.mode == "dense":
+        return
+    n, host = layer._n, layer._lengths
+    assert host is not None
+    assert host[:2] == [n.amax(-1).tolist(), n.amin(-1).tolist()]
+    if layer.mode == "evicted":
+        assert host[2] == layer.kbook_n.amax(-1).tolist()
+
+
+@pytest.mark.parametrize("prompts", ["even", "padded"])
+@pytest.mark.parametrize("chunk", [None, 8, 13])
+@pytest.mark.parametrize("lengths_known", [True, False])
+def test_spindlekv_evicted_layers_read_once_per_compression(
+    tiny_llama, prompts, chunk, lengths_known, monkeypatch
+):
+    """A deep layer's eviction reads its widths once, and its chunk appends read nothing: the host
+    facts plus the step's non-padding counts size them (without the engine's counts, an append of
+    a padded chunk reads them back instead, and the facts stay right)."""
+    from policies.spindlekv import SpindleLayer
+
+    appends = []
+    append = SpindleLayer.append
+
+    def counted_append(layer, *args, **kwargs):
+        with HostWork() as work:
+            append(layer, *args, **kwargs)
+        appends.append((layer.mode, work.sync_count))
+        check_spindle_lengths(layer)
+
+    monkeypatch.setattr(SpindleLayer, "append", counted_append)
+    gen = _generator(tiny_llama, "spindlekv", Budget(tokens=12))
+    layers = []
+    with torch.inference_mode(), watched(gen.policy, after=lambda layer: layers.append(layer.mode)) as works:
+        _prefill(gen, PROMPTS[prompts], chunk, lengths_known)
+    evicted = [w.sync_count for w, mode in zip(works, layers) if mode == "evicted"]
+    assert evicted and all(n == 1 for n in evicted), evicted
+    evicted_appends = [n for mode, n in appends if mode == "evicted"]
+    assert bool(evicted_appends) == (chunk is not None)
+    most = 0 if lengths_known or prompts == "even" else 1  # (a padded chunk's counts unknown: read)
+    assert all(n <= most for n in evicted_appends), evicted_appends
+
+
 # -- fewer kernels: the same selection ----------------------------------------------------------
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("padded", [False, True])

@@ -177,6 +177,17 @@ if HAVE_TRITON:
         return ch * cl - sh * sl, sh * cl + ch * sl
 
     @triton.jit
+    def _rotated(k1, k2, p, INV, inv, dh, HALF: tl.constexpr, HROWS, TABLE: tl.constexpr, FAST: tl.constexpr):
+        """Key halves k1, k2 [n, HALF] rotated by their positions p [n] (rotate-half RoPE): cos/sin
+        from the tables at INV (TABLE, `_table_cos_sin`) or of the angles p * inv (`_cos_sin`)."""
+        if TABLE:
+            c, s_ = _table_cos_sin(INV, p, dh, HALF, HROWS)
+        else:
+            ang = tl.maximum(p.to(tl.float32), 0.0)[:, None] * inv[None, :]
+            c, s_ = _cos_sin(ang, FAST)
+        return k1 * c - k2 * s_, k2 * c + k1 * s_
+
+    @triton.jit
     def _fold_entry(cos, entry, valid, best, arg):
         """Fold a block's cosines into each lane's running (largest cosine, lowest entry reaching it):
         best / arg [BLOCK_N], so a block costs no reduction across the program's threads (measured
@@ -271,6 +282,8 @@ if HAVE_TRITON:
             q2 = q2 * qscale
         if HAS_ROPE and not TABLE:
             inv = tl.load(INV + dh)
+        else:
+            inv = tl.zeros([HALF], tl.float32)  # (never read: tables, or no RoPE)
         if MATCH:
             if not MMA:
                 xk1 = tl.load(XK + xrow + dh).to(tl.float32)
@@ -312,12 +325,7 @@ if HAVE_TRITON:
                     best_k, arg_k = _fold_entry(ck, ik.to(tl.int32), valid, best_k, arg_k)
                 if HAS_ROPE:
                     p = tl.load(POS + bi * sp_b + ei * sp_h + offs, mask=valid, other=0)
-                    if TABLE:
-                        c, s_ = _table_cos_sin(INV, p, dh, HALF, HROWS)
-                    else:
-                        ang = tl.maximum(p.to(tl.float32), 0.0)[:, None] * inv[None, :]
-                        c, s_ = _cos_sin(ang, FAST_TRIG)
-                    k1, k2 = k1 * c - k2 * s_, k2 * c + k1 * s_
+                    k1, k2 = _rotated(k1, k2, p, INV, inv, dh, HALF, HROWS, TABLE, FAST_TRIG)
                 if DOT_IEEE:
                     sc = tl.dot(q1, tl.trans(k1), input_precision="ieee")
                     sc += tl.dot(q2, tl.trans(k2), input_precision="ieee")
@@ -401,6 +409,8 @@ if HAVE_TRITON:
         q2 = tl.load(qrow + HALF + dh).to(tl.float32) * qscale
         if HAS_ROPE and not TABLE:
             inv = tl.load(INV + dh)
+        else:
+            inv = tl.zeros([HALF], tl.float32)  # (never read: tables, or no RoPE)
         m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
         l_sum = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
         acc = tl.zeros([D], tl.float32)
@@ -417,12 +427,7 @@ if HAVE_TRITON:
             k2 = tl.load(krow[:, None] + HALF + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
             if HAS_ROPE:
                 p = tl.load(POS + bi * sp_b + hi * sp_h + offs, mask=valid, other=0)
-                if TABLE:
-                    c, s_ = _table_cos_sin(INV, p, dh, HALF, HROWS)
-                else:
-                    ang = tl.maximum(p.to(tl.float32), 0.0)[:, None] * inv[None, :]
-                    c, s_ = _cos_sin(ang, FAST_TRIG)
-                k1, k2 = k1 * c - k2 * s_, k2 * c + k1 * s_
+                k1, k2 = _rotated(k1, k2, p, INV, inv, dh, HALF, HROWS, TABLE, FAST_TRIG)
             sc = tl.sum(k1 * q1[None, :], 1) + tl.sum(k2 * q2[None, :], 1)
             if HAS_MAG:
                 sc = sc * tl.load(MK + bi * smk_b + hi * smk_h + offs, mask=valid, other=0.0).to(tl.float32)

@@ -190,7 +190,8 @@ if HAVE_TRITON:
     @triton.jit
     def _fold_entry(cos, entry, valid, best, arg):
         """Fold a block's cosines into each lane's running (largest cosine, lowest entry reaching it):
-        best / arg [BLOCK_N], so a block costs no reduction across the program's threads (measured
+        best / arg [BLOCK_N] (or a whole [GP, BLOCK_N] score tile), so a block costs no reduction
+        across the program's threads (measured
         2.5% faster than reducing every block: fused 4.80 -> 4.67 ms, batch 109, 32K, H200);
         `_lanes_best` reduces them once after the last block to the pair `best_match` gives (the
         largest cosine, the lowest entry among the lanes reaching it)."""
@@ -204,9 +205,11 @@ if HAVE_TRITON:
         return bm, tl.min(tl.where(best == bm, arg, 2147483647), 0)
 
     @triton.jit
-    def _row(x, g, r: tl.constexpr):
-        """Row r of a [GP, N] tile as [N]: a sum over rows where every other row adds 0 (exact)."""
-        return tl.sum(tl.where(g[:, None] == r, x, 0.0), 0)
+    def _tile_row_best(best, arg, g, r: tl.constexpr):
+        """`_lanes_best` of row r of [GP, N] tiles of running bests (`_fold_entry` on a whole tile)."""
+        on = g[:, None] == r
+        bm = tl.max(tl.max(tl.where(on, best, -3.0), 1), 0)
+        return bm, tl.min(tl.min(tl.where(on & (best == bm), arg, 2147483647), 1), 0)
 
     @triton.jit
     def _mma_query(qrow, xk, g, dd, G: tl.constexpr, MATCH: tl.constexpr):
@@ -216,21 +219,6 @@ if HAVE_TRITON:
             ptr = tl.where((g < G)[:, None], qrow[:, None] + dd[None, :], xk + dd[None, :])
             return tl.load(ptr, mask=(g <= G)[:, None], other=0.0)
         return tl.load(qrow[:, None] + dd[None, :], mask=(g < G)[:, None], other=0.0)
-
-    @triton.jit
-    def _mma_scores(qt, krow, dd, valid, g, G: tl.constexpr, qscale, MATCH: tl.constexpr):
-        """Scores [GP, BLOCK_N] (log2 units, before magnitudes) of the query tile against the key rows
-        `krow` gathered whole in the storage dtype (one tensor-core product), and with MATCH the new
-        key's raw dot products (row G: half x half products are exact in float32, so times 1/|xk| it
-        is the float32 cosine up to summation order). Row G is then zeroed like the padding rows:
-        no softmax row reads it."""
-        k = tl.load(krow[:, None] + dd[None, :], mask=valid[:, None], other=0.0)
-        raw = tl.dot(qt, tl.trans(k))
-        ck = raw  # (unused without MATCH)
-        if MATCH:
-            ck = _row(raw, g, G)
-            raw = tl.where((g < G)[:, None], raw, 0.0)
-        return raw * qscale, ck
 
     @triton.jit
     def _shared_kernel(
@@ -254,9 +242,16 @@ if HAVE_TRITON:
         second pass over the books.
 
         MMA (half-precision storage, no RoPE): the gathered rows stay in the storage dtype and feed
-        the tensor cores whole (`_mma_query`, `_mma_scores`; the values, and with MATCH the value
-        match, as products of [GP, .] tiles too); otherwise keys are float32 halves (rotated in
-        registers with RoPE) and the match is element-wise float32 sums."""
+        the tensor cores whole: scores are one product of the query tile (`_mma_query`) with the key
+        rows, and P @ V another. With MATCH the new key is row G of the query tile and the new value
+        row G + 1 of a tile of its own whose product with the value rows accumulates into the same
+        scores, so rows G and G + 1 hold the raw dot products of the match (half x half products are
+        exact in float32: times 1/|x| the float32 cosine up to summation order); the running bests
+        are folded on the whole tile (`_fold_entry`; `_tile_row_best` reads the two rows after the
+        last block: measured 4.66 -> 4.35 ms against folding extracted rows, batch 109, 32K,
+        H200), and the two rows are zeroed like the padding rows before the softmax. Otherwise
+        keys are float32 halves (rotated in registers with RoPE) and the match is element-wise
+        float32 sums."""
         HALF: tl.constexpr = D // 2
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -273,8 +268,8 @@ if HAVE_TRITON:
         xrow = (bi * E + ei) * D
         if MMA:  # [GP, D] in the storage dtype; with MATCH the new key is row G (a free padding row)
             qt = _mma_query(qrow, XK + xrow, g, dd, G, MATCH)
-            if MATCH:  # the new value as row 0 of a tile of its own: one more small MMA per block
-                xvt = tl.load(XV + xrow + g[:, None] * 0 + dd[None, :], mask=(g == 0)[:, None], other=0.0)
+            if MATCH:  # the new value as row G + 1 of a tile of its own (see above)
+                xvt = tl.load(XV + xrow + g[:, None] * 0 + dd[None, :], mask=(g == G + 1)[:, None], other=0.0)
         else:
             q1 = tl.load(qrow[:, None] + dh[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
             q1 = q1 * qscale
@@ -291,10 +286,15 @@ if HAVE_TRITON:
                 xv = tl.load(XV + xrow + dd).to(tl.float32)
             rxk = tl.load(RX + (bi * E + ei) * 2)
             rxv = tl.load(RX + (bi * E + ei) * 2 + 1)
-            best_k = tl.full([BLOCK_N], -2.0, tl.float32)
-            arg_k = tl.full([BLOCK_N], 2147483647, tl.int32)
-            best_v = best_k
-            arg_v = arg_k
+            if MMA:  # running bests on the score tile: row G keys, row G + 1 values
+                best_t = tl.full([GP, BLOCK_N], -2.0, tl.float32)
+                arg_t = tl.full([GP, BLOCK_N], 2147483647, tl.int32)
+                rx_t = tl.where(g == G, rxk, rxv)
+            else:
+                best_k = tl.full([BLOCK_N], -2.0, tl.float32)
+                arg_k = tl.full([BLOCK_N], 2147483647, tl.int32)
+                best_v = best_k
+                arg_v = arg_k
         m = tl.full([GP], float("-inf"), tl.float32)
         l_sum = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
@@ -312,10 +312,20 @@ if HAVE_TRITON:
             else:
                 ik = tl.load(rk_row + offs, mask=valid, other=0).to(tl.int64)
             krow = kb_head + ik * skb_c
+            if UNION:
+                iv = ik
+            else:
+                iv = tl.load(rv_row + offs, mask=valid, other=0).to(tl.int64)
             if MMA:
-                sc, ck = _mma_scores(qt, krow, dd, valid, g, G, qscale, MATCH)
+                k = tl.load(krow[:, None] + dd[None, :], mask=valid[:, None], other=0.0)
+                sc = tl.dot(qt, tl.trans(k))
                 if MATCH:
-                    best_k, arg_k = _fold_entry(ck * rxk, ik.to(tl.int32), valid, best_k, arg_k)
+                    v = tl.load(vb_head + iv[:, None] * svb_c + dd[None, :], mask=valid[:, None], other=0.0)
+                    sc = tl.dot(xvt, tl.trans(v), sc)
+                    ent = tl.where((g == G)[:, None], ik.to(tl.int32)[None, :], iv.to(tl.int32)[None, :])
+                    best_t, arg_t = _fold_entry(sc * rx_t[:, None], ent, valid[None, :], best_t, arg_t)
+                    sc = tl.where((g < G)[:, None], sc, 0.0)
+                sc = sc * qscale
             else:
                 k1 = tl.load(krow[:, None] + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
                 k2 = tl.load(krow[:, None] + HALF + dh[None, :], mask=valid[:, None], other=0.0)
@@ -346,19 +356,13 @@ if HAVE_TRITON:
             alpha = tl.exp2(m - m_ref)
             pr = tl.exp2(sc - m_ref[:, None])
             l_sum = l_sum * alpha + tl.sum(pr, 1)
-            if UNION:
-                iv = ik
-            else:
-                iv = tl.load(rv_row + offs, mask=valid, other=0).to(tl.int64)
-            v = tl.load(vb_head + iv[:, None] * svb_c + dd[None, :], mask=valid[:, None], other=0.0)
+            if not (MMA and MATCH):  # (loaded above for the match)
+                v = tl.load(vb_head + iv[:, None] * svb_c + dd[None, :], mask=valid[:, None], other=0.0)
             if not MMA:
                 v = v.to(tl.float32)
-            if MATCH:
-                if MMA:
-                    cv = _row(tl.dot(xvt, tl.trans(v)), g, 0) * rxv
-                else:
+                if MATCH:
                     cv = tl.sum(v * xv[None, :], 1) * rxv
-                best_v, arg_v = _fold_entry(cv, iv.to(tl.int32), valid, best_v, arg_v)
+                    best_v, arg_v = _fold_entry(cv, iv.to(tl.int32), valid, best_v, arg_v)
             if HAS_MAG:
                 mvt = tl.load(MV + bi * smv_b + ei * smv_h + offs, mask=valid, other=0.0).to(tl.float32)
                 pr = pr * mvt[None, :]
@@ -374,9 +378,13 @@ if HAVE_TRITON:
         tl.store(PM + part, m, mask=gmask)
         tl.store(PL + part, l_sum, mask=gmask)
         tl.store(PACC + part[:, None] * D + dd[None, :], acc, mask=gmask[:, None])
-        if MATCH:
+        if MATCH and MMA:
+            best_k, arg_k = _tile_row_best(best_t, arg_t, g, G)
+            best_v, arg_v = _tile_row_best(best_t, arg_t, g, G + 1)
+        elif MATCH:
             best_k, arg_k = _lanes_best(best_k, arg_k)
             best_v, arg_v = _lanes_best(best_v, arg_v)
+        if MATCH:
             at = (bi * E + ei) * 2 * SPLITS + split
             tl.store(BEST + at, best_k)
             tl.store(ARG + at, arg_k)
@@ -636,6 +644,11 @@ def mma_path(dtype: torch.dtype, rope_theta: float | None) -> bool:
 # the float32 path: 5.88 / 16.83; the separate match (best_match on both books) 3.00 more.
 # Splits keep 8 blocks or more (their partials stay < 1% of what they read).
 MMA_BLOCK_N, MMA_WARPS, MMA_STAGES, MMA_WAVES, MMA_MIN_BLOCKS = 128, 4, 2, 32, 8
+# At SmolLM2's decode shapes (G = 3, D = 64) the fused match takes 64-token blocks and 3 stages:
+# `check_spindle_decode --shapes smollm2 --sweep --batches 683` on an H200 (the tile fold, 32K,
+# 17.9 GB read): fused 5.80 ms at the launch above -> 5.20 ms (85% of the copy bandwidth); attention
+# alone stays fastest above (4.60 ms, 96%; 5.04 ms at 64 / 3).
+MMA_MATCH_SMALL_HEAD = (64, 3)  # (block_n, stages) of the fused match where D <= 64
 
 
 def _partials(
@@ -678,8 +691,11 @@ def _partials(
     use_mma = shared and mma is not False and same and mma_path(query.dtype, rope_theta)
     if mma and not use_mma:
         raise ValueError("the tensor-core path serves GQA codebook layers, half-precision storage, no RoPE")
-    if block_n is None:  # the float32 paths': tuned on an H100 at Llama-8B shapes (check_spindle)
-        block_n = MMA_BLOCK_N if use_mma else 32 if shared else 64
+    small_match = use_mma and match is not None and d <= 64
+    if block_n is None and use_mma:
+        block_n = MMA_MATCH_SMALL_HEAD[0] if small_match else MMA_BLOCK_N
+    elif block_n is None:  # the float32 paths': tuned on an H100 at Llama-8B shapes (check_spindle)
+        block_n = 32 if shared else 64
     programs = b * e
     if splits is None and use_mma:
         splits, chunk = plan_splits(programs, s, block_n, query.device, MMA_WAVES, MMA_MIN_BLOCKS)
@@ -722,12 +738,12 @@ def _partials(
     if match is not None:
         best_, arg_ = best, arg
     if num_stages is None and use_mma:
-        num_stages = MMA_STAGES
+        num_stages = MMA_MATCH_SMALL_HEAD[1] if small_match else MMA_STAGES
     stages = {} if num_stages is None else {"num_stages": num_stages}  # else triton's default
 
     def launch(fast: bool) -> None:
-        if shared:  # GP >= 16 rows (the smallest MMA); the fused match's new key takes row G
-            gp = max(16, triton.next_power_of_2(group + (use_mma and match is not None)))
+        if shared:  # GP >= 16 rows (the smallest MMA); the fused match's new key and value take rows G, G + 1
+            gp = max(16, triton.next_power_of_2(group + 2 * (use_mma and match is not None)))  # + xk, xv
             _shared_kernel[(programs, splits)](
                 *args[:13], xk, xv, rx, best_, arg_, *args[13:], e, splits, slots, chunk, qscale, hrows,
                 G=group, GP=gp, D=d, BLOCK_N=block_n, HAS_MAG=has_mag, HAS_ROPE=has_rope,

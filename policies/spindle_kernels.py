@@ -651,6 +651,11 @@ MMA_BLOCK_N, MMA_WARPS, MMA_STAGES, MMA_WAVES, MMA_MIN_BLOCKS = 128, 4, 2, 32, 8
 MMA_MATCH_SMALL_HEAD = (64, 3)  # (block_n, stages) of the fused match where D <= 64
 
 
+def mma_block_n(d: int, match: bool) -> int:
+    """The tensor-core path's default block (tokens): the fused match's at small heads, else one."""
+    return MMA_MATCH_SMALL_HEAD[0] if match and d <= 64 else MMA_BLOCK_N
+
+
 def _partials(
     query, kbook, vbook, rk, rv, mk, mv, pos, n, scaling, rope_theta,
     splits=None, block_n=None, num_warps=None, rope_mode="table", match=None, num_stages=None, mma=None,
@@ -693,7 +698,7 @@ def _partials(
         raise ValueError("the tensor-core path serves GQA codebook layers, half-precision storage, no RoPE")
     small_match = use_mma and match is not None and d <= 64
     if block_n is None and use_mma:
-        block_n = MMA_MATCH_SMALL_HEAD[0] if small_match else MMA_BLOCK_N
+        block_n = mma_block_n(d, match is not None)
     elif block_n is None:  # the float32 paths': tuned on an H100 at Llama-8B shapes (check_spindle)
         block_n = 32 if shared else 64
     programs = b * e

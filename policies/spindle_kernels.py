@@ -599,13 +599,23 @@ def spindle_decode_match(
     gives for one token, up to the summation order of the cosine. On the tensor-core path
     (`mma_path`) xk and xv are read in the storage dtype (the decode append's are). `launch`:
     splits, block_n, num_warps, num_stages, mma as for `spindle_decode`."""
-    part = _partials(
-        query, kbook, vbook, rk, rv, mk, mv, pos, n, scaling, rope_theta, match=(xk, xv, rx), **launch
-    )  # fmt: skip
+    part = match_partials(
+        query, kbook, vbook, rk, rv, mk, mv, pos, n, scaling, rope_theta, xk, xv, rx, **launch
+    )
     best, arg = part.best, part.arg  # [b, hk, 2, splits]
     top = best.max(dim=-1).values
     first = torch.where(best == top[..., None], arg, torch.full_like(arg, 2**31 - 1)).min(dim=-1).values
     return part, top, torch.where(top > -2.0, first, torch.zeros_like(first)).long()
+
+
+def match_partials(
+    query, kbook, vbook, rk, rv, mk, mv, pos, n, scaling, rope_theta, xk, xv, rx, **launch
+) -> Partials:
+    """`spindle_decode_match`'s one launch: the partials, and the match per split in best / arg
+    [b, hk, 2, splits] (what a decode step's append reads: `spindle_append.matched_append`)."""
+    return _partials(
+        query, kbook, vbook, rk, rv, mk, mv, pos, n, scaling, rope_theta, match=(xk, xv, rx), **launch
+    )  # fmt: skip
 
 
 class Partials:

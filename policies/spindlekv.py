@@ -56,6 +56,7 @@ from policies.base import Budget, Policy
 from policies.registry import register
 from policies.seqstore import _expand_index, front_mask, gather_front
 from policies.signals import KEEP_BASE, attention_probs, in_window, pool_in_position_order, window_size
+from policies.spindle_append import evicted_append, matched_append
 
 BIG = 2**40
 _SPENT = "spindlekv_spent"  # StepContext.extras: (next layer, kept bytes per row of the layers before it)
@@ -168,6 +169,13 @@ def _kernels(device: torch.device):
     from policies import spindle_kernels as sk
 
     return sk if device.type == "cuda" and sk.kernel_available(device) else None
+
+
+def _append_kernel(device: torch.device) -> bool:
+    """A decode token's writes run as one Triton launch (`spindle_append`) where the decode kernels run."""
+    from policies import spindle_kernels as sk
+
+    return sk.kernel_available(device)
 
 
 _PAIRS = 1 << 26  # float32 elements of the greedy's similarity blocks (its candidate width follows it)
@@ -1000,6 +1008,8 @@ class SpindleLayer(KVLayer):
         filled = (positions != EMPTY)[:, None, :]  # [b, 1, 1]
         valid, valid_e = filled.expand(b, hk, 1), filled.expand(b, e, 1)
         added = filled[..., 0].long()  # [b, 1]: 1 per stored token (0 for a padding row)
+        if self.mode == "evicted" and _append_kernel(keys.device):  # the same writes, one launch
+            return evicted_append(self._bufs, self.kbook_n, self.vbook_n, self._n, keys, values, positions)
         if self.mode == "evicted":
             # a new book entry per kv head; each of its query heads indexes it
             ids = self.kbook_n[..., None].expand(b, hk, e // hk).reshape(b, e, 1)
@@ -1102,73 +1112,24 @@ class SpindleLayer(KVLayer):
 
         keys, values, positions = self._pending
         self._pending = None
-        fused = None
+        part = None
         if query.shape[1] > keys.shape[1]:  # GQA: the shared kernel serves the match
-            kx = keys if self.rope_theta is None else rope_one(keys, positions, self.rope_theta, inverse=True)
-            x = {"k": kx[:, :, 0], "v": values[:, :, 0]}
-            mag = {which: _norms(t) for which, t in x.items()}
-            rx = torch.stack([1.0 / mag["k"].clamp(min=1e-12), 1.0 / mag["v"].clamp(min=1e-12)], dim=-1)
+            x = (keys[:, :, 0], values[:, :, 0])  # (the tensor-core path: keys stored as attended, no RoPE)
+            mag = torch.stack([_norms(t) for t in x], dim=-1)  # [b, hk, 2]
             storage = [self._bufs[name] for name in self._KERNEL_ARGS]
             try:
-                fused = sk.spindle_decode_match(
-                    query[:, :, 0], *storage, self._n, scaling, self.rope_theta, x["k"], x["v"], rx, mma=True
+                part = sk.match_partials(
+                    query[:, :, 0], *storage, self._n, scaling, None, *x, 1.0 / mag.clamp(min=1e-12), mma=True
                 )
             except Exception as exc:  # noqa: BLE001 - the fused kernel did not build here: match apart
                 FUSED_MATCH = False
                 warnings.warn(f"spindlekv: no fused decode match ({exc}); matching apart", stacklevel=2)
-        if fused is None:
+        if part is None:
             self._decode_write(keys, values, positions)
             return self.attend_static(query, scaling) if static else self._attend_stored(query, scaling)
-        part, best, arg = fused
-        entries = self._write_matched(x, mag, best, arg, positions)
-        self._new_token_term(part, query, entries, positions, scaling)
-        self._n.add_((positions != EMPTY).long())
+        counts, thetas = (self.kbook_n, self.vbook_n), (self.theta_k, self.theta_v)
+        matched_append(self._bufs, counts, self._n, x, mag, positions, query, part, thetas, scaling)
         return sk.reduce_partials(part, query.dtype)[:, :, None]
-
-    def _write_matched(self, x: dict, mag: dict, best, arg, positions) -> dict:
-        """Store the held token from its match, as `_assign` decides for one token; its entries."""
-        b, hk = best.shape[:2]
-        valid = (positions != EMPTY).expand(b, hk)  # [b, hk]
-        entries = {}
-        for j, which in enumerate(("k", "v")):
-            count = self.kbook_n if which == "k" else self.vbook_n
-            theta = self.theta_k if which == "k" else self.theta_v
-            opens = valid & (best[..., j] <= theta)
-            entry = torch.where(opens, count, arg[..., j])
-            book = which + "book"
-            units = _units(x[which][:, :, None], mag[which][:, :, None], self._bufs[book].dtype)
-            self._write(book, count, units, opens[..., None])
-            self._write("r" + which, self._n, entry[..., None], valid[..., None])
-            self._write("m" + which, self._n, mag[which][:, :, None], valid[..., None])
-            count.add_(opens.long())
-            entries[which] = entry
-        pos = positions.to(torch.int32).expand(b, hk)[..., None]
-        self._write("_pos", self._n, pos, valid[..., None])
-        return entries
-
-    def _new_token_term(self, part, query, entries: dict, positions, scaling: float) -> None:
-        """The held token's softmax term in the partials' free slot: its key is its entry times its
-        stored magnitude (rotated by its position when the book holds un-rotated keys)."""
-        from policies import spindle_kernels as sk
-
-        b, num_heads, _, d = query.shape
-        hk = entries["k"].shape[1]
-        group = num_heads // hk
-        rows = {}
-        for which in ("k", "v"):
-            idx = entries[which][..., None, None].expand(b, hk, 1, d)
-            mag = self._bufs["m" + which].gather(2, self._n[..., None]).float()  # as stored
-            rows[which] = torch.gather(self._bufs[which + "book"], 2, idx)[:, :, 0].float() * mag
-        key = rows["k"]
-        if self.rope_theta is not None:
-            key = rope_one(key[:, :, None], positions, self.rope_theta)[:, :, 0]
-        q = query[:, :, 0].float().reshape(b, hk, group, d) * (scaling * sk.LOG2E)
-        score = torch.einsum("bhgd,bhd->bhg", q, key).reshape(b, num_heads)
-        valid = positions != EMPTY  # [b, 1]
-        part.pm[:, :, -1] = torch.where(valid, score, float("-inf"))
-        part.pl[:, :, -1] = valid.float()
-        value = rows["v"][:, :, None].expand(b, hk, group, d).reshape(b, num_heads, d)
-        part.pacc[:, :, -1] = value * valid[..., None]
 
     def attend_static(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Decode attention over the whole buffers, lengths `_n` read on the device: the kernel's grid

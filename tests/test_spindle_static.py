@@ -111,6 +111,37 @@ def test_decode_write_equals_the_general_append(tiny_llama):
                 torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_evicted_append_kernel_stores_what_the_torch_writer_stores(tiny_llama, monkeypatch):
+    """An eviction layer's decode token through `spindle_append.evicted_append` (one launch; the
+    interpreter here) writes every buffer byte and count the torch writer does, padding rows too."""
+    if not (sk.HAVE_TRITON and sk.interpreter_works()):
+        pytest.skip("the Triton kernels run on CPU under TRITON_INTERPRET=1 only")
+    model, tok = tiny_llama
+    gen = _generator(model, tok, "eager", PARAMS[0])
+    cache, *_ = prefilled(gen, PROMPTS, 4)
+    layers = [layer for layer in cache.layers if layer.mode == "evicted"]
+    assert layers and any(layer.mb is not None for layer in layers)  # GQA: member bits written too
+    g = torch.Generator().manual_seed(5)
+    for layer in layers:
+        b, hk, d = layer.kbook.shape[0], layer.kbook.shape[1], layer.kbook.shape[-1]
+        other = SpindleLayer.__copy__(layer)
+        for name in ("_n", "kbook_n", "vbook_n"):
+            setattr(other, name, getattr(layer, name).clone())
+        other._bufs = {name: buf.clone() for name, buf in layer._bufs.items()}
+        for step in range(3):
+            k, v = torch.randn(2, b, hk, 1, d, generator=g)
+            pos = torch.tensor([[70 + step], [EMPTY], [70 + step]])
+            monkeypatch.setattr(sk, "CPU_INTERPRET", True)
+            with torch.inference_mode():
+                layer._decode_write(k, v, pos)
+            monkeypatch.setattr(sk, "CPU_INTERPRET", False)
+            other._decode_write(k, v, pos)
+            for name in ("_n", "kbook_n", "vbook_n"):
+                assert torch.equal(getattr(layer, name), getattr(other, name)), name
+            for name, buf in layer._bufs.items():
+                assert torch.equal(buf, other._bufs[name]), name
+
+
 def test_rows_leaving_and_full_buffers_hand_over(tiny_llama):
     """generate() with a row that stops mid-decode gives the eager tokens; when the reserved room is
     spent, the dynamic step takes over and still matches."""
@@ -173,8 +204,8 @@ def half_llama(request, monkeypatch):
 
 def _count_fused(monkeypatch) -> list:
     calls = []
-    real = sk.spindle_decode_match
-    monkeypatch.setattr(sk, "spindle_decode_match", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = sk.match_partials
+    monkeypatch.setattr(sk, "match_partials", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 

@@ -654,16 +654,11 @@ def mma_path(dtype: torch.dtype, rope_theta: float | None) -> bool:
 # the float32 path: 5.88 / 16.83; the separate match (best_match on both books) 3.00 more.
 # Splits keep 8 blocks or more (their partials stay < 1% of what they read).
 MMA_BLOCK_N, MMA_WARPS, MMA_STAGES, MMA_WAVES, MMA_MIN_BLOCKS = 128, 4, 2, 32, 8
-# At SmolLM2's decode shapes (G = 3, D = 64) the fused match takes 64-token blocks and 3 stages:
-# `check_spindle_decode --shapes smollm2 --sweep --batches 683` on an H200 (the tile fold, 32K,
-# 17.9 GB read): fused 5.80 ms at the launch above -> 5.20 ms (85% of the copy bandwidth); attention
-# alone stays fastest above (4.60 ms, 96%; 5.04 ms at 64 / 3).
-MMA_MATCH_SMALL_HEAD = (64, 3)  # (block_n, stages) of the fused match where D <= 64
-
-
-def mma_block_n(d: int, match: bool) -> int:
-    """The tensor-core path's default block (tokens): the fused match's at small heads, else one."""
-    return MMA_MATCH_SMALL_HEAD[0] if match and d <= 64 else MMA_BLOCK_N
+# At SmolLM2's decode shapes (G = 3, D = 64) the check's sweep (`--shapes smollm2 --sweep --batches
+# 683`, whose tokens read their entries in random order) favoured 64-token blocks and 3 stages for the
+# fused match (5.20 vs 5.80 ms), but in the model, whose codebooks of random weights are read nearly in
+# order, the launch above is much faster (`profile_decode --model smollm2 --batch 683`, 30 layers:
+# 44.65 ms a step against 52.29 at 64 / 3 and 55.80 at 64 / 2): one launch serves both shapes.
 
 
 def _partials(
@@ -706,9 +701,8 @@ def _partials(
     use_mma = shared and mma is not False and same and mma_path(query.dtype, rope_theta)
     if mma and not use_mma:
         raise ValueError("the tensor-core path serves GQA codebook layers, half-precision storage, no RoPE")
-    small_match = use_mma and match is not None and d <= 64
     if block_n is None and use_mma:
-        block_n = mma_block_n(d, match is not None)
+        block_n = MMA_BLOCK_N
     elif block_n is None:  # the float32 paths': tuned on an H100 at Llama-8B shapes (check_spindle)
         block_n = 32 if shared else 64
     programs = b * e
@@ -753,7 +747,7 @@ def _partials(
     if match is not None:
         best_, arg_ = best, arg
     if num_stages is None and use_mma:
-        num_stages = MMA_MATCH_SMALL_HEAD[1] if small_match else MMA_STAGES
+        num_stages = MMA_STAGES
     stages = {} if num_stages is None else {"num_stages": num_stages}  # else triton's default
 
     def launch(fast: bool) -> None:

@@ -36,7 +36,8 @@ def _buffers(st) -> dict:
 
 
 def _reference(bufs, counts, n, x, mag, positions, query, part, scaling) -> None:
-    """The torch writes (what `SpindleLayer` did before the kernel), in place."""
+    """The torch writes (what `SpindleLayer` did before the kernel: `_write_matched`, `_new_token_term`),
+    in place."""
     b, hk, d = x[0].shape
     group = query.shape[1] // hk
     valid = (positions != EMPTY).expand(b, hk)

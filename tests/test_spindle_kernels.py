@@ -547,6 +547,21 @@ def test_check_spindle_decode_at_smollm2_shapes_on_cpu(bf16_interpreter_dot, mon
 
 
 @needs_kernel
+def test_check_spindle_decode_with_entries_read_in_order_on_cpu(bf16_interpreter_dot, monkeypatch):
+    """`--order sequential` (tokens read their entries in order, as the model's codebooks of random
+    weights are): the storage still reads every entry, and the same checks pass."""
+    from pipeline.bench import check_spindle_decode as check
+
+    monkeypatch.setattr(check, "ORDER", "sequential")
+    st = check._storage(1, 2, 4, 64, 160, None, torch.Generator().manual_seed(0), torch.device("cpu"))
+    for idx, book in ((st["rk"], st["kbook"]), (st["rv"], st["vbook"])):
+        c = book.shape[2]
+        assert torch.equal(idx[..., :c].long(), torch.arange(c).expand(1, 2, c))  # each entry once, in order
+    row = check.check_kernel(1, 160, None, copy_bps=1.0, dev=torch.device("cpu"), timing=False)
+    assert row["mma_path"] and row["ok"], row
+
+
+@needs_kernel
 def test_check_spindle_decode_union_agreement_on_cpu(bf16_interpreter_dot):
     """The GPU check's union part (`check_spindle_decode.check_union`, timing off) on a small case:
     both kernels over the same deep-layer storage agree, and the rows' sharing is what was asked."""

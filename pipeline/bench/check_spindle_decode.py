@@ -2,7 +2,8 @@
 fused match against the separate one, and the decode step as a CUDA graph with and without it.
 
     python -m pipeline.bench.check_spindle_decode [--layers 8] [--context 32768] [--batches 4,48,109]
-        [--steps 8] [--no-model] [--sweep] [--union ROWS:SHARE,...] [--shapes llama8b|smollm2] [--json PATH]
+        [--steps 8] [--no-model] [--sweep] [--union ROWS:SHARE,...] [--shapes llama8b|smollm2]
+        [--order random|sequential] [--json PATH]
 
 Kernel (one codebook layer at Llama-8B decode shapes: 32 query heads, 8 kv heads, head_dim 128,
 or with `--shapes smollm2` SmolLM2's: 9 query heads, 3 kv heads, head_dim 64; the model part
@@ -23,10 +24,11 @@ only the float32 path runs):
   rows, two int16 indices and two bf16 magnitudes (and int32 positions with RoPE), plus the
   queries and the output; `best_match` reads both books once.
   --sweep: the tensor-core path's launch alternatives (block_n, warps, stages, splits) at the
-  largest batch, attention and fused. The storage's tokens read their entries in random order (the
-  worst case for locality); the model's codebooks of random weights are read nearly in order, and a
-  launch the sweep prefers may lose there: confirm it with `profile_decode` before adopting it
-  (SmolLM2's shapes: 64-token blocks won the sweep and lost in the model, `spindle_kernels`).
+  largest batch, attention and fused. By default the storage's tokens read their entries in random
+  order (the worst case for locality); the model's codebooks of random weights are read nearly in
+  order (`--order sequential` builds that), and a launch the random order prefers may lose there:
+  confirm it with `profile_decode` before adopting it (SmolLM2's shapes: 64-token blocks won the
+  random-order sweep and lost in the model, `spindle_kernels`).
 
 --union ROWS:SHARE,...: only the deep (evicted) layers' decode, per batch: the union kernel
 (`union_decode`: each kv head's kept rows read once, member bits) against the per-head kernel (each
@@ -73,11 +75,14 @@ from policies.seqstore import compact
 # kv heads, query heads a kv head, head_dim of each model's layers (`--shapes`; Llama-8B's by default)
 SHAPES = {"llama8b": (8, 4, 128), "smollm2": (3, 3, 64)}
 HK, GROUP, D = SHAPES["llama8b"]
+ORDER = "random"  # how the tokens read their book entries (`_storage`; --order)
 REFERENCE_ELEMENTS = 1 << 29  # the float32 reference's dense [b, H, s, d] keys fit (2 GiB each)
 
 
 def _storage(b, hk, group, d, s, rope_theta, gen, dev):
-    """Codebook storage whose every book entry is read: tokens take a permutation, then repeats."""
+    """Codebook storage whose every book entry is read: the first tokens take each entry once (in
+    random order, or with ORDER "sequential" in entry order, as the model's codebooks of random
+    weights are read), the rest repeat random entries."""
     ck, cv = s - s // 8, s - s // 4
 
     def book(c):
@@ -85,7 +90,10 @@ def _storage(b, hk, group, d, s, rope_theta, gen, dev):
         return (x / x.norm(dim=-1, keepdim=True)).to(torch.bfloat16)
 
     def index(c):
-        first = torch.rand(b, hk, c, generator=gen, device=dev).argsort(dim=-1)
+        if ORDER == "sequential":
+            first = torch.arange(c, device=dev).expand(b, hk, c)
+        else:
+            first = torch.rand(b, hk, c, generator=gen, device=dev).argsort(dim=-1)
         rest = torch.randint(0, c, (b, hk, s - c), generator=gen, device=dev)
         return torch.cat([first, rest], dim=-1).to(torch.int16)
 
@@ -398,9 +406,13 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--union", default=None, help="ROWS:SHARE,...: only the evicted layers' union kernel check"
     )
+    ap.add_argument(
+        "--order", default="random", choices=["random", "sequential"], help="how tokens read book entries"
+    )
     args = ap.parse_args(argv)
-    global HK, GROUP, D
+    global HK, GROUP, D, ORDER
     HK, GROUP, D = SHAPES[args.shapes]
+    ORDER = args.order
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check here (the kernel tests run under TRITON_INTERPRET=1)")
         return 0

@@ -1003,13 +1003,13 @@ class SpindleLayer(KVLayer):
 
     def _decode_write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Store one decode token per row (keys/values [b, hk, 1, d], positions [b, 1]) in place."""
+        if self.mode == "evicted" and _append_kernel(keys.device):  # the same writes, one launch
+            return evicted_append(self._bufs, self.kbook_n, self.vbook_n, self._n, keys, values, positions)
         b, hk = keys.shape[:2]
         e = self._n.shape[1]
         filled = (positions != EMPTY)[:, None, :]  # [b, 1, 1]
         valid, valid_e = filled.expand(b, hk, 1), filled.expand(b, e, 1)
         added = filled[..., 0].long()  # [b, 1]: 1 per stored token (0 for a padding row)
-        if self.mode == "evicted" and _append_kernel(keys.device):  # the same writes, one launch
-            return evicted_append(self._bufs, self.kbook_n, self.vbook_n, self._n, keys, values, positions)
         if self.mode == "evicted":
             # a new book entry per kv head; each of its query heads indexes it
             ids = self.kbook_n[..., None].expand(b, hk, e // hk).reshape(b, e, 1)

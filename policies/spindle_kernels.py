@@ -835,6 +835,53 @@ if HAVE_TRITON:
         tl.store(CNT + p * scnt_p + rows, cnt, mask=rmask)
 
     @triton.jit
+    def _tile_rows(base, r_base, idx, n, stride, dd):
+        """Rows idx of one sequence and their scales; zero rows of scale 0 past n."""
+        ok = idx < n
+        x = tl.load(base + idx[:, None].to(tl.int64) * stride + dd[None, :], mask=ok[:, None], other=0.0)
+        return x, tl.load(r_base + idx, mask=ok, other=0.0)
+
+    @triton.jit
+    def _dot_t(x, y, DOT_IEEE: tl.constexpr):
+        """x @ y.T, float32 products of float32 inputs where DOT_IEEE."""
+        if DOT_IEEE:
+            return tl.dot(x, tl.trans(y), input_precision="ieee")
+        return tl.dot(x, tl.trans(y))
+
+    @triton.jit
+    def _self_count_kernel(
+        X, R, N, CNT, sx_p, sx_t, sr_p, scnt_p, theta, tiles,
+        D: tl.constexpr, B: tl.constexpr, DOT_IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """CNT[p, i] += #{j != i, j < N[p]: cos(x_i, x_j) > theta} for i < N[p] (CNT zeroed first).
+
+        The similarity is symmetric, so each pair of row tiles (I, J > I) is multiplied once: its
+        row sums count for I's tokens (kept in registers), its column sums for J's (atomic adds).
+        Program k takes row tiles k and tiles - 1 - k, whose products together number tiles + 1
+        (balanced). Rows past N[p] load as zero vectors of scale 0: their cosine, 0, is never
+        above theta (the caller keeps theta >= 0), so no tile but the loads needs a mask."""
+        p = tl.program_id(0).to(tl.int64)
+        k = tl.program_id(1)
+        n = tl.load(N + p).to(tl.int32)
+        used = tl.cdiv(n, B)  # this sequence's row tiles
+        dd = tl.arange(0, D)
+        x_base, r_base, c_base = X + p * sx_p, R + p * sr_p, CNT + p * scnt_p
+        for half in tl.static_range(2):
+            tile = k + half * (tiles - 1 - 2 * k)
+            if (tile < used) & ((half == 0) | (tile != k)):
+                rows = tile * B + tl.arange(0, B)
+                x, rx = _tile_rows(x_base, r_base, rows, n, sx_t, dd)
+                s = _dot_t(x, x, DOT_IEEE) * rx[:, None] * rx[None, :]
+                cnt = tl.sum(((s > theta) & (rows[:, None] != rows[None, :])).to(tl.int32), 1)
+                for j0 in range((tile + 1) * B, used * B, B):
+                    cols = j0 + tl.arange(0, B)
+                    y, ry = _tile_rows(x_base, r_base, cols, n, sx_t, dd)
+                    hit = (_dot_t(x, y, DOT_IEEE) * rx[:, None] * ry[None, :] > theta).to(tl.int32)
+                    cnt += tl.sum(hit, 1)
+                    tl.atomic_add(c_base + cols, tl.sum(hit, 0), mask=cols < n, sem="relaxed")
+                tl.atomic_add(c_base + rows, cnt, mask=rows < n, sem="relaxed")
+
+    @triton.jit
     def _match_kernel(
         X, RX, B, NX, NB, BEST, ARG,
         sx_p, sx_t, srx_p, sb_p, sb_t, sbest_p, QB, chunk,
@@ -914,6 +961,27 @@ def pair_counts(
         cnt.stride(0), float(theta),
         D=d, BM=bm, BN=bn, CAUSAL=causal, SKIP_DIAG=skip_diag, HAS_YOK=y_ok is not None,
         DOT_IEEE=_dot_ieee(x), num_warps=4,
+    )  # fmt: skip
+    return cnt
+
+
+SELF_COUNT_LAUNCH = (128, 8, 3)  # (tile, warps, stages) of `_self_count_kernel` on the GPU
+
+
+def self_pair_counts(x: torch.Tensor, r: torch.Tensor, n: torch.Tensor, theta: float) -> torch.Tensor:
+    """`pair_counts(x, x, r, r, n, n, theta, skip_diag=True)` with each pair multiplied once (half
+    the products; theta >= 0)."""
+    P, m, d = x.shape
+    assert theta >= 0, "the symmetric count leaves rows past the length unmasked: theta must be >= 0"
+    cnt = torch.zeros((P, m), dtype=torch.int32, device=x.device)
+    if P == 0 or m == 0:
+        return cnt
+    tile, warps, stages = SELF_COUNT_LAUNCH if x.device.type == "cuda" else (16, 4, 1)
+    tiles = triton.cdiv(m, tile)
+    r = r.float().contiguous()
+    _self_count_kernel[(P, triton.cdiv(tiles, 2))](
+        x, r, n.contiguous(), cnt, x.stride(0), x.stride(1), r.stride(0), cnt.stride(0), float(theta), tiles,
+        D=d, B=tile, DOT_IEEE=_dot_ieee(x), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return cnt
 

@@ -212,7 +212,10 @@ def _degrees(x: torch.Tensor, mag: torch.Tensor, lengths: torch.Tensor, theta: f
     sk = _kernels(x.device)
     if sk is not None:
         r = 1.0 / mag.clamp(min=1e-12)
-        deg = sk.pair_counts(x, x, r, r, lengths, lengths, theta, skip_diag=True) + 1
+        if theta >= 0:  # each pair multiplied once
+            deg = sk.self_pair_counts(x, r, lengths, theta) + 1
+        else:
+            deg = sk.pair_counts(x, x, r, r, lengths, lengths, theta, skip_diag=True) + 1
     else:
         unit = _units(x, mag, torch.float32)
         live = torch.arange(n, device=x.device) < lengths[:, None]

@@ -287,6 +287,20 @@ def test_pair_counts_match_torch(causal, skip_diag, with_ok):
 
 
 @needs_kernel
+@pytest.mark.parametrize("n", [40, 70, 16])
+def test_self_pair_counts_count_each_pair_once_as_pair_counts_does(n):
+    """The symmetric count (each tile pair multiplied once, column sums by atomic adds) against the
+    one-sided count: odd and even numbers of tiles, ragged lengths, an empty sequence."""
+    P, d = 4, 16
+    x = _clustered(P, n, d, seed=2)
+    r = 1 / x.norm(dim=-1)
+    lengths = torch.tensor([n, n - 7, 1, 0])
+    want = sk.pair_counts(x, x, r, r, lengths, lengths, 0.9, skip_diag=True)
+    got = sk.self_pair_counts(x, r, lengths, 0.9)
+    assert want[0].sum() > n and torch.equal(got, want)
+
+
+@needs_kernel
 def test_best_match_matches_torch_and_breaks_ties_first():
     from policies.spindlekv import _best_match_torch
 

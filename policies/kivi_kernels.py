@@ -65,7 +65,6 @@ the GPU at prefill shapes.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import warnings
@@ -815,57 +814,25 @@ def decode_attention(
         D=d, G=store.group_size, GV=d // vs.shape[-1], BITS=store.bits, GROUP=group, M=m, BN=bn,
         IEEE=query.dtype == torch.float32, DEQ=deq,
     )  # fmt: skip
-
-    def tail() -> None:
-        _kivi_decode_split[(b * h, tail_parts)](
-            *args, **dict(meta, DEQ=1, BN=tail_bn), TAIL=True, TAIL_PARTS=tail_parts, QB=bn, num_warps=4
-        )  # DEQ unused
-
     if use_cuda:
-        # the tail's small programs (a few tiles each, latency-bound) run beside the bandwidth-bound
-        # blocks on a second stream: they write parts of their own, and the merge waits for both
-        with _beside(query.device, TAIL_BESIDE):
-            tail()
         kivi_cuda.decode_blocks(
             query, store, o_part, m_part, l_part, per_split=per_split, num_splits=num_splits,
             num_parts=num_parts, scaling=scaling,
         )  # fmt: skip
-        _join_beside(query.device, TAIL_BESIDE)
     else:
         tune = dict(num_warps=num_warps or tuned["num_warps"], num_stages=num_stages or tuned["num_stages"])
         tune["maxnreg"] = maxnreg or tuned["maxnreg"]
         _kivi_decode_split[(b * h, num_splits)](
             *args, **meta, TAIL=False, TAIL_PARTS=tail_parts, QB=bn, **tune
         )
-        tail()
+    _kivi_decode_split[(b * h, tail_parts)](
+        *args, **dict(meta, DEQ=1, BN=tail_bn), TAIL=True, TAIL_PARTS=tail_parts, QB=bn, num_warps=4
+    )  # DEQ unused
     _kivi_decode_merge[(b * h,)](
         o_part, m_part, l_part, out, out.stride(0), out.stride(1),
         H=h, num_splits=num_parts, D=d, GROUP=group, M=m,
     )  # fmt: skip
     return out
-
-
-TAIL_BESIDE = True  # the tail beside the CUDA kernel's blocks, on a second stream (GPU only)
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _beside(device: torch.device, wanted: bool):
-    """A context running its launches on this device's second stream, after the work queued so far
-    on the current one (a no-op off the GPU or when not `wanted`). CUDA graph capture records the
-    fork and the join (`_join_beside`) as a graph branch."""
-    if not wanted or device.type != "cuda":
-        return contextlib.nullcontext()
-    side = _SIDE_STREAMS.get(device)
-    if side is None:
-        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    return torch.cuda.stream(side)
-
-
-def _join_beside(device: torch.device, wanted: bool) -> None:
-    """The current stream waits for what `_beside` queued."""
-    if wanted and device.type == "cuda":
-        torch.cuda.current_stream(device).wait_stream(_SIDE_STREAMS[device])
 
 
 CUDA_PROGRAMS_PER_SM = 4 * kivi_cuda.MIN_WARPS  # one-warp programs: about four waves of resident ones

@@ -67,8 +67,8 @@ def _instrument():
 
     layer = sp.SpindleLayer
     targets = [(sp, name) for name in ("build_codebooks", "_degrees", "_greedy", "attention_probs")]
-    targets += [(sp, name) for name in ("pool_in_position_order", "compact", "_resolve_chunk")]
-    targets += [(sk, "best_match"), (sk, "pair_counts"), (sp.SpindleKV, "_evict")]
+    targets += [(sp, name) for name in ("pool_in_position_order", "gather_front", "_resolve_chunk")]
+    targets += [(sk, "best_match"), (sk, "pair_counts"), (sk, "self_pair_counts"), (sp.SpindleKV, "_evict")]
     targets += [(layer, name) for name in ("to_codebook", "evict_unfolded", "_view", "_assign", "append")]
     targets += [(layer, "attend")]
     saved = [(obj, name, inspect.getattr_static(obj, name)) for obj, name in targets]

@@ -250,13 +250,18 @@ def _keep_top_k(layer: KVLayer, scores: torch.Tensor, k: int, facts: dict) -> No
     """keep_topk when every (row, head) keeps exactly `k` slots (one budget, every row holds at
     least k filled slots: known on the host). The k best keys are then exactly the slots the
     threshold would choose (filled slots rank above empty ones, by distinct keys), so their
-    indices, sorted, are the kept slots in slot order: no threshold, mask or compaction."""
+    indices, sorted, are the kept slots in slot order: no threshold, mask or compaction. Where
+    every head holds the same positions and scores alike, one head is ranked for all."""
     positions = layer.positions
+    heads = positions.shape[1]
+    one_head = not facts["heads_differ"]  # every head holds the same positions and scores alike
+    if one_head:  # rank one head's slots: the others keep the same ones
+        scores, positions = scores[:, :1], positions[:, :1]
     scores = scores.float()
     if layer.has_empty:  # (else no slot to rank last)
         scores = scores.masked_fill(positions == EMPTY, float("-inf"))
     index = ranking_key(scores, positions).topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
-    layer.keep(index, None, **facts)
+    layer.keep(index.expand(-1, heads, -1) if one_head else index, None, **facts)
 
 
 def _kept_facts(layer: KVLayer, host_budgets: list[int] | None, same_heads: bool) -> dict:

@@ -364,6 +364,33 @@ def test_top_k_keep_equals_the_threshold_keep(seed, padded):
     assert fast.row_counts_host() == [k] * b and fast.has_empty == ref.has_empty is False
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_top_k_keep_ranks_one_head_when_heads_score_alike(padded):
+    """`same_heads` on a layer whose heads hold the same positions: one head is ranked and every
+    head keeps its slots. Head 1's scores here differ, so a keep that ranked it would differ."""
+    from policies.base import keep_topk
+
+    g = torch.Generator().manual_seed(7)
+    b, h, s, k = 3, 3, 30, 9
+    lengths = [30, 22, 15] if padded else [30] * b
+    pos = torch.full((b, s), EMPTY)
+    for r, n in enumerate(lengths):
+        pos[r, s - n :] = torch.arange(n)
+    keys = torch.randn(b, h, s, 4, generator=g)
+    fast, ref = KVLayer(), KVLayer()
+    for layer in (fast, ref):
+        layer.append(keys, keys + 1, pos)
+        layer.note_padding(padded, lengths)
+    assert not fast.heads_differ
+    scores = torch.randint(0, 4, (b, 1, s), generator=g).float().expand(b, h, s).clone()
+    alike = scores.clone()
+    scores[:, 1] = torch.rand(b, s, generator=g)
+    keep_topk(fast, scores, torch.tensor([k] * b), host_budgets=[k] * b, same_heads=True)
+    keep_topk(ref, alike, torch.tensor([k] * b), max_budget=k, uniform=True)
+    assert torch.equal(fast.positions, ref.positions) and torch.equal(fast.keys, ref.keys)
+    assert not fast.heads_differ and fast.row_counts_host() == [k] * b
+
+
 @pytest.mark.parametrize("holes", [False, True])
 @pytest.mark.parametrize("q_len, upto", [(1, None), (6, None), (4, 30), (1, 27)])
 def test_newest_probs_equal_the_masked_probs(q_len, upto, holes):

@@ -351,3 +351,18 @@ def test_attention_probs_equal_the_broadcast_matmul(newest):
     queries = torch.randn(2, 6, 6, D, generator=g)
     got = attention_probs(layer, queries, qpos, 0.3, newest=newest)
     assert torch.equal(got, ref_attention_probs(layer, queries, qpos, 0.3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a half-precision GEMM to float32 runs on the GPU")
+def test_half_logits_on_the_gpu_equal_the_float32_gemm():
+    """`float_logits` of bfloat16 inputs (tensor cores, float32 result) against the float32 GEMM of
+    the widened inputs: the products are exact in float32, so only the summation order differs."""
+    from policies.signals import float_logits
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 3, 40, 64, generator=g, device="cuda").to(torch.bfloat16)
+    keys = torch.randn(2, 3, 5000, 64, generator=g, device="cuda").to(torch.bfloat16)[:, :, :4000]
+    got = float_logits(q, keys)
+    want = torch.matmul(q.float(), keys.float().transpose(-1, -2))
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()

@@ -79,6 +79,29 @@ def test_measured_cells_have_prefill_decode_and_batch(tiny_run):
             assert cell["kv"]["kept_fraction"] < 0.9  # compression is real
 
 
+def test_overhead_is_against_full_prefills_timed_beside_the_cell(tiny_run):
+    """Each compressing cell times full-cache prefills of its ids beside its own runs, one per run
+    (--tiny: one run), and the overhead is the median of the pairs' ratios; the comparison with
+    the full cell stays in the derived figures under its own name."""
+    result, _, _ = tiny_run
+    checked = 0
+    for cell in result["cells"]:
+        if cell["status"] != "ok":
+            continue
+        for mode in ("oneshot", "chunked"):
+            pre, derived = cell["prefill"][mode], cell["derived"]
+            if cell["policy"] == "full":
+                assert "paired_overhead_pct" not in pre
+                continue
+            (full_s,) = pre["paired_full_all_seconds"]
+            assert full_s > 0 and pre["paired_full_seconds"] == full_s
+            want = 100.0 * (pre["seconds"] / full_s - 1.0)
+            assert derived[f"overhead_pct_{mode}"] == pytest.approx(want)
+            assert f"overhead_pct_{mode}_vs_full_cell" in derived
+            checked += 1
+    assert checked == 2 * 2 * len(CONTEXTS)  # snapkv and kivi, both modes, at each context
+
+
 def test_environment_baselines_targets_and_markdown(tiny_run):
     result, md, _ = tiny_run
     env = result["environment"]

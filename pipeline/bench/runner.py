@@ -97,6 +97,7 @@ class Bench:
         self.s = settings
         self.t0 = time.monotonic()
         self.deadline = None if settings.max_minutes is None else self.t0 + 60.0 * settings.max_minutes
+        self._paired_full = None  # `_full_generator`
         self.device = gpu.resolve_device(settings.device)
         if settings.dtype == "auto":
             self.dtype = torch.bfloat16 if gpu.is_cuda(self.device) else torch.float32
@@ -134,6 +135,9 @@ class Bench:
                 "while holding one prefill group's measured transient (see each cell's max_batch.method)",
                 "full_added": "full is always measured first in each context: it is the baseline",
                 "timing": "CUDA events (median step); wall clock over the steps for tok/s; synchronised",
+                "prefill_overhead": "a compressing cell's prefill against full-cache prefills of the same "
+                "ids timed beside its runs (ABBA), the median of the pairs' ratios; "
+                "derived.overhead_pct_*_vs_full_cell compares with the full cell instead",
             },
             "errors": [],
             "bandwidth": {},
@@ -321,7 +325,8 @@ class Bench:
             pre = None
             gpu.cleanup(self.device)
             chunk = None if m == "oneshot" else s.prefill_chunk
-            out, err = self.attempt(f"prefill {m}", lambda c=chunk: self._prefill(gen, ids, c))
+            paired = self._full_generator() if pol.compresses else None
+            out, err = self.attempt(f"prefill {m}", lambda c=chunk, f=paired: self._prefill(gen, ids, c, f))
             if err:
                 cell["prefill"][m] = {"error": err}
                 cell["sub_errors"][f"prefill_{m}"] = err
@@ -330,7 +335,8 @@ class Bench:
             out = None  # the next mode's peak must not include this cache
             mode, transient = m, info.get("transient_bytes") or 0
             cell["prefill"][m] = info
-            self.log(f"  prefill {m}: {info['seconds']:.3f} s, peak {_gib(info['peak_bytes'])}")
+            pair = f", full beside it {info['paired_full_seconds']:.3f} s" if paired is not None else ""
+            self.log(f"  prefill {m}: {info['seconds']:.3f} s{pair}, peak {_gib(info['peak_bytes'])}")
         if pre is None and mode is not None:  # the last mode failed: rebuild the earlier one's cache
             chunk = None if mode == "oneshot" else s.prefill_chunk
             pre, err = self.attempt(
@@ -414,21 +420,46 @@ class Bench:
         if cell["sub_errors"] and not cell["error"]:
             cell["error"] = "; ".join(f"{k}: {v}" for k, v in cell["sub_errors"].items())
 
-    def _prefill(self, gen, ids, chunk):
+    def _full_generator(self):
+        """A full-cache generator on the bench's model, timed beside each compressing prefill."""
+        from policies import make_policy
+
+        if self._paired_full is None:
+            self._paired_full = measure.make_generator(self.bm, make_policy("full"), None)
+        return self._paired_full
+
+    def _prefill(self, gen, ids, chunk, paired=None):
         """Prefill timed in a job's steady state: one untimed run at the cell's shapes first (kernels
         built, the allocator holding blocks of these sizes), then `prefill_reps` timed runs without
         returning memory to the driver between them. Flushing the allocator before every run
         (`empty_cache`) charged its regrowth (device page mapping) to each run, which weighs most on
         the policies that allocate many small tensors; a job's engine never flushes between batches.
         The untimed run's time is kept as `cold_seconds`. Peaks are allocated bytes (reset before
-        each run), which the allocator's cache does not change."""
+        each run), which the allocator's cache does not change.
+
+        `paired`: a full-cache generator timed on the same ids beside every timed run, in turn
+        (full first, then this, then this first: ABBA), its cache dropped before the next run.
+        The overhead is then the median of the pairs' ratios (`paired_overhead_pct`): against the
+        full cell, minutes earlier and after other cells, the same code moved by up to 30 points
+        between runs (SmolLM2's full chunked prefill alone: 0.257 s in one run, 0.335 s in another)."""
         device = self.device
-        times, peaks, pre = [], [], None
+        times, peaks, pre, full_times = [], [], None, []
+        room = self.decode_room
         gpu.cleanup(device)
         base = gpu.allocated_bytes(device)
         _, cold = gpu.timed(lambda: measure.kvpipe_prefill(gen, ids, chunk, self.decode_room), device)
-        for _ in range(self.s.prefill_reps):
+        if paired is not None:  # its untimed run, in this allocator state
+            measure.kvpipe_prefill(paired, ids, chunk, self.decode_room)
+
+        def full_run() -> None:
+            gc.collect()
+            _, seconds = gpu.timed(lambda: measure.kvpipe_prefill(paired, ids, chunk, room), device)
+            full_times.append(seconds)
+
+        for rep in range(self.s.prefill_reps):
             pre = None
+            if paired is not None and rep % 2 == 0:
+                full_run()
             gc.collect()
             gpu.reset_peak(device)
             pre, seconds = gpu.timed(
@@ -436,6 +467,8 @@ class Bench:
             )
             times.append(seconds)
             peaks.append(gpu.peak_bytes(device))
+            if paired is not None and rep % 2 == 1:
+                full_run()
         kept_b, stored_b = measure.kv_bytes(pre.cache)
         peak = None if peaks[0] is None else max(peaks)
         info = {
@@ -450,6 +483,11 @@ class Bench:
             "cache_stored_bytes": stored_b,
             "transient_bytes": None if peak is None else peak - base - stored_b,
         }
+        if full_times:
+            ratios = [mine / full for mine, full in zip(times, full_times)]
+            info["paired_full_seconds"] = statistics.median(full_times)
+            info["paired_full_all_seconds"] = full_times
+            info["paired_overhead_pct"] = 100.0 * (statistics.median(ratios) - 1.0)
         return info, pre
 
     def _hf(self, full: dict) -> None:

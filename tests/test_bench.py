@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from jobs.bench_cmd import command_line
 from jobs.cli import main
@@ -184,3 +185,34 @@ def test_a_named_commit_wins_over_the_surrounding_checkout(monkeypatch):
     monkeypatch.delenv("KVPIPE_GIT_COMMIT")
     env = gpu.environment(torch.device("cpu"))
     assert env["git_commit_from"] == "git" and env["git_commit"] != "0123abc"
+
+
+def test_a_timed_prefill_starts_with_no_earlier_cache_alive(monkeypatch):
+    """Each timed run's peak is its own: no earlier run's cache (the untimed run's, the previous
+    rep's, the paired full run's) may still be referenced when a timed run of the cell starts."""
+    import weakref
+
+    from pipeline.bench import measure
+    from pipeline.bench.runner import Bench
+
+    class Result:
+        cache = None
+
+    alive: list = []
+    started_with: list = []  # (generator, earlier results still referenced)
+
+    def fake_prefill(gen, ids, chunk, room):
+        started_with.append((gen, sum(r() is not None for r in alive)))
+        out = Result()
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(measure, "kvpipe_prefill", fake_prefill)
+    monkeypatch.setattr(measure, "kv_bytes", lambda cache: (1, 1))
+    bench = Bench(BenchSettings(model="tiny", device="cpu", prefill_reps=3), "test")
+    info, pre = bench._prefill("policy", torch.zeros((1, 8), dtype=torch.long), None, paired="full")
+    assert len(info["paired_full_all_seconds"]) == 3 and len(info["all_seconds"]) == 3
+    timed = [n for gen, n in started_with[2:] if gen == "policy"]  # after the two untimed runs
+    assert len(timed) == 3 and timed == [0, 0, 0]
+    assert all(n <= 1 for _, n in started_with)  # a paired run may follow the policy's kept cache
+    assert isinstance(pre, Result)

@@ -336,6 +336,21 @@ def test_spindlekv_evicted_layers_read_once_per_compression(
 
 
 # -- fewer kernels: the same selection ----------------------------------------------------------
+def _twin_layers(b: int, h: int, s: int, padded: bool, g: torch.Generator) -> tuple[KVLayer, KVLayer]:
+    """Two layers holding the same random keys of 3 rows (left padding when `padded`), with the
+    host's row counts: one for the path under test, one for the reference."""
+    lengths = [30, 22, 15] if padded else [s] * b
+    pos = torch.full((b, s), EMPTY)
+    for r, n in enumerate(lengths):
+        pos[r, s - n :] = torch.arange(n)
+    keys = torch.randn(b, h, s, 4, generator=g)
+    layers = KVLayer(), KVLayer()
+    for layer in layers:
+        layer.append(keys, keys + 1, pos)
+        layer.note_padding(padded, lengths)
+    return layers
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("padded", [False, True])
 def test_top_k_keep_equals_the_threshold_keep(seed, padded):
@@ -345,15 +360,7 @@ def test_top_k_keep_equals_the_threshold_keep(seed, padded):
 
     g = torch.Generator().manual_seed(seed)
     b, h, s, k = 3, 2, 30, 9
-    lengths = [30, 22, 15] if padded else [30] * b
-    pos = torch.full((b, s), EMPTY)
-    for r, n in enumerate(lengths):
-        pos[r, s - n :] = torch.arange(n)
-    keys = torch.randn(b, h, s, 4, generator=g)
-    fast, ref = KVLayer(), KVLayer()
-    for layer in (fast, ref):
-        layer.append(keys, keys + 1, pos)
-        layer.note_padding(padded, lengths)
+    fast, ref = _twin_layers(b, h, s, padded, g)
     scores = torch.randint(0, 4, (b, h, s), generator=g).float()
     scores[0, 0, :3] = -0.0
     with HostWork() as work:
@@ -372,15 +379,7 @@ def test_top_k_keep_ranks_one_head_when_heads_score_alike(padded):
 
     g = torch.Generator().manual_seed(7)
     b, h, s, k = 3, 3, 30, 9
-    lengths = [30, 22, 15] if padded else [30] * b
-    pos = torch.full((b, s), EMPTY)
-    for r, n in enumerate(lengths):
-        pos[r, s - n :] = torch.arange(n)
-    keys = torch.randn(b, h, s, 4, generator=g)
-    fast, ref = KVLayer(), KVLayer()
-    for layer in (fast, ref):
-        layer.append(keys, keys + 1, pos)
-        layer.note_padding(padded, lengths)
+    fast, ref = _twin_layers(b, h, s, padded, g)
     assert not fast.heads_differ
     scores = torch.randint(0, 4, (b, 1, s), generator=g).float().expand(b, h, s).clone()
     alike = scores.clone()

@@ -785,6 +785,20 @@ def _partials(
 if HAVE_TRITON:
 
     @triton.jit
+    def _tile_rows(base, r_base, idx, n, stride, dd):
+        """Rows idx of one sequence and their scales; zero rows of scale 0 past n."""
+        ok = idx < n
+        x = tl.load(base + idx[:, None].to(tl.int64) * stride + dd[None, :], mask=ok[:, None], other=0.0)
+        return x, tl.load(r_base + idx, mask=ok, other=0.0)
+
+    @triton.jit
+    def _dot_t(x, y, DOT_IEEE: tl.constexpr):
+        """x @ y.T, float32 products of float32 inputs where DOT_IEEE."""
+        if DOT_IEEE:
+            return tl.dot(x, tl.trans(y), input_precision="ieee")
+        return tl.dot(x, tl.trans(y))
+
+    @triton.jit
     def _count_kernel(
         X, Y, RX, RY, NX, NY, YOK, CNT,
         sx_p, sx_t, sy_p, sy_t, srx_p, sry_p, syok_p, scnt_p, theta,
@@ -800,10 +814,7 @@ if HAVE_TRITON:
         rows = pid_m * BM + tl.arange(0, BM)
         rmask = rows < nx
         dd = tl.arange(0, D)
-        x = tl.load(
-            X + p * sx_p + rows[:, None].to(tl.int64) * sx_t + dd[None, :], mask=rmask[:, None], other=0.0
-        )
-        rx = tl.load(RX + p * srx_p + rows, mask=rmask, other=0.0)
+        x, rx = _tile_rows(X + p * sx_p, RX + p * srx_p, rows, nx, sx_t, dd)
         cnt = tl.zeros([BM], tl.int32)
         hi = ny
         if CAUSAL:
@@ -812,17 +823,8 @@ if HAVE_TRITON:
             for j0 in range(0, hi, BN):
                 cols = j0 + tl.arange(0, BN)
                 cmask = cols < ny
-                y = tl.load(
-                    Y + p * sy_p + cols[:, None].to(tl.int64) * sy_t + dd[None, :],
-                    mask=cmask[:, None],
-                    other=0.0,
-                )
-                ry = tl.load(RY + p * sry_p + cols, mask=cmask, other=0.0)
-                if DOT_IEEE:
-                    s = tl.dot(x, tl.trans(y), input_precision="ieee")
-                else:
-                    s = tl.dot(x, tl.trans(y))
-                s = s * rx[:, None] * ry[None, :]
+                y, ry = _tile_rows(Y + p * sy_p, RY + p * sry_p, cols, ny, sy_t, dd)
+                s = _dot_t(x, y, DOT_IEEE) * rx[:, None] * ry[None, :]
                 hit = (s > theta) & cmask[None, :]
                 if HAS_YOK:
                     ok = tl.load(YOK + p * syok_p + cols, mask=cmask, other=0)
@@ -833,20 +835,6 @@ if HAVE_TRITON:
                     hit = hit & (cols[None, :] < rows[:, None])
                 cnt += tl.sum(hit.to(tl.int32), 1)
         tl.store(CNT + p * scnt_p + rows, cnt, mask=rmask)
-
-    @triton.jit
-    def _tile_rows(base, r_base, idx, n, stride, dd):
-        """Rows idx of one sequence and their scales; zero rows of scale 0 past n."""
-        ok = idx < n
-        x = tl.load(base + idx[:, None].to(tl.int64) * stride + dd[None, :], mask=ok[:, None], other=0.0)
-        return x, tl.load(r_base + idx, mask=ok, other=0.0)
-
-    @triton.jit
-    def _dot_t(x, y, DOT_IEEE: tl.constexpr):
-        """x @ y.T, float32 products of float32 inputs where DOT_IEEE."""
-        if DOT_IEEE:
-            return tl.dot(x, tl.trans(y), input_precision="ieee")
-        return tl.dot(x, tl.trans(y))
 
     @triton.jit
     def _self_count_kernel(
@@ -895,17 +883,13 @@ if HAVE_TRITON:
         nx = tl.load(NX + p).to(tl.int32)
         nb = tl.load(NB + p).to(tl.int32)
         rows = pid_m * BM + tl.arange(0, BM)
-        rmask = rows < nx
         dd = tl.arange(0, D)
         best = tl.full([BM], -2.0, tl.float32)
         arg = tl.zeros([BM], tl.int32)
         start = split * chunk
         end = tl.minimum(start + chunk, nb)
         if pid_m * BM < nx:
-            x = tl.load(
-                X + p * sx_p + rows[:, None].to(tl.int64) * sx_t + dd[None, :], mask=rmask[:, None], other=0.0
-            )
-            rx = tl.load(RX + p * srx_p + rows, mask=rmask, other=0.0)
+            x, rx = _tile_rows(X + p * sx_p, RX + p * srx_p, rows, nx, sx_t, dd)
             for j0 in range(start, end, BN):
                 cols = j0 + tl.arange(0, BN)
                 cmask = cols < end
@@ -914,11 +898,7 @@ if HAVE_TRITON:
                     mask=cmask[:, None],
                     other=0.0,
                 )
-                if DOT_IEEE:
-                    s = tl.dot(x, tl.trans(b), input_precision="ieee")
-                else:
-                    s = tl.dot(x, tl.trans(b))
-                s = tl.where(cmask[None, :], s * rx[:, None], -2.0)
+                s = tl.where(cmask[None, :], _dot_t(x, b, DOT_IEEE) * rx[:, None], -2.0)
                 bm = tl.max(s, 1)
                 am = tl.min(tl.where(s == bm[:, None], cols[None, :], 2147483647), 1)
                 upd = bm > best

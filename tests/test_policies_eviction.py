@@ -42,6 +42,62 @@ def small_keys(b, h, s, seed=0, scale=0.01):
     return torch.randn(b, h, s, D, generator=g) * scale
 
 
+# -- streaming_llm -------------------------------------------------------------------------------
+def counted_layer(positions: list[list[int]], h: int = 2) -> KVLayer:
+    """A layer whose rows hold `positions` (equal lengths, no padding), its row counts on the host."""
+    pos = torch.tensor(positions)
+    b, s = pos.shape
+    layer = KVLayer()
+    keys = small_keys(b, h, s, scale=1.0)
+    layer.append(keys, keys + 1.0, pos)
+    layer.note_padding(False)
+    return layer
+
+
+@pytest.mark.parametrize(
+    "positions",
+    [
+        [list(range(20)), list(range(20))],  # one-shot prompt
+        [list(range(2, 22))],  # its first two sinks gone: the prefix holds fewer than sink_tokens
+        [[0, 1, 2, 3, *range(10, 16), *range(16, 26)]],  # a chunk after an earlier compression
+        [list(range(0, 40, 2))],  # holes in the positions (sinks 0 and 2 only)
+    ],
+)
+def test_streaming_llm_positional_keep_is_the_ranked_keep(positions):
+    """The keep by slot (no ranking: `score` is never called) keeps what the ranking keeps."""
+    from policies.base import ScorePolicy
+
+    policy = make_policy("streaming_llm", sink_tokens=4)
+    budget = 8
+    ranked, positional = counted_layer(positions), counted_layer(positions)
+    step = StepContext(
+        cache=None,
+        positions=ranked.positions[:, 0],
+        compress=True,
+        row_budgets=torch.tensor([budget] * len(positions)),
+        padded=False,
+        budgets_host=[budget] * len(positions),
+    )
+    ScorePolicy.compress_layer(policy, ranked, None, step, 0, 1, 1.0)
+    policy.score = None  # the positional keep must not rank
+    policy.compress_layer(positional, None, step, 0, 1, 1.0)
+    assert torch.equal(positional.positions, ranked.positions)
+    assert torch.equal(positional.keys, ranked.keys) and torch.equal(positional.values, ranked.values)
+    assert positional.row_counts_host() == [budget] * len(positions)
+    assert not positional.has_empty and not positional.heads_differ
+    sinks = {p for p in positions[0] if p < 4}
+    assert set(positional.positions[0, 0].tolist()) == sinks | set(positions[0][-(budget - len(sinks)) :])
+
+
+def test_streaming_llm_ranks_where_the_host_does_not_know_the_layer():
+    """Left padding (empty slots) takes the ranked keep: sinks and the newest of each row."""
+    keys = small_keys(2, 2, 12, scale=1.0)
+    layer, pos = built_layer(keys, lengths=[12, 9])
+    policy = make_policy("streaming_llm", sink_tokens=2)
+    policy.compress_layer(layer, None, step_for(pos, [5, 5]), 0, 1, 1.0)
+    assert kept(layer) == [[{0, 1, 9, 10, 11}] * 2, [{0, 1, 6, 7, 8}] * 2]
+
+
 # -- knorm ---------------------------------------------------------------------------------------
 def test_knorm_keeps_the_smallest_norm_keys_per_head():
     keys = small_keys(1, 2, 12, scale=1.0)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.kv_cache import EMPTY, KVLayer
+from policies import window_kernels
 
 # A score above any attention-derived score: tokens that must be kept (the observation window,
 # the newest token). Adding the position orders them (newest first) should a budget be smaller
@@ -106,6 +107,29 @@ def attention_probs(
     probs = logits.masked_fill_(~mask[:, :, None], float("-inf")).softmax(dim=-1)
     probs.mul_(valid[:, None, None, :, None].to(probs.dtype))
     return probs.reshape(b, num_heads, q_len, slots)
+
+
+# Queries a `received_attention` call may hand the fused kernels (a query tile of at most this many
+# rows per head; an observation window is 32 by default). Longer blocks take the torch path.
+FUSED_QUERIES = 64
+
+
+def received_attention(
+    layer: KVLayer,
+    queries: torch.Tensor,
+    query_positions: torch.Tensor,
+    scaling: float,
+    newest: bool = False,
+) -> torch.Tensor:
+    """The attention each slot receives from `queries`, summed over them: [b, H, s] float32.
+
+    `attention_probs(...).sum(dim=2)`; where the Triton kernels run (`window_kernels`), two passes
+    over the keys instead, with no [b, H, q, s] probabilities in memory (the same function up to
+    float32 summation order)."""
+    keys = layer.keys
+    if queries.shape[2] <= FUSED_QUERIES and window_kernels.usable(keys, queries):
+        return window_kernels.window_sums(keys, queries, query_positions, layer.positions, scaling)
+    return attention_probs(layer, queries, query_positions, scaling, newest=newest).sum(dim=2)
 
 
 def summed_attention(
@@ -309,7 +333,7 @@ def _snapkv(layer, queries, query_positions, scaling, window, kernel, pooling, n
     wq, wpos = queries[:, :, -w:], query_positions[:, -w:]
     positions = layer.positions
     # this forward's tokens are the layer's last slots: masks and the window need no positions
-    probs = attention_probs(layer, wq, wpos, scaling, newest=newest).sum(dim=2)  # [b, H, s]
+    probs = received_attention(layer, wq, wpos, scaling, newest=newest)  # [b, H, s]
     scores = group_mean(probs, layer.keys.shape[1])
     full = not layer.has_empty
     if newest:  # the window's slots are the last w: written in place, without a mask

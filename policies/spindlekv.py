@@ -55,7 +55,7 @@ from pipeline.kv_cache import EMPTY, KVLayer
 from policies.base import Budget, Policy
 from policies.registry import register
 from policies.seqstore import _expand_index, front_mask, gather_front
-from policies.signals import KEEP_BASE, attention_probs, in_window, pool_in_position_order, window_size
+from policies.signals import KEEP_BASE, in_window, pool_in_position_order, received_attention, window_size
 from policies.spindle_append import evicted_append, matched_append
 
 BIG = 2**40
@@ -1312,7 +1312,7 @@ class SpindleKV(Policy):
         pos_e = layer.positions if layer.mode != "dense" else layer.positions.repeat_interleave(group, dim=1)
         w = window_size(step.positions, p.window)
         wq, wpos = queries[:, :, -w:], step.positions[:, -w:]
-        probs = attention_probs(layer, wq, wpos, scaling).sum(dim=2)  # [b, H, s]
+        probs = received_attention(layer, wq, wpos, scaling)  # [b, H, s]
         window_slots = in_window(pos_e, wpos)
         scores = pool_in_position_order(probs.masked_fill(window_slots, 0.0), pos_e, p.kernel, p.pooling)
         scores = torch.where(window_slots, KEEP_BASE + pos_e.float(), scores)

@@ -1314,7 +1314,16 @@ class SpindleKV(Policy):
         wq, wpos = queries[:, :, -w:], step.positions[:, -w:]
         probs = received_attention(layer, wq, wpos, scaling)  # [b, H, s]
         window_slots = in_window(pos_e, wpos)
-        scores = pool_in_position_order(probs.masked_fill(window_slots, 0.0), pos_e, p.kernel, p.pooling)
+        # each head's filled slots hold increasing positions (dense: as appended; evicted: packed to the
+        # front in order, chunks appended after), so the pooling moves them without a sort
+        scores = pool_in_position_order(
+            probs.masked_fill(window_slots, 0.0),
+            pos_e,
+            p.kernel,
+            p.pooling,
+            ordered=True,
+            full=not layer.has_empty,
+        )
         scores = torch.where(window_slots, KEEP_BASE + pos_e.float(), scores)
         filled = pos_e != EMPTY
         scores = scores.masked_fill(~filled, float("-inf"))

@@ -9,7 +9,9 @@ slot and query head, and about ten launches. Here, two passes over the keys:
 1. `_stats_kernel`, grid (row x kv head, slot block): the group's query heads' logits over one
    block of keys (one key read for the whole GQA group), each query's max and sum of exponentials
    over the block's visible slots;
-2. `_lse_kernel`, grid (row x kv head): each query's log-sum-exp, merged over the blocks;
+2. `_lse_kernel`, grid (row x kv head, query head of the group): each query's log-sum-exp, merged
+   over the blocks 64 at a time (one block at a time, its chain of dependent loads was 18 us of a
+   SmolLM2 layer's compression on an H100);
 3. `_sums_kernel`, the grid of 1: the logits again, exp(logit - lse) summed over the queries of
    each head: the only full-size output, [b, H, s] float32.
 
@@ -110,19 +112,22 @@ def _stats_kernel(
         tl.store(L + out, total)
 
 
-def _lse_kernel(M, L, LSE, blocks, G: tl.constexpr, W: tl.constexpr):
+def _lse_kernel(M, L, LSE, blocks, G: tl.constexpr, W: tl.constexpr, BB: tl.constexpr):
     """LSE [row x kv head, G * W]: each query's log2-sum-exp2 over every block, grid (row x kv head,
-    query head of the group); +inf where it saw no slot (a padding query: exp2(logit - lse) is 0)."""
+    query head of the group), BB blocks' stats at a time; +inf where it saw no slot (a padding
+    query: exp2(logit - lse) is then 0)."""
     p = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * W + tl.arange(0, W)
     top = tl.full([W], float("-inf"), tl.float32)
     total = tl.zeros([W], tl.float32)
-    for blk in range(blocks):
-        m = tl.load(M + (p * blocks + blk) * (G * W) + rows)
-        lsum = tl.load(L + (p * blocks + blk) * (G * W) + rows)
-        new = tl.maximum(top, m)
+    for b0 in range(0, blocks, BB):
+        blk = b0 + tl.arange(0, BB)
+        at = (p * blocks + blk[:, None]) * (G * W) + rows[None, :]
+        m = tl.load(M + at, mask=(blk < blocks)[:, None], other=float("-inf"))
+        lsum = tl.load(L + at, mask=(blk < blocks)[:, None], other=0.0)
+        new = tl.maximum(top, tl.max(m, 0))
         safe = tl.where(new == float("-inf"), 0.0, new)
-        total = total * tl.exp2(top - safe) + lsum * tl.exp2(m - safe)
+        total = total * tl.exp2(top - safe) + tl.sum(lsum * tl.exp2(m - safe[None, :]), 0)
         top = new
     lse = tl.where(total > 0, top + tl.log2(tl.where(total > 0, total, 1.0)), float("inf"))
     tl.store(LSE + p * (G * W) + rows, lse)
@@ -220,7 +225,7 @@ def window_sums(
     stats[(b * kv_heads, blocks)](
         queries, keys, qpos, kpos, m, lsum, *strides, kv_heads, w, s, blocks, scale, **meta, num_warps=4
     )
-    merge[(b * kv_heads, group)](m, lsum, lse, blocks, G=group, W=W, num_warps=1)
+    merge[(b * kv_heads, group)](m, lsum, lse, blocks, G=group, W=W, BB=64 if BN > 16 else 4, num_warps=4)
     sums[(b * kv_heads, blocks)](
         queries, keys, qpos, kpos, lse, out, *strides, out.stride(0), out.stride(1),
         kv_heads, w, s, scale, **meta, num_warps=4,

@@ -9,7 +9,7 @@ work; round(0.2 * layers) are codebook layers, the rest evict), one row of rando
 - the spindlekv prefill's phases, each timed by synchronising around it (so they add up to more
   than the plain run: attribution, not a timing): codebook building (`to_codebook`, and inside
   it `build_codebooks`, `_degrees`, `_greedy` with its linked-token count and steps), eviction
-  (`SpindleKV._evict`, `attention_probs`, `evict_unfolded`);
+  (`SpindleKV._evict`, `received_attention`, `evict_unfolded`);
 - the top CUDA kernels of one spindlekv prefill (torch profiler) and their total.
 `--chunk N` profiles chunked prefill instead (N tokens per chunk).
 
@@ -66,7 +66,7 @@ def _instrument():
     from policies import spindlekv as sp
 
     layer = sp.SpindleLayer
-    targets = [(sp, name) for name in ("build_codebooks", "_degrees", "_greedy", "attention_probs")]
+    targets = [(sp, name) for name in ("build_codebooks", "_degrees", "_greedy", "received_attention")]
     targets += [(sp, name) for name in ("pool_in_position_order", "gather_front", "_resolve_chunk")]
     targets += [(sk, "best_match"), (sk, "pair_counts"), (sk, "self_pair_counts"), (sp.SpindleKV, "_evict")]
     targets += [(layer, name) for name in ("to_codebook", "evict_unfolded", "_view", "_assign", "append")]

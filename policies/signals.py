@@ -112,6 +112,12 @@ def attention_probs(
 # Queries a `received_attention` call may hand the fused kernels (a query tile of at most this many
 # rows per head; an observation window is 32 by default). Longer blocks take the torch path.
 FUSED_QUERIES = 64
+# The fused kernels serve calls whose float32 probabilities ([b, H, q, s]) would take at least this
+# many bytes. Below it their three launches' host time outweighs what they save: on an H100
+# (`python -m pipeline.bench.check_window`, wall time with the host's launches) SmolLM2 shapes at
+# 32K (38 MB) took 0.229 ms fused vs 0.163 ms in torch, Llama-8B shapes at 8K (34 MB) 0.242 vs 0.228,
+# at 32K (134 MB) 0.330 vs 0.457; above it they also spare the probabilities' memory peak.
+FUSED_MIN_BYTES = 64 << 20
 
 
 def received_attention(
@@ -123,11 +129,13 @@ def received_attention(
 ) -> torch.Tensor:
     """The attention each slot receives from `queries`, summed over them: [b, H, s] float32.
 
-    `attention_probs(...).sum(dim=2)`; where the Triton kernels run (`window_kernels`), two passes
-    over the keys instead, with no [b, H, q, s] probabilities in memory (the same function up to
-    float32 summation order)."""
+    `attention_probs(...).sum(dim=2)`; where the Triton kernels run (`window_kernels`) and the
+    probabilities would be large (`FUSED_MIN_BYTES`), two passes over the keys instead, with no
+    [b, H, q, s] probabilities in memory (the same function up to float32 summation order)."""
     keys = layer.keys
-    if queries.shape[2] <= FUSED_QUERIES and window_kernels.usable(keys, queries):
+    b, heads, q_len = queries.shape[:3]
+    large = b * heads * q_len * keys.shape[2] * 4 >= FUSED_MIN_BYTES
+    if large and q_len <= FUSED_QUERIES and window_kernels.usable(keys, queries):
         return window_kernels.window_sums(keys, queries, query_positions, layer.positions, scaling)
     return attention_probs(layer, queries, query_positions, scaling, newest=newest).sum(dim=2)
 

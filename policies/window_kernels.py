@@ -167,7 +167,14 @@ def _kernels(interpret: bool):
     if interpret not in _JIT:
         triton, tl = import_triton()
         globals()["_logits"] = triton.jit(_logits_fn)  # the kernels' helper, found in these globals
-        _JIT[interpret] = (triton.jit(_stats_kernel), triton.jit(_lse_kernel), triton.jit(_sums_kernel))
+        # sizes and strides change with every prompt length and chunk: not specialized, so that a
+        # batch job's many lengths do not compile a variant each (what is, the head size, is fixed)
+        sizes = ["sq_b", "sk_b", "sk_h", "sqp_b", "skp_b", "skp_h", "w", "s", "blocks"]
+        _JIT[interpret] = (
+            triton.jit(_stats_kernel, do_not_specialize=sizes),
+            triton.jit(_lse_kernel, do_not_specialize=["blocks"]),
+            triton.jit(_sums_kernel, do_not_specialize=[*sizes[:-1], "so_b", "so_h"]),
+        )
     return _JIT[interpret]
 
 

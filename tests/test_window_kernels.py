@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.kv_cache import EMPTY, KVLayer, StepContext
-from policies import make_policy
+from policies import make_policy, signals
 from policies import window_kernels as wk
 from policies.signals import attention_probs, received_attention
 
@@ -27,6 +27,7 @@ kernel_test = pytest.mark.skipif(
 @pytest.fixture
 def interpret(monkeypatch):
     monkeypatch.setattr(wk, "CPU_INTERPRET", True)  # the pipeline interprets nothing on its own
+    monkeypatch.setattr(signals, "FUSED_MIN_BYTES", 0)  # these tests' sizes are small
 
 
 def inputs(b, kv_heads, group, s, w, d=16, seed=0, padded=False, holes=False):
@@ -124,3 +125,20 @@ def test_kernel_policies_keep_the_same_tokens_with_the_fused_sums(name, interpre
     got = fused.kept_positions() if hasattr(fused, "kept_positions") else fused.positions
     want = plain.kept_positions() if hasattr(plain, "kept_positions") else plain.positions
     assert torch.equal(got, want)
+
+
+@kernel_test
+def test_kernel_small_calls_take_the_torch_path(monkeypatch):
+    """Below `FUSED_MIN_BYTES` of probabilities the launches' host time would outweigh the saving."""
+    monkeypatch.setattr(wk, "CPU_INTERPRET", True)
+    calls = []
+    monkeypatch.setattr(wk, "window_sums", lambda *a: calls.append(1))
+    keys, queries, qpos, slots = inputs(1, 2, 2, 64, 8)
+    layer = KVLayer()
+    layer.append(keys, keys, torch.arange(64)[None])
+    layer.note_padding(False)
+    received_attention(layer, queries, qpos, 0.3)
+    assert not calls
+    monkeypatch.setattr(signals, "FUSED_MIN_BYTES", 1 * 4 * 8 * 64 * 4)  # exactly this call's bytes
+    received_attention(layer, queries, qpos, 0.3)
+    assert calls

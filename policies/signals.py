@@ -132,11 +132,12 @@ def received_attention(
     `attention_probs(...).sum(dim=2)`; where the Triton kernels run (`window_kernels`) and the
     probabilities would be large (`FUSED_MIN_BYTES`), two passes over the keys instead, with no
     [b, H, q, s] probabilities in memory (the same function up to float32 summation order)."""
-    keys = layer.keys
     b, heads, q_len = queries.shape[:3]
-    large = b * heads * q_len * keys.shape[2] * 4 >= FUSED_MIN_BYTES
-    if large and q_len <= FUSED_QUERIES and window_kernels.usable(keys, queries):
-        return window_kernels.window_sums(keys, queries, query_positions, layer.positions, scaling)
+    positions = layer.positions  # (sized first: a compressed layer's `keys` may be a view it builds)
+    if q_len <= FUSED_QUERIES and b * heads * q_len * positions.shape[-1] * 4 >= FUSED_MIN_BYTES:
+        keys = layer.keys
+        if window_kernels.usable(keys, queries):
+            return window_kernels.window_sums(keys, queries, query_positions, positions, scaling)
     return attention_probs(layer, queries, query_positions, scaling, newest=newest).sum(dim=2)
 
 

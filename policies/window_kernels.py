@@ -232,7 +232,9 @@ def window_sums(
     stats[(b * kv_heads, blocks)](
         queries, keys, qpos, kpos, m, lsum, *strides, kv_heads, w, s, blocks, scale, **meta, num_warps=4
     )
-    merge[(b * kv_heads, group)](m, lsum, lse, blocks, G=group, W=W, BB=64 if BN > 16 else 4, num_warps=4)
+    merge[(b * kv_heads, group)](
+        m, lsum, lse, blocks, G=group, W=W, BB=64 if keys.device.type == "cuda" else 4, num_warps=4
+    )
     sums[(b * kv_heads, blocks)](
         queries, keys, qpos, kpos, lse, out, *strides, out.stride(0), out.stride(1),
         kv_heads, w, s, scale, **meta, num_warps=4,

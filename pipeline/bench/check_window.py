@@ -17,10 +17,9 @@ printed last.
 from __future__ import annotations
 
 import argparse
-import statistics
-
 import torch
 
+from pipeline.bench.check_graphs import _events_ms
 from pipeline.bench.settings import MODEL_SHAPES
 from pipeline.kv_cache import KVLayer
 from policies import window_kernels as wk
@@ -28,17 +27,10 @@ from policies.signals import attention_probs
 
 
 def _median_ms(fn, reps: int) -> float:
+    """Median CUDA-event time of `fn` after one warm-up call."""
     fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return _events_ms(fn, reps)
 
 
 def copy_bandwidth() -> float:

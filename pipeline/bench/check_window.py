@@ -17,6 +17,7 @@ printed last.
 from __future__ import annotations
 
 import argparse
+
 import torch
 
 from pipeline.bench.check_graphs import _events_ms
